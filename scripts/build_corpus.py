@@ -1,0 +1,15 @@
+"""Build the offline multilingual corpus (DatasetDict on disk). `--help` lists every option."""
+
+from training.config import parse_config
+from training.corpus.build import CorpusConfig, build_corpus, corpus_summary_markdown, load_corpus_stats
+
+
+def main(argv=None) -> None:
+    config = parse_config(CorpusConfig, argv)
+    build_corpus(config)
+    print(corpus_summary_markdown(load_corpus_stats(config.out_dir)))
+    print(f"corpus saved in {config.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""One CLI mechanism for every script: a dataclass describes a run, argparse is derived from it.
+
+`parse_config(MyConfig)` gives each field a `--field-name` flag (help text from the field's
+`metadata={"help": ...}`), accepts `--config run.json` to start from a saved config, and lets explicit
+flags override it. Run directories (`RunDir`) hold the config, JSONL metrics and outputs, written
+atomically so that a killed run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _field_type(field: dataclasses.Field, owner: type) -> Any:
+    hints = typing.get_type_hints(owner)
+    return hints[field.name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parser_for(tp: Any):
+    """Turn a field's annotation into an argparse `type` callable."""
+    tp, optional = _unwrap_optional(tp)
+    if tp is bool:
+        base = _parse_bool
+    elif tp in (int, float, str):
+        base = tp
+    elif typing.get_origin(tp) in (list, tuple):
+        (item,) = typing.get_args(tp)[:1]
+        item_parser = _parser_for(item)
+        base = lambda text: [item_parser(t) for t in text.split(",") if t.strip()]  # noqa: E731
+    else:
+        raise TypeError(f"unsupported config field type {tp!r}")
+    if optional:
+        return lambda text: None if text.lower() in ("none", "null", "") else base(text)
+    return base
+
+
+def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or (config_cls.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=str, default=None,
+                        help="JSON file with a saved config (e.g. a run directory's config.json); flags override it")
+    defaults = config_cls()
+    for field in dataclasses.fields(config_cls):
+        if not field.init:
+            continue
+        tp = _field_type(field, config_cls)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=_parser_for(tp),
+            default=argparse.SUPPRESS,
+            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})",
+        )
+    return parser
+
+
+def config_from_dict(config_cls: type[T], values: dict[str, Any]) -> T:
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {config_cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return config_cls(**values)
+
+
+def parse_config(config_cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """Build `config_cls` from `--config FILE` (optional) overridden by explicit flags."""
+    parser = build_parser(config_cls, description)
+    namespace = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = namespace.pop("config")
+    if config_path is not None:
+        values.update(json.loads(Path(config_path).read_text()))
+    values.update(namespace)
+    return config_from_dict(config_cls, values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files and run directories
+# ---------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same directory + os.replace: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunDir:
+    """A run directory: `config.json`, `metrics.jsonl` and whatever outputs the run writes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def save_config(self, config: Any) -> None:
+        atomic_write_json(self.config_path, config_to_dict(config))
+
+    def load_config(self, config_cls: type[T]) -> T:
+        return config_from_dict(config_cls, json.loads(self.config_path.read_text()))
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        # One JSON object per line, flushed at once: a crash loses at most the line being written,
+        # and `read_metrics` skips a torn last line.
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+            handle.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # torn last line after a kill
+        return records
+
+    def truncate_metrics(self, keep: typing.Callable[[dict[str, Any]], bool]) -> None:
+        """On resume, drop records written after the checkpoint we resume from (they will be redone)."""
+        kept = [r for r in self.read_metrics() if keep(r)]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
