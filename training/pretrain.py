@@ -1,0 +1,364 @@
+"""Pretrain a GPT-2-style model (HF `GPT2LMHeadModel`) on a named language mixture.
+
+Stages, each cached in the run directory so a restarted run skips what is done:
+1. corpus (built with the default config if missing),
+2. tokenizer (byte-level BPE on the mixture itself or on another mixture, e.g. `balanced`),
+3. data: mixture sampled to `token_budget` tokens, packed into blocks; validation blocks per language,
+4. training: AdamW, warm-up + cosine, clipping, accumulation, optional bf16 autocast, DDP under torchrun,
+   checkpoint every `ckpt_every` steps and automatic resume,
+5. final evaluation: validation loss per language, language consistency of continuations, plots.
+
+`python scripts/pretrain.py --help` lists every option; `torchrun --nproc-per-node N scripts/pretrain.py`
+runs data-parallel (gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from training import evaluate
+from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.config import RunDir, atomic_write_json, config_to_dict
+from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
+from training.data import micro_batch_indices, pack_by_language
+from training.mixtures import count_chars, parse_mixture, sample_mixture
+from training.models import build_model, gpt2_config
+from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a GPT-2-style model on a language mixture of the project's corpus."""
+
+    run_dir: str = field(default="runs/pretrain-tiny-en-heavy", metadata={"help": "run directory (resumed if it holds a checkpoint)"})
+    corpus_dir: str = field(default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus DatasetDict (built with defaults if missing)"})
+    mixture: str = field(default="en-heavy", metadata={"help": "preset (en-heavy, balanced, no-en, en-heavy+eu) or spec like en=0.5,fr=0.5"})
+    token_budget: int = field(default=500_000, metadata={"help": "distinct training tokens sampled from the corpus"})
+    train_tokens: int = field(default=3_000_000, metadata={"help": "tokens processed in training (epochs over the sample)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides train_tokens"})
+    tokenizer_dir: str | None = field(default=None, metadata={"help": "use this saved tokenizer instead of training one"})
+    tokenizer_mixture: str = field(default="same", metadata={"help": "mixture the tokenizer is trained on: 'same' or a preset/spec"})
+    tokenizer_chars: int = field(default=2_000_000, metadata={"help": "characters sampled to train the tokenizer"})
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
+    preset: str = field(default="tiny", metadata={"help": "model size: tiny, small, gpt2"})
+    n_layer: int | None = field(default=None, metadata={"help": "override the preset's layers"})
+    n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
+    n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
+    n_ctx: int | None = field(default=None, metadata={"help": "override the preset's context length"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout (GPT-2 used 0.1; 0 is usual for short runs)"})
+    micro_batch: int = field(default=16, metadata={"help": "blocks per forward pass per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    log_every: int = field(default=10, metadata={"help": "steps between train-loss records"})
+    eval_every: int = field(default=200, metadata={"help": "steps between validation-loss evaluations"})
+    eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language"})
+    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    gen_prompts: int = field(default=50, metadata={"help": "held-out parallel prompts per language for the final consistency eval"})
+    gen_prompt_tokens: int = field(default=16, metadata={"help": "prompt length in tokens"})
+    gen_new_tokens: int = field(default=32, metadata={"help": "continuation length in tokens"})
+    seed: int = field(default=0, metadata={"help": "seed for init, mixture sampling and data order"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and world_size > 1:
+        device_name = f"cuda:{local_rank}"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # Processes share the machine's cores; oversubscribing threads slows everything down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=local_rank), device
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation: tokenizer and packed data (rank 0 writes, the others read)
+# ---------------------------------------------------------------------------------------------
+
+def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
+    from transformers import AutoTokenizer
+
+    model_dir = run.path / "model"
+    if (model_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(model_dir)
+    if config.tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
+    else:
+        spec = config.mixture if config.tokenizer_mixture == "same" else config.tokenizer_mixture
+        train = corpus["train"]
+        texts, langs = list(train["text"]), list(train["lang"])
+        sample = sample_mixture(texts, langs, parse_mixture(spec), config.tokenizer_chars, count_chars,
+                                seed=config.seed, unit_name="characters")
+        texts = [texts[i] for i in sample.indices]
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
+    tokenizer.save_pretrained(model_dir)
+    return tokenizer
+
+
+def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: RunDir) -> dict:
+    """Sample the mixture, tokenise, pack; cache blocks in `data/blocks.safetensors` + `data/meta.json`."""
+    data_dir = run.path / "data"
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    texts, langs = list(corpus["train"]["text"]), list(corpus["train"]["lang"])
+    mixture = parse_mixture(config.mixture)
+    sample = sample_mixture(texts, langs, mixture, config.token_budget, count_tokens(tokenizer), seed=config.seed)
+    token_lists = tokenizer([texts[i] for i in sample.indices], add_special_tokens=False)["input_ids"]
+    train_blocks, block_langs = pack_by_language(token_lists, [langs[i] for i in sample.indices],
+                                                 tokenizer.eos_token_id, n_ctx)
+
+    # Validation blocks for every corpus language, also those outside the mixture (e.g. held-out Basque).
+    val_texts, val_langs = list(corpus["validation"]["text"]), list(corpus["validation"]["lang"])
+    val_ids = tokenizer(val_texts, add_special_tokens=False)["input_ids"]
+    val_tensors = {}
+    for lang in sorted(set(val_langs)):
+        ids = [t for t, l in zip(val_ids, val_langs) if l == lang]
+        blocks, _ = pack_by_language(ids, [lang] * len(ids), tokenizer.eos_token_id, n_ctx)
+        val_tensors[f"val/{lang}"] = blocks[: config.eval_blocks].contiguous()
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"train": train_blocks, **val_tensors}, str(data_dir / "blocks.safetensors"))
+    meta = {
+        "mixture": mixture,
+        "tokens_per_language": sample.units,
+        "blocks": len(train_blocks),
+        "block_langs": block_langs,
+        "fertility_on_validation": fertility(tokenizer, val_texts, val_langs),
+    }
+    atomic_write_json(meta_path, meta)  # written last: its presence means the data is complete
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def learning_rate(step: int, total_steps: int, config: PretrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio × lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    # Decay matrices (incl. embeddings) but not biases and LayerNorm gains, as in GPT-2/nanoGPT.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
+
+
+def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    tokens_per_step = config.micro_batch * config.grad_accum * world_size * n_ctx
+    return max(1, config.train_tokens // tokens_per_step)
+
+
+def check_run_dir_config(run: RunDir, config: PretrainConfig) -> None:
+    """Refuse to resume a run directory with a different config (it would mix two experiments)."""
+    if not run.config_path.exists():
+        return
+    saved = json.loads(run.config_path.read_text())
+    current = config_to_dict(config)
+    # The device may legitimately change between a run and its resumption.
+    differing = sorted(k for k in set(saved) | set(current) if k != "device" and saved.get(k) != current.get(k))
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
+        raise ValueError(f"{run.path} holds a run with a different config ({details}); use another --run-dir")
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    """Run (or resume, or just report) a pretraining run; returns the final summary."""
+    ranks, device = init_distributed(config.device)
+    run = RunDir(config.run_dir)
+    summary_path = run.path / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+
+    if ranks.is_main:
+        check_run_dir_config(run, config)
+        run.save_config(config)
+        corpus = build_corpus(CorpusConfig(out_dir=config.corpus_dir)) if not Path(config.corpus_dir, "dataset_dict.json").exists() \
+            else load_corpus(config.corpus_dir)
+        tokenizer = prepare_tokenizer(config, corpus, run)
+    ranks.barrier()
+    if not ranks.is_main:
+        corpus = load_corpus(config.corpus_dir)
+        tokenizer = prepare_tokenizer(config, corpus, run)
+
+    model_config = gpt2_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, dropout=config.dropout, n_layer=config.n_layer,
+                               n_embd=config.n_embd, n_head=config.n_head, n_ctx=config.n_ctx)
+    n_ctx = model_config.n_positions
+    if ranks.is_main:
+        meta = prepare_data(config, corpus, tokenizer, n_ctx, run)
+    ranks.barrier()
+    if not ranks.is_main:
+        meta = json.loads((run.path / "data" / "meta.json").read_text())
+    tensors = load_file(str(run.path / "data" / "blocks.safetensors"))
+    train_blocks = tensors.pop("train")
+    val_blocks = {name.split("/", 1)[1]: blocks for name, blocks in tensors.items()}
+
+    model = build_model(model_config, config.seed).to(device)
+    optimizer = make_optimizer(model, config)
+    state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+    checkpoint = find_checkpoint(run.path)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        if ranks.is_main:
+            run.truncate_metrics(lambda record: record["step"] <= state["step"])
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ranks.world_size > 1 else model
+
+    total_steps = total_steps_for(config, n_ctx, ranks.world_size)
+    tokens_per_step = config.micro_batch * config.grad_accum * ranks.world_size * n_ctx
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
+    progress = tqdm(total=total_steps, initial=state["step"], desc="pretrain", disable=not ranks.is_main, unit="step")
+    window_start, window_tokens = time.perf_counter(), 0
+    segment_start = time.perf_counter()
+    model.train()
+    for step in range(state["step"], total_steps):
+        step_start = time.perf_counter()
+        lr = learning_rate(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = micro_batch_indices(step, config.micro_batch, config.grad_accum, ranks.rank, ranks.world_size,
+                                            len(train_blocks), config.seed)
+        step_loss = torch.zeros((), device=device)
+        for micro_step, indices in enumerate(micro_batches):
+            batch = train_blocks[indices].long().to(device)
+            # Skip the gradient all-reduce on all but the last micro-step of an accumulation.
+            sync = nullcontext() if (ranks.world_size == 1 or micro_step == len(micro_batches) - 1) else ddp_model.no_sync()
+            with sync:
+                with autocast:
+                    loss = ddp_model(input_ids=batch, labels=batch).loss / config.grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["tokens"] += tokens_per_step
+        state["train_time_s"] += time.perf_counter() - step_start
+        window_tokens += tokens_per_step
+        progress.update(1)
+
+        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
+            if ranks.world_size > 1:
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            window_start, window_tokens = time.perf_counter(), 0
+            if ranks.is_main:
+                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                run.log_metrics({"step": state["step"], "split": "train", "loss": step_loss.item(), "lr": lr,
+                                 "grad_norm": None if grad_norm is None else grad_norm.item(),
+                                 "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
+        if ranks.is_main and (state["step"] % config.eval_every == 0 or state["step"] == total_steps):
+            with autocast:
+                losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
+            run.log_metrics({"step": state["step"], "split": "validation", "tokens": state["tokens"],
+                             **{f"loss/{lang}": value for lang, value in losses.items()}})
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if state["step"] % config.ckpt_every == 0 or state["step"] == total_steps:
+            state["wall_time_s"] += time.perf_counter() - segment_start
+            segment_start = time.perf_counter()
+            if ranks.is_main:
+                save_checkpoint(run.path, model, optimizer, state)
+            ranks.barrier()
+    progress.close()
+
+    summary = None
+    if ranks.is_main:
+        summary = finish(config, run, model, tokenizer, corpus, val_blocks, meta, state, device)
+    ranks.barrier()
+    if ranks.world_size > 1:
+        dist.destroy_process_group()
+    return summary if summary is not None else {}
+
+
+def finish(config: PretrainConfig, run: RunDir, model, tokenizer, corpus, val_blocks, meta, state, device) -> dict:
+    """Save the model, evaluate validation loss and continuation consistency, plot, write summary.json."""
+    from training.plots import plot_loss_curves
+
+    model_dir = run.path / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    val_loss = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
+
+    parallel = corpus["parallel"]
+    texts, langs = evaluate.usable_prompts(tokenizer, list(parallel["text"]), list(parallel["lang"]), config.gen_prompt_tokens,
+                                           config.gen_prompts)
+    consistency, records = {}, []
+    for greedy in (True, False):
+        report, rows = evaluate.continuation_consistency(model, tokenizer, texts, langs, config.gen_prompt_tokens,
+                                                         config.gen_new_tokens, greedy, device, seed=config.seed)
+        consistency["greedy" if greedy else "sampled"] = report
+        records += rows
+    (run.path / "generations.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    plot_loss_curves(run.read_metrics(), run.path / "loss_curves.png", title=f"{config.preset} · {config.mixture}")
+    train_records = [r for r in run.read_metrics() if r["split"] == "train"]
+    steady = [r["tokens_per_s"] for r in train_records[1:]] or [r["tokens_per_s"] for r in train_records]
+    summary = {
+        "run_dir": str(run.path),
+        "mixture": meta["mixture"],
+        "tokens_per_language_sampled": meta["tokens_per_language"],
+        "fertility_on_validation": meta["fertility_on_validation"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": state["step"],
+        "tokens_trained": state["tokens"],
+        "train_time_s": state["train_time_s"],
+        "wall_time_s": state["wall_time_s"],
+        "tokens_per_s_median": sorted(steady)[len(steady) // 2] if steady else None,
+        "validation_loss": val_loss,
+        "language_consistency": consistency,
+    }
+    atomic_write_json(run.path / "summary.json", summary)
+    return summary
