@@ -148,7 +148,8 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     parallel_rows = sorted((r for r in rows if r[0].parallel_id in parallel_ids), key=lambda r: (r[0].parallel_id, r[0].lang))
     rest = [r for r in rows if r[0].parallel_id not in parallel_ids and (r[0].lang, r[0].text) not in parallel_texts]
     rng.shuffle(rest)
-    n_val = {lang: int(round(config.val_fraction * sum(1 for p, _ in rest if p.lang == lang))) for lang in langs}
+    # At least one validation paragraph per language: every later stage needs validation loss per language.
+    n_val = {lang: max(1, int(round(config.val_fraction * sum(1 for p, _ in rest if p.lang == lang)))) for lang in langs}
     taken: Counter = Counter()
     train_rows, val_rows = [], []
     for row in rest:
@@ -188,8 +189,11 @@ def _choose_parallel_ids(rows, langs, config: CorpusConfig, rng: random.Random) 
         pid for pid, texts in by_id.items()
         if len(texts) == len(langs) and all(len(t) >= config.min_parallel_chars for t in texts.values())
     )
-    if config.n_parallel > 0 and not candidates:
-        raise ValueError(f"no paragraph is aligned across all of {langs}; add an aligned source or set --n-parallel 0")
+    if config.n_parallel < 1:
+        raise ValueError("n_parallel must be at least 1: the held-out parallel split drives the cross-lingual evaluations")
+    if not candidates:
+        raise ValueError(f"no paragraph of at least {config.min_parallel_chars} characters is aligned across all of {langs}; "
+                         "add an aligned source or lower --min-parallel-chars")
     rng.shuffle(candidates)
     return set(candidates[: config.n_parallel])
 
