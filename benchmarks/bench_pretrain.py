@@ -1,0 +1,82 @@
+"""Pretraining throughput: the project's training loop vs a bare PyTorch loop on the same model and batches.
+
+    python benchmarks/bench_pretrain.py --tokenizer-dir runs/tiny-en-heavy/model --steps 100
+
+Both loops start from the same initial weights, read the same blocks in the same order, and use the same
+AdamW parameter groups. The project loop adds what a real run needs (lr schedule, gradient clipping,
+logging, tqdm, periodic checkpoints); evaluation and the final generation are excluded from its time.
+Prints a JSON record; docs/pretraining.md holds the measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from training.data import micro_batch_indices
+from training.models import build_model, gpt2_config
+from training.pretrain import PretrainConfig, make_optimizer, pretrain
+
+
+def bare_loop(config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos: int, eos: int, steps: int) -> float:
+    """The minimal PyTorch loop: forward, backward, AdamW step. Returns seconds for `steps` steps."""
+    model_config = gpt2_config(config.preset, vocab_size, bos, eos, config.dropout)
+    model = build_model(model_config, config.seed)
+    optimizer = make_optimizer(model, config)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        (indices,) = micro_batch_indices(step, config.micro_batch, 1, 0, 1, len(blocks), config.seed)
+        batch = blocks[indices].long()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer-dir", required=True, help="a saved tokenizer (e.g. a run's model dir)")
+    parser.add_argument("--mixture", default="en-heavy")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    results = {"project_s": [], "bare_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            run_dir = Path(tmp) / f"run{repeat}"
+            config = PretrainConfig(run_dir=str(run_dir), mixture=args.mixture, tokenizer_dir=args.tokenizer_dir,
+                                    max_steps=args.steps, eval_every=10**9, ckpt_every=50, gen_prompts=1,
+                                    gen_new_tokens=1, bf16=args.bf16)
+            summary = pretrain(config)
+            results["project_s"].append(summary["train_time_s"])
+            blocks = load_file(str(run_dir / "data" / "blocks.safetensors"))["train"]
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                results["bare_s"].append(bare_loop(config, blocks, len(tokenizer), tokenizer.bos_token_id,
+                                                   tokenizer.eos_token_id, args.steps))
+    tokens = args.steps * config.micro_batch * 128
+    project, bare = min(results["project_s"]), min(results["bare_s"])
+    print(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "preset": config.preset, "micro_batch": config.micro_batch, "steps": args.steps, "bf16": args.bf16,
+        "project_tokens_per_s": tokens / project, "bare_tokens_per_s": tokens / bare,
+        "slowdown_project_vs_bare": project / bare, "raw_seconds": results,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

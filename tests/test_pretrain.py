@@ -1,0 +1,142 @@
+"""Pretraining on the real corpus slice with a very small model: outputs, exact resume after a real kill,
+and DDP on 2 CPU processes (gloo) matching single-process gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import PYTHON, REPO, script_env
+from training.config import config_to_dict
+from training.pretrain import PretrainConfig, learning_rate, pretrain
+
+MICRO_MODEL = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ctx", "32"]
+
+
+def micro_args(run_dir, corpus_dir, tokenizer_dir, **overrides) -> list[str]:
+    args = {"run-dir": run_dir, "corpus-dir": corpus_dir, "tokenizer-dir": tokenizer_dir, "mixture": "en=0.5,fr=0.25,de=0.25",
+            "token-budget": 12000, "max-steps": 24, "micro-batch": 4, "warmup-steps": 4, "eval-every": 8, "eval-blocks": 4,
+            "ckpt-every": 8, "log-every": 4, "gen-prompts": 3, "gen-prompt-tokens": 8, "gen-new-tokens": 8, "lr": 3e-3}
+    args.update(overrides)
+    flat = []
+    for key, value in args.items():
+        flat += [f"--{key}", str(value)]
+    return flat + MICRO_MODEL
+
+
+def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = (launcher or [PYTHON]) + [str(REPO / "scripts" / "pretrain.py")] + args
+    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, real_slice_corpus_dir, slice_tokenizer_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    run_script(micro_args(run_dir, real_slice_corpus_dir, slice_tokenizer_dir))
+    return run_dir
+
+
+def test_run_directory_contents(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["steps"] == 24
+    assert set(summary["validation_loss"]) == {"en", "fr", "de"}
+    assert set(summary["language_consistency"]) == {"greedy", "sampled"}
+    assert summary["language_consistency"]["greedy"]["en"]["n"] == 3
+    # Loadable by the generic HF entry points, from safetensors.
+    model = AutoModelForCausalLM.from_pretrained(finished_run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(finished_run / "model")
+    assert (finished_run / "model" / "model.safetensors").exists()
+    assert model.config.n_layer == 2 and model.config.vocab_size == len(tokenizer)
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in metrics if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [8, 16, 24]
+    assert validation[-1]["loss/en"] < validation[0]["loss/en"], "validation loss did not go down"
+    assert (finished_run / "loss_curves.png").stat().st_size > 10_000
+    assert json.loads((finished_run / "config.json").read_text())["max_steps"] == 24
+    generations = [json.loads(line) for line in (finished_run / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 * 3 * 3 and {"prompt", "continuation", "detected"} <= set(generations[0])
+
+
+def test_resume_after_real_kill_gives_identical_weights(finished_run, tmp_path, real_slice_corpus_dir, slice_tokenizer_dir):
+    run_dir = tmp_path / "killed"
+    # Same run, but checkpointing every 2 steps; eval/log cadence does not touch the training state.
+    args = micro_args(run_dir, real_slice_corpus_dir, slice_tokenizer_dir, **{"ckpt-every": 2})
+    process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "pretrain.py")] + args, env=script_env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    state_file = run_dir / "checkpoint" / "state.json"
+    killed_at = None
+    while time.time() < deadline and process.poll() is None:
+        try:
+            step = json.loads(state_file.read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            step = 0
+        if step >= 6:
+            process.send_signal(signal.SIGKILL)
+            killed_at = step
+            break
+        time.sleep(0.005)
+    process.wait(timeout=30)
+    assert killed_at is not None and process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "summary.json").exists()
+    run_script(args)  # resumes from the last complete checkpoint
+    resumed, reference = final_weights(run_dir), final_weights(finished_run)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), f"{name} differs after resume"
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert steps == sorted(set(steps)), "metrics after the checkpoint were not truncated on resume"
+
+
+def test_ddp_two_processes_match_gradient_accumulation(tmp_path, real_slice_corpus_dir, slice_tokenizer_dir):
+    common = {"max-steps": 6, "micro-batch": 2, "eval-every": 100, "gen-prompts": 1}
+    single = tmp_path / "single"
+    run_script(micro_args(single, real_slice_corpus_dir, slice_tokenizer_dir, **common, **{"grad-accum": 2}))
+    ddp = tmp_path / "ddp"
+    run_script(micro_args(ddp, real_slice_corpus_dir, slice_tokenizer_dir, **common),
+               launcher=[PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"])
+    a, b = final_weights(single), final_weights(ddp)
+    for name in a:
+        # Same blocks, same averaged gradients: equal up to float summation order.
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs between DDP and accumulation")
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["tokens_trained"] == 6 * 2 * 2 * 32
+
+
+def test_changed_config_in_existing_run_dir_is_refused(finished_run, real_slice_corpus_dir, slice_tokenizer_dir):
+    (finished_run / "summary.json").rename(finished_run / "summary.json.bak")
+    try:
+        config = PretrainConfig(**{**json.loads((finished_run / "config.json").read_text()), "lr": 0.5})
+        with pytest.raises(ValueError, match=r"different config \(lr: 0.003 → 0.5\)"):
+            pretrain(config)
+    finally:
+        (finished_run / "summary.json.bak").rename(finished_run / "summary.json")
+
+
+def test_learning_rate_schedule():
+    config = PretrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, 110, config) == pytest.approx(0.1)
+    assert learning_rate(9, 110, config) == pytest.approx(1.0)
+    assert learning_rate(60, 110, config) == pytest.approx(0.55)
+    assert learning_rate(110, 110, config) == pytest.approx(0.1)
+
+
+def test_unknown_preset_is_refused(tmp_path, real_slice_corpus_dir, slice_tokenizer_dir):
+    config = PretrainConfig(run_dir=str(tmp_path / "r"), corpus_dir=str(real_slice_corpus_dir),
+                            tokenizer_dir=str(slice_tokenizer_dir), preset="huge", mixture="en=1.0", token_budget=1000)
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; presets: \['gpt2', 'small', 'tiny'\]"):
+        pretrain(config)
+    assert config_to_dict(config)["preset"] == "huge"
