@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.data import micro_batch_indices
-from training.models import build_model, gpt2_config
+from training.models import PRESETS, build_model, gpt2_config
 from training.pretrain import PretrainConfig, make_optimizer, pretrain
 
 
@@ -68,7 +68,7 @@ def main() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 results["bare_s"].append(bare_loop(config, blocks, len(tokenizer), tokenizer.bos_token_id,
                                                    tokenizer.eos_token_id, args.steps))
-    tokens = args.steps * config.micro_batch * 128
+    tokens = args.steps * config.micro_batch * PRESETS[config.preset].n_ctx
     project, bare = min(results["project_s"]), min(results["bare_s"])
     print(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
