@@ -45,6 +45,7 @@ class CorpusConfig:
     langs: list[str] = field(default_factory=lambda: list(DEFAULT_LANGS), metadata={"help": "comma-separated language codes"})
     libreoffice: bool = field(default=True, metadata={"help": "use the LibreOffice help packages (paragraph-parallel)"})
     libreoffice_subdirs: list[str] = field(default_factory=list, metadata={"help": "only these folders under text/ (e.g. shared/optionen) for quick slices; empty = all"})
+    wesnoth: bool = field(default=False, metadata={"help": "add Battle for Wesnoth dialogue/lore (sentence-aligned, ~160 MB of downloads)"})
     text_files: list[str] = field(default_factory=list, metadata={"help": "extra plain-text files as lang=path, paragraphs separated by blank lines"})
     hf_dataset: str | None = field(default=None, metadata={"help": "extra source: a datasets.load_dataset path or hub name"})
     hf_config: str | None = field(default=None, metadata={"help": "its config name"})
@@ -113,6 +114,10 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         reference_extra = [] if config.reference_lang in langs else [config.reference_lang]
         paragraphs += collect_libreoffice(langs + reference_extra, cache_dir, config.libreoffice_subdirs, config.workers)
     extra: list[TextSource] = list(sources or [])
+    if config.wesnoth:
+        from training.corpus.wesnoth import WesnothSource
+
+        extra.append(WesnothSource(langs, cache_dir))
     if config.text_files:
         files = dict(item.split("=", 1) for item in config.text_files)
         extra.append(PlainTextSource(files))

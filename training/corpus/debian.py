@@ -7,6 +7,7 @@ last makes a half-extracted tree (after a kill) count as missing, so it is redon
 from __future__ import annotations
 
 import glob
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,8 +45,9 @@ def download_deb(package: str, deb_dir: Path) -> Path:
     return target
 
 
-def extract_deb(deb: Path, target: Path) -> Path:
-    """`dpkg -x deb target`, cached: an existing tree with its completion marker is reused."""
+def extract_deb(deb: Path, target: Path, patterns: list[str] | None = None) -> Path:
+    """`dpkg -x deb target` (or only the members matching shell `patterns`), cached: an existing tree
+    with its completion marker is reused."""
     if (target / DONE_MARKER).exists():
         return target
     if target.exists():
@@ -54,7 +56,13 @@ def extract_deb(deb: Path, target: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    result = subprocess.run(["dpkg", "-x", str(deb), str(tmp)], capture_output=True, text=True)
+    if patterns:
+        # Only some members of a large package (e.g. translation catalogs): stream the data tarball.
+        command = f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(tmp))} --wildcards " + \
+            " ".join(shlex.quote(p) for p in patterns)
+        result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
+    else:
+        result = subprocess.run(["dpkg", "-x", str(deb), str(tmp)], capture_output=True, text=True)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DebianFetchError(f"`dpkg -x {deb}` failed: {result.stderr.strip()}")
@@ -63,10 +71,10 @@ def extract_deb(deb: Path, target: Path) -> Path:
     return target
 
 
-def fetch_package(package: str, cache_dir: Path) -> Path:
+def fetch_package(package: str, cache_dir: Path, patterns: list[str] | None = None) -> Path:
     """Return the root of `package`'s extracted file tree under `cache_dir`, fetching it if needed."""
-    target = cache_dir / "extracted" / package
+    target = cache_dir / "extracted" / (package if not patterns else f"{package}--partial")
     if (target / DONE_MARKER).exists():
         return target
     deb = download_deb(package, cache_dir / "debs")
-    return extract_deb(deb, target)
+    return extract_deb(deb, target, patterns)
