@@ -1,0 +1,139 @@
+"""CLT evaluation: reconstruction on held-out stored activations, and the replacement model.
+
+Replacement model: every MLP output of the real model is replaced by the transcoder's reconstruction,
+computed layer by layer from the replacement model's own MLP inputs (errors compound through the
+layers, as when the CLT stands in for the MLPs in attribution). Compared with the real model on the
+same tokens: next-token KL(real ‖ replacement), Δ cross-entropy, and top-1 agreement, overall and per
+language.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from clt.activations import ActivationStore
+from clt.loss import fraction_of_variance_unexplained
+from clt.model import CrossLayerTranscoder
+
+
+class ReplacementMLPs:
+    """Context manager: inside it, `model`'s MLP outputs come from the transcoder (raw scale)."""
+
+    def __init__(self, model, clt: CrossLayerTranscoder):
+        self.model, self.clt = model, clt
+        self.blocks = model.transformer.h
+        if len(self.blocks) != clt.config.n_layers or model.config.n_embd != clt.config.d_model:
+            raise ValueError(f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, model has "
+                             f"{len(self.blocks)} × {model.config.n_embd}")
+        self._handles = []
+        self.acts: list[Tensor] = []
+        self.inputs: list[Tensor] = []
+
+    def __enter__(self):
+        self.acts, self.inputs = [], []
+        for layer, block in enumerate(self.blocks):
+            self._handles.append(block.mlp.register_forward_hook(self._replace(layer)))
+        return self
+
+    def _replace(self, layer: int):
+        def hook(module, args, output):
+            x = args[0] * self.clt.input_scale[layer]
+            if layer == 0:
+                self.acts, self.inputs = [], []
+            self.inputs.append(x)
+            self.acts.append(self.clt.encode_layer(x, layer))
+            return self.clt.decode_layer(self.acts, layer, x) / self.clt.output_scale[layer]
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def replacement_metrics(model, clt: CrossLayerTranscoder, blocks: Int[Tensor, "blocks n_ctx"], block_langs: list[str],
+                        batch_size: int = 16) -> dict:
+    """KL, Δ-CE and top-1 agreement of the replacement model vs the real one (BOS position excluded)."""
+    model.eval()
+    clt.eval()
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    device = next(model.parameters()).device
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start: start + batch_size].long().to(device)
+        langs = block_langs[start: start + batch_size]
+        real = model(input_ids=batch).logits[:, 1:-1].float()
+        with ReplacementMLPs(model, clt):
+            replaced = model(input_ids=batch).logits[:, 1:-1].float()
+        targets = batch[:, 2:]
+        log_p, log_q = F.log_softmax(real, -1), F.log_softmax(replaced, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [b, pos]
+        ce_real = -log_p.gather(-1, targets[..., None])[..., 0]
+        ce_repl = -log_q.gather(-1, targets[..., None])[..., 0]
+        agree = (real.argmax(-1) == replaced.argmax(-1)).float()
+        for row, lang in enumerate(langs):
+            for key in (lang, "all"):
+                entry = sums[key]
+                entry["kl"] += kl[row].sum().item()
+                entry["ce_real"] += ce_real[row].sum().item()
+                entry["ce_replacement"] += ce_repl[row].sum().item()
+                entry["top1_agreement"] += agree[row].sum().item()
+                entry["tokens"] += kl.shape[1]
+    report = {}
+    for key, entry in sums.items():
+        n = entry["tokens"]
+        report[key] = {"kl": entry["kl"] / n, "ce_real": entry["ce_real"] / n, "ce_replacement": entry["ce_replacement"] / n,
+                       "delta_ce": (entry["ce_replacement"] - entry["ce_real"]) / n,
+                       "top1_agreement": entry["top1_agreement"] / n, "tokens": int(n)}
+    return report
+
+
+@torch.no_grad()
+def store_metrics(clt: CrossLayerTranscoder, store: ActivationStore, shards: list[int], batch_size: int = 2048) -> dict:
+    """FVU, L0 and never-active features per layer on stored activations, overall and per language."""
+    clt.eval()
+    device = clt.b_dec.device
+    in_scale, out_scale = clt.input_scale[None, :, None], clt.output_scale[None, :, None]
+    residual = defaultdict(lambda: torch.zeros(clt.config.n_layers, dtype=torch.float64))
+    sum_y = defaultdict(lambda: torch.zeros(clt.config.n_layers, clt.config.d_model, dtype=torch.float64))
+    sum_y2 = defaultdict(lambda: torch.zeros(clt.config.n_layers, dtype=torch.float64))
+    l0 = defaultdict(lambda: torch.zeros(clt.config.n_layers, dtype=torch.float64))
+    count: dict[str, int] = defaultdict(int)
+    ever_active = torch.zeros(clt.config.n_layers, clt.config.n_features, dtype=torch.bool, device=device)
+    for shard in shards:
+        data = store.read_shard(shard, ("mlp_in", "mlp_out", "lang"))
+        for start in range(0, len(data["lang"]), batch_size):
+            x = torch.from_numpy(data["mlp_in"][start: start + batch_size]).float().to(device) * in_scale
+            y = torch.from_numpy(data["mlp_out"][start: start + batch_size]).float().to(device) * out_scale
+            lang_ids = data["lang"][start: start + batch_size]
+            y_hat, acts, _ = clt(x)
+            ever_active |= (acts > 0).any(0)
+            groups = {"all": np.ones(len(lang_ids), dtype=bool)}
+            groups.update({store.langs[i]: lang_ids == i for i in np.unique(lang_ids)})
+            for key, mask in groups.items():
+                m = torch.from_numpy(mask).to(device)
+                ys, yh, a = y[m].double(), y_hat[m].double(), acts[m]
+                residual[key] += (ys - yh).pow(2).sum(dim=(0, 2)).cpu()
+                sum_y[key] += ys.sum(0).cpu()
+                sum_y2[key] += ys.pow(2).sum(dim=(0, 2)).cpu()
+                l0[key] += (a > 0).sum(dim=(0, 2)).double().cpu()
+                count[key] += int(m.sum())
+    report = {}
+    for key in count:
+        n = count[key]
+        variance = sum_y2[key] - sum_y[key].pow(2).sum(-1) / n
+        fvu = (residual[key] / variance).tolist()
+        report[key] = {"fvu": fvu, "mean_fvu": float(np.mean(fvu)), "l0": (l0[key] / n).tolist(),
+                       "mean_l0": float((l0[key] / n).mean()), "tokens": n}
+    report["all"]["never_active_fraction"] = (~ever_active).float().mean(1).tolist()
+    return report
+
+
+def batch_fvu(y: Tensor, y_hat: Tensor) -> list[float]:
+    return fraction_of_variance_unexplained(y, y_hat).tolist()

@@ -1,0 +1,28 @@
+"""Collect MLP input/output activations of a GPT-2 model into a Zarr v3 store (resumable).
+
+    python scripts/collect_activations.py --model-dir runs/pretrain-tiny-en-heavy/model --store runs/act.zarr
+    torchrun --nproc-per-node 2 scripts/collect_activations.py ...   # writers fill disjoint shards
+"""
+
+import os
+
+from clt.activations import CollectConfig, collect_activations
+from training.config import parse_config
+from training.pretrain import init_distributed
+
+
+def main(argv=None) -> None:
+    config = parse_config(CollectConfig, argv)
+    ranks, _ = init_distributed(config.device)
+    store = collect_activations(config, ranks.rank, ranks.world_size)
+    if ranks.is_main:
+        print(f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
+              f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}")
+    if ranks.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
