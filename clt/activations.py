@@ -122,17 +122,24 @@ def mlp_activations(model, input_ids: Int[Tensor, "batch pos"]) -> tuple[Float[T
 def collection_blocks(tokenizer, texts: list[str], langs: list[str], mixture: dict[str, float], n_tokens: int,
                       n_ctx: int, seed: int) -> tuple[Int[Tensor, "blocks n_ctx"], list[str]]:
     """Blocks of `n_ctx` tokens, each `[BOS] + n_ctx−1 tokens` of one language's packed text."""
-    from training.data import pack_by_language
     from training.mixtures import sample_mixture
     from training.tokenizer import count_tokens
 
     sample = sample_mixture(texts, langs, mixture, n_tokens, count_tokens(tokenizer), seed=seed)
     ids = tokenizer([texts[i] for i in sample.indices], add_special_tokens=False)["input_ids"]
-    body, block_langs = pack_by_language(ids, [langs[i] for i in sample.indices], tokenizer.eos_token_id, n_ctx - 1)
-    bos = torch.full((len(body), 1), tokenizer.bos_token_id, dtype=body.dtype)
-    blocks = torch.cat([bos, body], dim=1)
+    blocks, block_langs = bos_blocks(ids, [langs[i] for i in sample.indices], tokenizer, n_ctx)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))  # mix languages across shards
     return blocks[order], [block_langs[i] for i in order.tolist()]
+
+
+def bos_blocks(token_lists: list[list[int]], langs: list[str], tokenizer, n_ctx: int
+               ) -> tuple[Int[Tensor, "blocks n_ctx"], list[str]]:
+    """Pack each language's documents into `n_ctx − 1` tokens and put BOS in front of every block."""
+    from training.data import pack_by_language
+
+    body, block_langs = pack_by_language(token_lists, langs, tokenizer.eos_token_id, n_ctx - 1)
+    bos = torch.full((len(body), 1), tokenizer.bos_token_id, dtype=body.dtype)
+    return torch.cat([bos, body], dim=1), block_langs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +149,10 @@ def collection_blocks(tokenizer, texts: list[str], langs: list[str], mixture: di
 class ActivationStore:
     """Read access to a collected store; only shards marked done are visible."""
 
-    def __init__(self, url: str | os.PathLike):
+    def __init__(self, url: str | os.PathLike, writable: bool = False):
         self.url = str(url)
         try:
-            self.group = zarr.open_group(self.url, mode="r")
+            self.group = zarr.open_group(self.url, mode="r+" if writable else "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
             raise FileNotFoundError(f"no activation store at {self.url}; collect one with scripts/collect_activations.py") from error
         self.attrs = dict(self.group.attrs)
@@ -263,7 +270,7 @@ def collect_activations(config: CollectConfig, rank: int = 0, world_size: int = 
     elif existing.attrs["model_sha256"] != fingerprint or existing.attrs["n_ctx"] != config.n_ctx \
             or existing.attrs["seed"] != config.seed or existing.attrs["mixture"] != config.mixture:
         raise ValueError(f"{config.store} holds a store from another model or config; choose a new --store to collect afresh")
-    store = ActivationStore(config.store)
+    store = ActivationStore(config.store, writable=True)
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank and s not in set(store.done_shards)]

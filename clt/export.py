@@ -27,6 +27,7 @@ from training.config import atomic_write_json
 NATIVE_WEIGHTS = "clt.safetensors"
 TL_INPUT_HOOK = "ln2.hook_normalized"
 TL_OUTPUT_HOOK = "hook_mlp_out"
+SAE_LENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout we write (sae-lens ≥ 6)
 
 
 def save_native(clt: CrossLayerTranscoder, out_dir: str | Path, metadata: dict | None = None) -> Path:
@@ -113,7 +114,7 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | Path, scan: 
             if thresholded:
                 layer["activation_function.threshold"] = weights["threshold"][i].contiguous()
             if clt.W_skip is not None:
-                layer["W_skip"] = weights["W_skip"][i].contiguous()
+                layer["W_skip"] = weights["W_skip"][i].T.contiguous()  # circuit-tracer computes x @ W_skip.T
             save_file(layer, str(out_dir / f"layer_{i}.safetensors"))
         config = {"model_kind": "transcoder_set", "transcoders": [f"layer_{i}.safetensors" for i in range(L)]}
     config.update({"feature_input_hook": TL_INPUT_HOOK, "feature_output_hook": TL_OUTPUT_HOOK, "scan": scan})
@@ -154,7 +155,8 @@ def export_sae_lens(clt: CrossLayerTranscoder, out_dir: str | Path, model_name: 
             "architecture": architecture, "d_in": clt.config.d_model, "d_sae": clt.config.n_features,
             "d_out": clt.config.d_model, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
             "normalize_activations": "none", "reshape_activations": "none",
-            "metadata": {"model_name": model_name, "hook_name": f"blocks.{i}.{TL_INPUT_HOOK}",
+            # sae-lens reads `metadata` as its 6.x layout only when a 6.x version is named there.
+            "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, "model_name": model_name, "hook_name": f"blocks.{i}.{TL_INPUT_HOOK}",
                          "hook_name_out": f"blocks.{i}.{TL_OUTPUT_HOOK}", "prepend_bos": True},
         }
         (layer_dir / "cfg.json").write_text(json.dumps(cfg, indent=2))

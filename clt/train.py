@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clt.activations import ActivationStore, CollectConfig, collect_activations, collection_blocks
+from clt.activations import ActivationStore, CollectConfig, bos_blocks, collect_activations, collection_blocks
 from clt.evaluate import replacement_metrics, store_metrics
 from clt.export import save_native
 from clt.loader import StoreLoader, StreamingLoader
@@ -97,22 +97,15 @@ def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayer
 
 
 def evaluation_blocks(config: CLTTrainConfig, tokenizer, langs: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """Held-out validation blocks (BOS + text), `eval_blocks` per language."""
+    """Held-out validation blocks (BOS + text), up to `eval_blocks` per language."""
     from training.corpus.build import default_corpus_dir, load_corpus
 
     validation = load_corpus(config.corpus_dir or default_corpus_dir())["validation"]
-    texts, text_langs = list(validation["text"]), list(validation["lang"])
-    blocks, block_langs = [], []
-    for lang in langs:
-        chosen = [t for t, l in zip(texts, text_langs) if l == lang]
-        ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
-        available = sum(len(i) + 1 for i in ids)
-        n_tokens = min(available, config.eval_blocks * (config.collect_ctx - 1))
-        lang_blocks, lang_labels = collection_blocks(tokenizer, chosen, [lang] * len(chosen), {lang: 1.0},
-                                                     n_tokens - len(ids), config.collect_ctx, config.seed)
-        blocks.append(lang_blocks[: config.eval_blocks])
-        block_langs += lang_labels[: config.eval_blocks]
-    return torch.cat(blocks), block_langs
+    keep = [(t, l) for t, l in zip(validation["text"], validation["lang"]) if l in set(langs)]
+    ids = tokenizer([t for t, _ in keep], add_special_tokens=False)["input_ids"]
+    blocks, block_langs = bos_blocks(ids, [l for _, l in keep], tokenizer, config.collect_ctx)
+    chosen = [i for lang in langs for i in [j for j, l in enumerate(block_langs) if l == lang][: config.eval_blocks]]
+    return blocks[chosen], [block_langs[i] for i in chosen]
 
 
 def train_clt(config: CLTTrainConfig) -> dict:

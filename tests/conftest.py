@@ -45,3 +45,38 @@ def script_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(slice_tokenizer_dir, tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer, 32-wide GPT-2 with the slice tokenizer (for fast CLT tests)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.models import build_model, gpt2_config
+
+    tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
+    config = gpt2_config("tiny", len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                         n_layer=2, n_embd=32, n_head=2, n_ctx=32)
+    model = build_model(config, seed=0)
+    with torch.no_grad():  # larger random MLP weights: activations with some structure to reconstruct
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(5)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def collect_args(model_dir, store, corpus_dir) -> dict:
+    return {"model_dir": str(model_dir), "store": str(store), "corpus_dir": str(corpus_dir),
+            "mixture": "en=0.5,fr=0.25,de=0.25", "n_tokens": 3000, "n_ctx": 16, "blocks_per_shard": 16,
+            "blocks_per_chunk": 4, "batch_size": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_model_dir, real_slice_corpus_dir, tmp_path_factory):
+    from clt.activations import CollectConfig, collect_activations
+
+    store = tmp_path_factory.mktemp("stores") / "tiny.zarr"
+    return collect_activations(CollectConfig(**collect_args(tiny_model_dir, store, real_slice_corpus_dir)))

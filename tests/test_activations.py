@@ -1,0 +1,142 @@
+"""Zarr activation store and loaders."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import AutoModelForCausalLM
+
+from clt.activations import ActivationStore, CollectConfig, collect_activations, mlp_activations
+from clt.loader import StoreLoader, StreamingLoader
+from tests.conftest import PYTHON, REPO, collect_args, script_env
+
+
+def test_store_layout_and_values(tiny_store, tiny_model_dir):
+    store = tiny_store
+    assert store.is_complete() and store.n_shards >= 8
+    assert (store.n_layers, store.d_model) == (2, 32)
+    assert store.tokens_per_shard == 16 * 15
+    assert store.mlp_in.shape == (store.n_shards * store.tokens_per_shard, 2, 32)
+    assert store.attrs["input_hook"] == "transformer.h.{layer}.ln_2" and store.langs == ["de", "en", "fr"]
+    # Sharding codec in the array metadata (Zarr v3).
+    codecs = json.dumps(store.group["mlp_in"].metadata.to_dict()["codecs"])
+    assert "sharding_indexed" in codecs
+    # Stored values are the model's ln_2 / mlp outputs for those tokens.
+    data = store.read_shard(0, ("mlp_in", "mlp_out", "token_id", "position"))
+    assert data["position"][:15].tolist() == list(range(1, 16))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[model.config.bos_token_id] + data["token_id"][:15].tolist()])
+    mlp_in, mlp_out = mlp_activations(model, ids)
+    np.testing.assert_allclose(data["mlp_in"][:15], mlp_in[0, 1:].numpy(), atol=2e-3, rtol=1e-2)
+    np.testing.assert_allclose(data["mlp_out"][:15], mlp_out[0, 1:].numpy(), atol=2e-3, rtol=1e-2)
+    in_scale, out_scale = store.norm_scales()
+    assert len(in_scale) == 2 and all(s > 0 for s in in_scale + out_scale)
+
+
+def rows_of(batches) -> np.ndarray:
+    inputs = np.concatenate([x.numpy().reshape(len(x), -1) for x, _ in batches])
+    return inputs[np.lexsort(inputs.T[::-1])]
+
+
+def test_loader_yields_every_token_exactly_once_per_epoch(tiny_store):
+    stored = tiny_store.group["mlp_in"][:].astype(np.float32).reshape(tiny_store.mlp_in.shape[0], -1)
+    stored = stored[np.lexsort(stored.T[::-1])]
+    loader = StoreLoader(tiny_store, batch_size=100, seed=3, buffer_shards=3)
+    epoch = list(loader.epoch(0))
+    assert len(epoch) == loader.batches_per_epoch()
+    np.testing.assert_array_equal(rows_of(epoch), stored)
+    # Two DDP ranks together cover the store exactly once, without overlap.
+    ranks = [list(StoreLoader(tiny_store, 100, seed=3, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
+    np.testing.assert_array_equal(rows_of(ranks[0] + ranks[1]), stored)
+    # Batches mix shards, and epochs are reshuffled.
+    assert not torch.equal(epoch[0][0], list(loader.epoch(1))[0][0])
+
+
+def test_loader_resume_skips_exactly_the_consumed_batches(tiny_store):
+    loader = StoreLoader(tiny_store, batch_size=70, seed=1, buffer_shards=2)
+    full = list(loader.epoch(2))
+    resumed = list(loader.epoch(2, skip_batches=5))
+    assert len(resumed) == len(full) - 5
+    for (a, _), (b, _) in zip(full[5:], resumed):
+        assert torch.equal(a, b)
+
+
+def test_incomplete_shards_are_never_read(tiny_store, tmp_path):
+    # Copy the store, then un-mark one shard as if a writer had been killed while writing it.
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store.url, copy)
+    zarr.open_group(str(copy), mode="r+")["shard_done"][2] = 0
+    store = ActivationStore(copy)
+    assert 2 not in store.done_shards and not store.is_complete()
+    with pytest.raises(ValueError, match="not complete and must not be read"):
+        store.read_shard(2)
+    loader = StoreLoader(store, batch_size=50)
+    assert loader.tokens_per_epoch() == (store.n_shards - 1) * store.tokens_per_shard
+    zarr.open_group(str(copy), mode="r+")["shard_done"][:] = 0
+    with pytest.raises(ValueError, match="no complete shard"):
+        StoreLoader(ActivationStore(copy), batch_size=50)
+
+
+def test_collection_resumes_after_a_real_kill(tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+    store_path = tmp_path / "killed.zarr"
+    args = []
+    for key, value in collect_args(tiny_model_dir, store_path, real_slice_corpus_dir).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    args += ["--batch-size", "1"]  # slow the writer down so the kill lands mid-collection
+    process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "collect_activations.py")] + args, env=script_env(),
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None:
+        try:
+            done = int(np.sum(zarr.open_group(str(store_path), mode="r")["shard_done"][:]))
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            done = 0
+        if done >= 2:
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    process.wait(timeout=30)
+    assert killed and process.returncode == -signal.SIGKILL, "collection finished before it could be killed"
+    partial = ActivationStore(store_path)
+    assert not partial.is_complete()
+    resumed = collect_activations(CollectConfig(**collect_args(tiny_model_dir, store_path, real_slice_corpus_dir)))
+    assert resumed.is_complete()
+    for name in ("mlp_in", "mlp_out", "token_id", "lang"):
+        np.testing.assert_array_equal(resumed.group[name][:], tiny_store.group[name][:])
+    assert resumed.attrs["norm_stats"] == tiny_store.attrs["norm_stats"]
+
+
+def test_store_from_another_model_is_refused(tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+    other = tmp_path / "other_model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    model.save_pretrained(other)
+    with pytest.raises(ValueError, match="was collected from .* not from"):
+        tiny_store.check_model(other)
+    with pytest.raises(ValueError, match="another model or config"):
+        collect_activations(CollectConfig(**{**collect_args(tiny_model_dir, tiny_store.url, real_slice_corpus_dir),
+                                             "n_ctx": 12}))
+    with pytest.raises(FileNotFoundError, match="collect one with"):
+        ActivationStore(tmp_path / "missing.zarr")
+
+
+def test_streaming_loader_matches_model_activations(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    blocks = torch.randint(2, 500, (6, 10))
+    blocks[:, 0] = 1
+    loader = StreamingLoader(model, blocks, batch_size=16, seed=0, buffer_blocks=6)
+    batches = list(loader.epoch(0))
+    assert sum(len(x) for x, _ in batches) == 6 * 9
+    mlp_in, _ = mlp_activations(model, blocks)
+    expected = mlp_in[:, 1:].reshape(54, -1).numpy()
+    np.testing.assert_allclose(rows_of(batches), expected[np.lexsort(expected.T[::-1])], rtol=1e-6)

@@ -1,0 +1,200 @@
+"""CLT training end to end on a tiny model and store: metrics, resume after a real kill, evaluation,
+and exports loaded back by circuit-tracer and sae-lens."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from clt.evaluate import ReplacementMLPs, replacement_metrics
+from clt.export import export_circuit_tracer, export_sae_lens, folded_weights, load_native, save_native
+from clt.train import CLTTrainConfig, train_clt
+from tests.conftest import PYTHON, REPO, script_env
+
+
+def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> dict:
+    args = {"run_dir": str(run_dir), "model_dir": str(tiny_model_dir), "store": tiny_store.url,
+            "corpus_dir": str(corpus_dir), "n_features": 64, "batch_size": 128, "max_steps": 60, "lr": 3e-3,
+            "warmup_steps": 5, "sparsity_coefficient": 0.01, "log_every": 5, "ckpt_every": 20, "eval_blocks": 4,
+            "collect_ctx": 16, "dead_window_tokens": 3000}
+    args.update(overrides)
+    return args
+
+
+def as_flags(args: dict) -> list[str]:
+    flags = []
+    for key, value in args.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    run_dir = tmp_path_factory.mktemp("clt") / "reference"
+    report = train_clt(CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir)))
+    return run_dir, report
+
+
+def test_training_reduces_error_and_reports_everything(trained):
+    run_dir, report = trained
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["mse"] < 0.5 * metrics[0]["mse"], "reconstruction error did not fall"
+    assert len(metrics[-1]["fvu_per_layer"]) == 2 and len(metrics[-1]["l0_per_layer"]) == 2
+    held = report["heldout"]["all"]
+    assert all(0 <= f < 1 for f in held["fvu"]), held["fvu"]
+    assert set(report["heldout"]) >= {"all", "en", "fr", "de"}
+    assert len(report["dead_fraction_per_layer"]) == 2
+    replacement = report["replacement"]
+    assert set(replacement) == {"all", "en", "fr", "de"}
+    assert replacement["all"]["kl"] >= 0 and 0 <= replacement["all"]["top1_agreement"] <= 1
+    clt, meta = load_native(run_dir / "clt")
+    assert meta["model_sha256"] and clt.config.n_features == 64
+
+
+def test_resume_after_real_kill_gives_identical_weights(trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    reference_dir, _ = trained
+    run_dir = tmp_path / "killed"
+    args = train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, ckpt_every=4)
+    # Only the checkpoint cadence differs from the reference run, and it does not touch training.
+    command = [PYTHON, str(REPO / "scripts" / "train_clt.py")] + as_flags(args)
+    process = subprocess.Popen(command, env=script_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        try:
+            step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            step = 0
+        if step >= 12:
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.005)
+    process.wait(timeout=30)
+    assert killed and process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replacement model vs real" in result.stdout
+    a, b = load_file(str(reference_dir / "clt" / "clt.safetensors")), load_file(str(run_dir / "clt" / "clt.safetensors"))
+    # The reference's checkpoint cadence differs (20 vs 4), which must not matter.
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    assert (run_dir / "circuit_tracer" / "config.yaml").exists()
+
+
+def test_circuit_tracer_loads_our_clt_and_reconstructs_identically(trained, tiny_store):
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    run_dir, _ = trained
+    clt, _ = load_native(run_dir / "clt")
+    out = export_circuit_tracer(clt, run_dir / "ct_export")
+    loaded = load_clt(str(out), feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                      lazy_decoder=False, lazy_encoder=False, dtype=torch.float32, device=torch.device("cpu"))
+    data = tiny_store.read_shard(0)
+    x_raw = torch.from_numpy(data["mlp_in"][:50]).float()
+    theirs_acts = loaded.encode(x_raw.transpose(0, 1))  # circuit-tracer takes [layer, batch, d]
+    theirs = loaded.decode(theirs_acts.to_sparse()).transpose(0, 1)
+    with torch.no_grad():
+        ours, ours_acts, _ = clt(x_raw * clt.input_scale[None, :, None])
+        ours = ours / clt.output_scale[None, :, None]
+    torch.testing.assert_close(theirs_acts.transpose(0, 1), ours_acts, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert "model_kind: cross_layer_transcoder" in (out / "config.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def trained_plt(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    run_dir = tmp_path_factory.mktemp("plt") / "plt"
+    train_clt(CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, plt=True,
+                                          skip=True, max_steps=20)))
+    clt, _ = load_native(run_dir / "clt")
+    with torch.no_grad():
+        clt.W_skip.normal_(0, 0.05)  # make the skip path non-trivial for the round trips
+    return run_dir, clt
+
+
+def test_plt_exports_as_circuit_tracer_transcoder_set(trained_plt, tiny_store):
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+    run_dir, clt = trained_plt
+    out = export_circuit_tracer(clt, run_dir / "ct_set")
+    paths = {i: str(out / f"layer_{i}.safetensors") for i in range(2)}
+    loaded = load_transcoder_set(paths, scan="test", feature_input_hook="ln2.hook_normalized",
+                                 feature_output_hook="hook_mlp_out", dtype=torch.float32, device=torch.device("cpu"),
+                                 lazy_encoder=False, lazy_decoder=False)
+    x_raw = torch.from_numpy(tiny_store.read_shard(1)["mlp_in"][:40]).float()
+    with torch.no_grad():
+        ours, _, _ = clt(x_raw * clt.input_scale[None, :, None])
+        ours = ours / clt.output_scale[None, :, None]
+        for layer in range(2):
+            transcoder = loaded.transcoders[layer]
+            theirs = transcoder.decode(transcoder.encode(x_raw[:, layer]), x_raw[:, layer])  # includes the skip path
+            torch.testing.assert_close(theirs, ours[:, layer], rtol=1e-4, atol=1e-4)
+
+
+def test_plt_exports_to_sae_lens(trained_plt, tiny_store):
+    from sae_lens import SAE
+
+    run_dir, clt = trained_plt
+    paths = export_sae_lens(clt, run_dir / "sae_lens")
+    x_raw = torch.from_numpy(tiny_store.read_shard(1)["mlp_in"][:40]).float()
+    with torch.no_grad():
+        ours, ours_acts, _ = clt(x_raw * clt.input_scale[None, :, None])
+        ours = ours / clt.output_scale[None, :, None]
+        for layer, path in enumerate(paths):
+            sae = SAE.load_from_disk(path)
+            assert type(sae).__name__ == "JumpReLUSkipTranscoder"
+            assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln2.hook_normalized"
+            acts = sae.encode(x_raw[:, layer])
+            torch.testing.assert_close(acts, ours_acts[:, layer], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sae.decode(acts) + x_raw[:, layer] @ sae.W_skip.T, ours[:, layer], rtol=1e-4, atol=1e-4)
+    from clt.model import CLTConfig, CrossLayerTranscoder
+
+    cross_layer = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, n_features=3))
+    with pytest.raises(ValueError, match="per-layer transcoders only"):
+        export_sae_lens(cross_layer, run_dir / "nope")
+
+
+def test_native_round_trip_and_folding_consistency(trained, tmp_path):
+    run_dir, _ = trained
+    clt, meta = load_native(run_dir / "clt")
+    save_native(clt, tmp_path / "copy", {"note": "x"})
+    again, meta2 = load_native(tmp_path / "copy")
+    for (name, a), (_, b) in zip(clt.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert meta2["note"] == "x"
+    assert folded_weights(clt)["W_enc"].shape == (2, 32, 64)
+
+
+def test_replacement_hooks_are_removed_and_mismatches_refused(trained, tiny_model_dir):
+    run_dir, _ = trained
+    clt, _ = load_native(run_dir / "clt")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(2, 400, (2, 12))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with ReplacementMLPs(model, clt):
+            replaced = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after) and not torch.equal(before, replaced)
+    report = replacement_metrics(model, clt, ids, ["en", "fr"], batch_size=1)
+    assert report["en"]["tokens"] == 10 and report["all"]["tokens"] == 20
+    from clt.model import CLTConfig, CrossLayerTranscoder
+
+    wrong = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=16, n_features=8))
+    with pytest.raises(ValueError, match="transcoder is for 2 layers × 16, model has 2 × 32"):
+        ReplacementMLPs(model, wrong)
+
+
+def test_topk_cannot_be_exported_to_circuit_tracer(tmp_path):
+    from clt.model import CLTConfig, CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, n_features=3, activation="topk", k=1))
+    with pytest.raises(ValueError, match="no TopK transcoders"):
+        export_circuit_tracer(clt, tmp_path / "x")
