@@ -110,8 +110,10 @@ class MLPActivationRecorder:
 
 @torch.no_grad()
 def mlp_activations(model, input_ids: Int[Tensor, "batch pos"]) -> tuple[Float[Tensor, "batch pos layer d"], Float[Tensor, "batch pos layer d"]]:
+    """Every layer's MLP input and output. Runs the transformer body only: the unembedding (which on a
+    small model with an 8k vocabulary costs more than all the layers together) is not needed."""
     with MLPActivationRecorder(model) as recorder:
-        model(input_ids=input_ids)
+        model.transformer(input_ids=input_ids)
         return recorder.stacked()
 
 
@@ -274,8 +276,13 @@ def collect_activations(config: CollectConfig, rank: int = 0, world_size: int = 
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank and s not in set(store.done_shards)]
+    loop_start = time.perf_counter()
     for shard in tqdm(mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard"):
         _write_shard(store, model, blocks, block_langs, lang_index, shard, config, device)
+    if rank == 0 and mine:
+        # Forward passes + Zarr writes only (no model/corpus loading): comparable to forward_only_throughput.
+        store.group.attrs["last_collection_rank0"] = {"shards": len(mine), "seconds": time.perf_counter() - loop_start,
+                                                      "tokens": len(mine) * store.tokens_per_shard}
     _barrier(world_size)
     if rank == 0 and "norm_stats" not in store.group.attrs:
         store.group.attrs["norm_stats"] = _norm_stats(store)
@@ -332,13 +339,15 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def forward_only_throughput(model_dir: str, blocks: Tensor, batch_size: int) -> float:
-    """Tokens/s of the bare forward pass over `blocks` (the baseline for collection overhead)."""
+def forward_only_throughput(model_dir: str, blocks: Tensor, batch_size: int, with_head: bool = False) -> float:
+    """Stored tokens/s of the bare forward pass over `blocks`: the baseline for collection overhead.
+    Without the head it is the same computation collection needs (transformer body, no hooks, no writes)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    forward = model if with_head else model.transformer
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[i: i + batch_size].long())
+            forward(input_ids=blocks[i: i + batch_size].long())
     return blocks[:, 1:].numel() / (time.perf_counter() - start)
