@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -143,10 +143,16 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, acts: Float[Tensor, "batch layer feature"], x: Float[Tensor, "batch layer d"] | None = None,
                sparse: bool | None = None) -> Float[Tensor, "batch layer d"]:
-        """Reconstruct every layer's MLP output. `sparse=None` picks the sparse path when fewer than
-        ~10% of activations are non-zero (gathering active decoder rows is much faster on CPU)."""
+        """Reconstruct every layer's MLP output.
+
+        The sparse path multiplies a sparse activation matrix with the decoders, touching only active
+        features' rows. Its outputs and decoder gradients equal the dense path's, but it yields no
+        gradient at inactive entries, and JumpReLU's straight-through threshold gradient needs exactly
+        those (features just below threshold). So `sparse=None` (auto) uses it only for TopK, BatchTopK
+        and ReLU, where it is exact, and when under 10% of activations are non-zero; with JumpReLU it
+        is an explicit, approximate choice (`sparse=True`)."""
         if sparse is None:
-            sparse = bool((acts != 0).float().mean() < 0.1)
+            sparse = self.config.activation != "jumprelu" and bool((acts != 0).float().mean() < 0.1)
         batch = acts.shape[0]
         outputs = [self.b_dec[k].expand(batch, -1) for k in range(self.config.n_layers)]
         for layer in range(self.config.n_layers):
@@ -162,12 +168,9 @@ class CrossLayerTranscoder(nn.Module):
         return reconstruction
 
     def _decode_sparse(self, layer_acts: Float[Tensor, "batch feature"], layer: int) -> Float[Tensor, "batch target d"]:
-        rows, features = layer_acts.nonzero(as_tuple=True)
-        values = layer_acts[rows, features]
-        decoders = self.W_dec[layer][features]  # [nnz, targets, d]: only the active rows are touched
-        out = torch.zeros(layer_acts.shape[0], self.n_targets(layer), self.config.d_model,
-                          dtype=decoders.dtype, device=decoders.device)
-        return out.index_add(0, rows, decoders * values[:, None, None])
+        decoder = self.W_dec[layer]
+        flat = torch.sparse.mm(layer_acts.to_sparse(), rearrange(decoder, "f t d -> f (t d)"))
+        return rearrange(flat, "b (t d) -> b t d", t=decoder.shape[1])
 
     def forward(self, x: Float[Tensor, "batch layer d"], sparse: bool | None = None
                 ) -> tuple[Float[Tensor, "batch layer d"], Float[Tensor, "batch layer feature"], Float[Tensor, "batch layer feature"]]:
