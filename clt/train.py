@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -24,7 +22,7 @@ from clt.loader import StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CrossLayerTranscoder
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from training.config import RunDir, atomic_write_json, config_to_dict
+from training.config import RunDir, atomic_write_json
 from training.pretrain import check_run_dir_config, init_distributed
 
 

@@ -4,7 +4,6 @@
     torchrun --nproc-per-node 2 scripts/collect_activations.py ...   # writers fill disjoint shards
 """
 
-import os
 
 from clt.activations import CollectConfig, collect_activations
 from training.config import parse_config

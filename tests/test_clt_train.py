@@ -198,3 +198,33 @@ def test_topk_cannot_be_exported_to_circuit_tracer(tmp_path):
     clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, n_features=3, activation="topk", k=1))
     with pytest.raises(ValueError, match="no TopK transcoders"):
         export_circuit_tracer(clt, tmp_path / "x")
+
+
+def test_stop_at_target_l0(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    args = train_args(tmp_path / "stop", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=40,
+                      lambda_warmup_frac=0.25, target_l0=1e9)
+    report = train_clt(CLTTrainConfig(**args))
+    assert report["stopped_early"] and report["steps"] == 10  # right after the λ warm-up (25% of 40 steps)
+
+
+def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_slice_corpus_dir):
+    args = train_args(tmp_path / "stream", tiny_model_dir, type("S", (), {"url": str(tmp_path / "unused.zarr")}),
+                      real_slice_corpus_dir, streaming=True, max_steps=15, collect_tokens=2000,
+                      collect_mixture="en=0.5,fr=0.25,de=0.25")
+    report = train_clt(CLTTrainConfig(**args))
+    assert not (tmp_path / "unused.zarr").exists()
+    assert report["steps"] == 15 and "heldout" not in report and report["replacement"]["all"]["kl"] >= 0
+    metrics = [json.loads(line) for line in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["mse"] < metrics[0]["mse"]
+
+
+def test_ddp_training_with_torchrun(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    args = train_args(tmp_path / "ddp", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=20, batch_size=64)
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+               str(REPO / "scripts" / "train_clt.py")] + as_flags(args)
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert report["tokens"] == 20 * 64 * 2  # both ranks' batches count
+    metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["mse"] < metrics[0]["mse"]

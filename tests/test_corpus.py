@@ -1,6 +1,5 @@
 import json
 
-import datasets
 import pytest
 
 from training.corpus.build import CorpusConfig, build_corpus, drop_untranslated, load_corpus

@@ -104,7 +104,7 @@ def sample_mixture(
     indices: list[int] = []
     units: dict[str, int] = {}
     targets: dict[str, int] = {}
-    for lang_index, (lang, share) in enumerate(sorted(mixture.items())):
+    for lang, share in sorted(mixture.items()):
         target = int(round(share * budget))
         targets[lang] = target
         rows = list(rows_by_lang[lang])
