@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200_000, help="tokens to collect")
     parser.add_argument("--steps", type=int, default=60, help="CLT training steps per decoder")
     parser.add_argument("--n-features", type=int, default=512)
-    parser.add_argument("--activation", default="jumprelu")
+    parser.add_argument("--activations", default="topk,jumprelu",
+                        help="sparse decoding is exact for topk, approximate for jumprelu (see clt/model.py)")
+    parser.add_argument("--k", type=int, default=16)
     args = parser.parse_args()
     result: dict = {"threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,15 +57,18 @@ def main() -> None:
                                 "forward_with_lm_head_tokens_per_s": forward_with_head_tps,
                                 "zarr_overhead": forward_tps / collect_tps - 1}
 
-        for sparse in ("false", "true"):
-            config = CLTTrainConfig(run_dir=str(Path(tmp) / f"clt-{sparse}"), model_dir=args.model_dir, store=store.url,
-                                    corpus_dir=args.corpus_dir, n_features=args.n_features, activation=args.activation,
-                                    max_steps=args.steps, sparse_decode=sparse, eval_blocks=2, log_every=10,
-                                    ckpt_every=10**9)
-            report = train_clt(config)
-            result[f"train_sparse_{sparse}"] = {"tokens_per_s": report["train_tokens_per_s"],
-                                                "final_mean_l0": report["heldout"]["all"]["mean_l0"]}
-    result["sparse_speedup"] = result["train_sparse_true"]["tokens_per_s"] / result["train_sparse_false"]["tokens_per_s"]
+        for activation in args.activations.split(","):
+            for sparse in ("false", "true"):
+                config = CLTTrainConfig(run_dir=str(Path(tmp) / f"clt-{activation}-{sparse}"), model_dir=args.model_dir,
+                                        store=store.url, corpus_dir=args.corpus_dir, n_features=args.n_features,
+                                        activation=activation, k=args.k, max_steps=args.steps, sparse_decode=sparse,
+                                        eval_blocks=2, log_every=10, ckpt_every=10**9)
+                report = train_clt(config)
+                result[f"{activation}_sparse_{sparse}"] = {"tokens_per_s": report["train_tokens_per_s"],
+                                                           "heldout_mean_l0": report["heldout"]["all"]["mean_l0"],
+                                                           "heldout_mean_fvu": report["heldout"]["all"]["mean_fvu"]}
+            result[f"{activation}_sparse_speedup"] = (result[f"{activation}_sparse_true"]["tokens_per_s"]
+                                                      / result[f"{activation}_sparse_false"]["tokens_per_s"])
     print(json.dumps(result, indent=1))
 
 

@@ -44,7 +44,7 @@ def main() -> None:
                          "mean_l0": held["mean_l0"], "kl": repl["kl"], "delta_ce": repl["delta_ce"],
                          "top1": repl["top1_agreement"], "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),
                          "never_active": sum(held["never_active_fraction"]) / len(held["never_active_fraction"]),
-                         "tokens_per_s": report["train_tokens_per_s"], "steps": report["steps"]})
+                         "steps": report["steps"]})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -64,12 +64,12 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
-    lines = ["| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) | never active (held-out) | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) | never active (held-out) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind'].upper()} | {r['lambda']:g} | {r['mean_l0']:.1f} | {r['mean_fvu']:.4f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['fvu'])} | {r['kl']:.3f} | {r['delta_ce']:+.3f} | {r['top1']:.3f} | "
-                     f"{r['dead']:.3f} | {r['never_active']:.3f} | {r['tokens_per_s']:,.0f} |")
+                     f"{r['dead']:.3f} | {r['never_active']:.3f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

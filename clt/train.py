@@ -94,15 +94,16 @@ def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayer
     return clt
 
 
-def evaluation_blocks(config: CLTTrainConfig, tokenizer, langs: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """Held-out validation blocks (BOS + text), up to `eval_blocks` per language."""
+def evaluation_blocks(corpus_dir: str | None, tokenizer, langs: list[str], n_ctx: int, per_lang: int
+                      ) -> tuple[torch.Tensor, list[str]]:
+    """Held-out validation blocks (BOS + text), up to `per_lang` per language."""
     from training.corpus.build import default_corpus_dir, load_corpus
 
-    validation = load_corpus(config.corpus_dir or default_corpus_dir())["validation"]
+    validation = load_corpus(corpus_dir or default_corpus_dir())["validation"]
     keep = [(t, l) for t, l in zip(validation["text"], validation["lang"]) if l in set(langs)]
     ids = tokenizer([t for t, _ in keep], add_special_tokens=False)["input_ids"]
-    blocks, block_langs = bos_blocks(ids, [l for _, l in keep], tokenizer, config.collect_ctx)
-    chosen = [i for lang in langs for i in [j for j, l in enumerate(block_langs) if l == lang][: config.eval_blocks]]
+    blocks, block_langs = bos_blocks(ids, [l for _, l in keep], tokenizer, n_ctx)
+    chosen = [i for lang in langs for i in [j for j, l in enumerate(block_langs) if l == lang][:per_lang]]
     return blocks[chosen], [block_langs[i] for i in chosen]
 
 
@@ -267,7 +268,7 @@ def finish(config: CLTTrainConfig, run: RunDir, model, tokenizer, clt, store, ev
               "dead_window_tokens": config.dead_window_tokens}
     if store is not None:
         report["heldout"] = store_metrics(clt, store, eval_shards)
-    blocks, block_langs = evaluation_blocks(config, tokenizer, langs)
+    blocks, block_langs = evaluation_blocks(config.corpus_dir, tokenizer, langs, config.collect_ctx, config.eval_blocks)
     report["replacement"] = replacement_metrics(model, clt, blocks.to(device), block_langs)
     atomic_write_json(run.path / "summary.json", report)
     return report

@@ -13,8 +13,9 @@ import torch
 from clt.activations import ActivationStore, model_fingerprint
 from clt.evaluate import replacement_metrics, store_metrics
 from clt.export import check_matches_model, load_native
-from clt.train import CLTTrainConfig, evaluation_blocks, format_summary
+from clt.train import evaluation_blocks, format_summary
 from training.config import atomic_write_json, parse_config
+from training.corpus.build import default_corpus_dir, load_corpus
 
 
 @dataclass
@@ -48,11 +49,8 @@ def main(argv=None) -> None:
         report["heldout"] = store_metrics(clt, store, config.shards or store.done_shards[-1:])
         langs = store.langs
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    settings = CLTTrainConfig(corpus_dir=config.corpus_dir, eval_blocks=config.eval_blocks, collect_ctx=config.n_ctx)
-    from training.corpus.build import default_corpus_dir, load_corpus
-
     langs = langs or sorted(set(load_corpus(config.corpus_dir or default_corpus_dir())["validation"]["lang"]))
-    blocks, block_langs = evaluation_blocks(settings, tokenizer, langs)
+    blocks, block_langs = evaluation_blocks(config.corpus_dir, tokenizer, langs, config.n_ctx, config.eval_blocks)
     with torch.no_grad():
         report["replacement"] = replacement_metrics(model, clt, blocks, block_langs)
     print(format_summary(report))

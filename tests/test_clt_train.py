@@ -228,3 +228,23 @@ def test_ddp_training_with_torchrun(tmp_path, tiny_model_dir, tiny_store, real_s
     assert report["tokens"] == 20 * 64 * 2  # both ranks' batches count
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["mse"] < metrics[0]["mse"]
+
+
+def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+    run_dir, report = trained
+    out = tmp_path / "eval.json"
+    command = [PYTHON, str(REPO / "scripts" / "eval_clt.py"), "--clt", str(run_dir / "clt"), "--model-dir",
+               str(tiny_model_dir), "--store", tiny_store.url, "--corpus-dir", str(real_slice_corpus_dir),
+               "--n-ctx", "16", "--eval-blocks", "4", "--out", str(out)]
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(out.read_text())
+    # Same transcoder, same held-out shard (the store's last), same validation blocks: same numbers.
+    assert evaluated["heldout"]["all"]["fvu"] == pytest.approx(report["heldout"]["all"]["fvu"], rel=1e-6)
+    assert evaluated["replacement"]["all"]["kl"] == pytest.approx(report["replacement"]["all"]["kl"], rel=1e-5)
+    export = subprocess.run([PYTHON, str(REPO / "scripts" / "export_clt.py"), "--clt", str(run_dir / "clt"), "--format",
+                             "circuit-tracer", "--out", str(tmp_path / "ct")], env=script_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir())[:3] == ["W_dec_0.safetensors", "W_dec_1.safetensors",
+                                                                        "W_enc_0.safetensors"]
