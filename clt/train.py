@@ -7,7 +7,6 @@ weights, tqdm progress, JSONL metrics and DDP under torchrun (each rank reads it
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CrossLayerTranscoder
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
-from training.pretrain import check_run_dir_config, init_distributed
+from training.pretrain import start_run
 
 
 @dataclass
@@ -110,14 +109,9 @@ def evaluation_blocks(corpus_dir: str | None, tokenizer, langs: list[str], n_ctx
 def train_clt(config: CLTTrainConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ranks, device = init_distributed(config.device)
-    run = RunDir(config.run_dir)
-    summary_path = run.path / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    if ranks.is_main:
-        check_run_dir_config(run, config)
-        run.save_config(config)
+    ranks, device, run, finished = start_run(config)
+    if finished is not None:
+        return finished
 
     model = AutoModelForCausalLM.from_pretrained(config.model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)

@@ -47,6 +47,36 @@ def script_env() -> dict:
 PYTHON = sys.executable
 
 
+def kill_when(process, progress, threshold: int, timeout: float = 240) -> int:
+    """SIGKILL `process` as soon as `progress()` (e.g. the last checkpoint's step) reaches `threshold`.
+
+    Returns the progress at the kill; fails the test if the process ended first, since then nothing
+    about resuming would have been tested."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        reached = progress()
+        if reached >= threshold:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            assert process.returncode == -signal.SIGKILL
+            return reached
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError(f"the process ended (or timed out) before reaching {threshold}: nothing was killed")
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(slice_tokenizer_dir, tmp_path_factory) -> Path:
     """A randomly initialised 2-layer, 32-wide GPT-2 with the slice tokenizer (for fast CLT tests)."""

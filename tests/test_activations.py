@@ -1,9 +1,7 @@
 """Zarr activation store and loaders."""
 
 import json
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from clt.activations import ActivationStore, CollectConfig, collect_activations, mlp_activations
 from clt.loader import StoreLoader, StreamingLoader
-from tests.conftest import PYTHON, REPO, collect_args, script_env
+from tests.conftest import PYTHON, REPO, collect_args, kill_when, script_env
 
 
 def test_store_layout_and_values(tiny_store, tiny_model_dir):
@@ -92,20 +90,14 @@ def test_collection_resumes_after_a_real_kill(tiny_store, tiny_model_dir, real_s
     args += ["--batch-size", "1"]  # slow the writer down so the kill lands mid-collection
     process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "collect_activations.py")] + args, env=script_env(),
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = False
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
+
+    def shards_done() -> int:
         try:
-            done = int(np.sum(zarr.open_group(str(store_path), mode="r")["shard_done"][:]))
-        except Exception:  # noqa: BLE001 - the store may not exist yet
-            done = 0
-        if done >= 2:
-            process.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.01)
-    process.wait(timeout=30)
-    assert killed and process.returncode == -signal.SIGKILL, "collection finished before it could be killed"
+            return int(np.sum(zarr.open_group(str(store_path), mode="r")["shard_done"][:]))
+        except Exception:  # noqa: BLE001 - the store may not exist yet, or be mid-creation
+            return 0
+
+    kill_when(process, shards_done, 2)
     partial = ActivationStore(store_path)
     assert not partial.is_complete()
     resumed = collect_activations(CollectConfig(**collect_args(tiny_model_dir, store_path, real_slice_corpus_dir)))

@@ -2,9 +2,7 @@
 and exports loaded back by circuit-tracer and sae-lens."""
 
 import json
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from clt.evaluate import ReplacementMLPs, replacement_metrics
 from clt.export import export_circuit_tracer, export_sae_lens, folded_weights, load_native, save_native
 from clt.train import CLTTrainConfig, train_clt
-from tests.conftest import PYTHON, REPO, script_env
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env
 
 
 def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> dict:
@@ -63,20 +61,7 @@ def test_resume_after_real_kill_gives_identical_weights(trained, tmp_path, tiny_
     # Only the checkpoint cadence differs from the reference run, and it does not touch training.
     command = [PYTHON, str(REPO / "scripts" / "train_clt.py")] + as_flags(args)
     process = subprocess.Popen(command, env=script_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        try:
-            step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
-        except (FileNotFoundError, json.JSONDecodeError):
-            step = 0
-        if step >= 12:
-            process.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.005)
-    process.wait(timeout=30)
-    assert killed and process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    kill_when(process, lambda: checkpoint_step(run_dir), 12)
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replacement model vs real" in result.stdout

@@ -4,16 +4,14 @@ and DDP on 2 CPU processes (gloo) matching single-process gradient accumulation.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, REPO, script_env
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env
 from training.config import config_to_dict
 from training.pretrain import PretrainConfig, learning_rate, pretrain
 
@@ -76,21 +74,7 @@ def test_resume_after_real_kill_gives_identical_weights(finished_run, tmp_path, 
     args = micro_args(run_dir, real_slice_corpus_dir, slice_tokenizer_dir, **{"ckpt-every": 2})
     process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "pretrain.py")] + args, env=script_env(), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    state_file = run_dir / "checkpoint" / "state.json"
-    killed_at = None
-    while time.time() < deadline and process.poll() is None:
-        try:
-            step = json.loads(state_file.read_text())["step"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            step = 0
-        if step >= 6:
-            process.send_signal(signal.SIGKILL)
-            killed_at = step
-            break
-        time.sleep(0.005)
-    process.wait(timeout=30)
-    assert killed_at is not None and process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(process, lambda: checkpoint_step(run_dir), 6)
     assert not (run_dir / "summary.json").exists()
     run_script(args)  # resumes from the last complete checkpoint
     resumed, reference = final_weights(run_dir), final_weights(finished_run)

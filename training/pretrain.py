@@ -215,17 +215,27 @@ def check_run_dir_config(run: RunDir, config: PretrainConfig) -> None:
         raise ValueError(f"{run.path} holds a run with a different config ({details}); use another --run-dir")
 
 
-def pretrain(config: PretrainConfig) -> dict:
-    """Run (or resume, or just report) a pretraining run; returns the final summary."""
+def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
+    """Common start of every training run: distributed setup, the run directory, and either the
+    summary of a finished run (nothing to do) or a config check + save (new or resumed run)."""
     ranks, device = init_distributed(config.device)
     run = RunDir(config.run_dir)
     summary_path = run.path / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
-
+        return ranks, device, run, json.loads(summary_path.read_text())
     if ranks.is_main:
         check_run_dir_config(run, config)
         run.save_config(config)
+    return ranks, device, run, None
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    """Run (or resume, or just report) a pretraining run; returns the final summary."""
+    ranks, device, run, finished = start_run(config)
+    if finished is not None:
+        return finished
+
+    if ranks.is_main:
         corpus = build_corpus(CorpusConfig(out_dir=config.corpus_dir)) if not Path(config.corpus_dir, "dataset_dict.json").exists() \
             else load_corpus(config.corpus_dir)
         tokenizer = prepare_tokenizer(config, corpus, run)
