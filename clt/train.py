@@ -56,7 +56,7 @@ class CLTTrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     target_l0: float | None = field(default=None, metadata={"help": "stop once the mean L0 per layer falls to this (after λ warm-up)"})
     sparse_decode: str = field(default="auto", metadata={"help": "auto, true (gather active decoder rows) or false (dense)"})
-    dead_window_tokens: int = field(default=1_000_000, metadata={"help": "a feature is dead if silent for this many training tokens"})
+    dead_window_tokens: int = field(default=250_000, metadata={"help": "a feature is dead if silent for this many training tokens (keep it below the run length)"})
     eval_shards: int = field(default=1, metadata={"help": "store shards held out for evaluation"})
     eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language for the replacement-model metrics"})
     log_every: int = field(default=20, metadata={"help": "steps between metric records"})
