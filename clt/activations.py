@@ -264,15 +264,15 @@ def collect_activations(config: CollectConfig, rank: int = 0, world_size: int = 
     if len(blocks) < config.blocks_per_shard:
         raise ValueError(f"only {len(blocks)} blocks for shards of {config.blocks_per_shard}: raise n_tokens or lower blocks_per_shard")
 
-    existing = _open_existing(config.store)
-    if existing is None:
-        if rank == 0:
-            _create_store(config, model, tokenizer, len(blocks), langs, fingerprint)
-        _barrier(world_size)
-    elif existing.attrs["model_sha256"] != fingerprint or existing.attrs["n_ctx"] != config.n_ctx \
-            or existing.attrs["seed"] != config.seed or existing.attrs["mixture"] != config.mixture:
-        raise ValueError(f"{config.store} holds a store from another model or config; choose a new --store to collect afresh")
+    # Rank 0 alone decides whether to create the store; everyone meets at the barrier either way, so
+    # no rank can race past it by finding a store that rank 0 has just created.
+    if rank == 0 and _open_existing(config.store) is None:
+        _create_store(config, model, tokenizer, len(blocks), langs, fingerprint)
+    _barrier(world_size)
     store = ActivationStore(config.store, writable=True)
+    if store.attrs["model_sha256"] != fingerprint or store.attrs["n_ctx"] != config.n_ctx \
+            or store.attrs["seed"] != config.seed or store.attrs["mixture"] != config.mixture:
+        raise ValueError(f"{config.store} holds a store from another model or config; choose a new --store to collect afresh")
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank and s not in set(store.done_shards)]

@@ -132,3 +132,26 @@ def test_streaming_loader_matches_model_activations(tiny_model_dir):
     mlp_in, _ = mlp_activations(model, blocks)
     expected = mlp_in[:, 1:].reshape(54, -1).numpy()
     np.testing.assert_allclose(rows_of(batches), expected[np.lexsort(expected.T[::-1])], rtol=1e-6)
+
+
+def test_two_torchrun_writers_fill_disjoint_shards_identically(tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+    store_path = tmp_path / "ddp.zarr"
+    args = []
+    for key, value in collect_args(tiny_model_dir, store_path, real_slice_corpus_dir).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+               str(REPO / "scripts" / "collect_activations.py")] + args
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = ActivationStore(store_path)
+    assert store.is_complete()
+    for name in ("mlp_in", "mlp_out", "token_id", "lang", "position"):
+        np.testing.assert_array_equal(store.group[name][:], tiny_store.group[name][:])
+
+
+def test_store_at_an_fsspec_url(tiny_model_dir, real_slice_corpus_dir):
+    url = "memory://stores/tiny.zarr"  # any fsspec URL: memory here, s3:// or gs:// for large runs
+    store = collect_activations(CollectConfig(**{**collect_args(tiny_model_dir, url, real_slice_corpus_dir), "n_tokens": 600}))
+    assert store.is_complete() and store.url == url
+    batches = list(StoreLoader(ActivationStore(url), batch_size=64).epoch(0))
+    assert sum(len(x) for x, _ in batches) == store.n_shards * store.tokens_per_shard
