@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,8 +278,17 @@ def collect_activations(config: CollectConfig, rank: int = 0, world_size: int = 
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank and s not in set(store.done_shards)]
     loop_start = time.perf_counter()
-    for shard in tqdm(mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard"):
-        _write_shard(store, model, blocks, block_langs, lang_index, shard, config, device)
+    # One writer thread: shard i is written while shard i+1 is computed (Zarr I/O releases the GIL).
+    # At most one write is pending, and each write sets its completion byte after its data.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for shard in tqdm(mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard"):
+            arrays = _compute_shard(model, blocks, block_langs, lang_index, shard, config, device)
+            if pending is not None:
+                pending.result()  # re-raises a failed write
+            pending = writer.submit(_write_shard, store, shard, arrays)
+        if pending is not None:
+            pending.result()
     if rank == 0 and mine:
         # Forward passes + Zarr writes only (no model/corpus loading): comparable to forward_only_throughput.
         store.group.attrs["last_collection_rank0"] = {"shards": len(mine), "seconds": time.perf_counter() - loop_start,
@@ -290,23 +300,50 @@ def collect_activations(config: CollectConfig, rank: int = 0, world_size: int = 
     return ActivationStore(config.store)
 
 
-def _write_shard(store: ActivationStore, model, blocks, block_langs, lang_index, shard: int, config: CollectConfig, device) -> None:
+def _compute_shard(model, blocks, block_langs, lang_index, shard: int, config: CollectConfig, device) -> dict[str, np.ndarray]:
+    """Forward passes for one shard: the arrays to write, in store order.
+
+    Hooks copy each layer's activations (BOS position dropped) straight into preallocated float16/32
+    shard buffers: one copy per tensor instead of stack → slice → cast → concatenate."""
     first = shard * config.blocks_per_shard
     shard_blocks = blocks[first: first + config.blocks_per_shard]
-    inputs, outputs = [], []
-    for start in range(0, len(shard_blocks), config.batch_size):
-        batch = shard_blocks[start: start + config.batch_size].long().to(device)
-        mlp_in, mlp_out = mlp_activations(model, batch)
-        inputs.append(rearrange(mlp_in[:, 1:], "b p l d -> (b p) l d").to("cpu", getattr(torch, config.dtype)))
-        outputs.append(rearrange(mlp_out[:, 1:], "b p l d -> (b p) l d").to("cpu", getattr(torch, config.dtype)))
-    rows = slice(shard * store.tokens_per_shard, (shard + 1) * store.tokens_per_shard)
-    store.group["mlp_in"][rows] = torch.cat(inputs).numpy()
-    store.group["mlp_out"][rows] = torch.cat(outputs).numpy()
-    store.group["token_id"][rows] = rearrange(shard_blocks[:, 1:], "b p -> (b p)").numpy().astype(np.int32)
     n_pos = config.n_ctx - 1
-    langs = np.repeat([lang_index[block_langs[first + i]] for i in range(len(shard_blocks))], n_pos).astype(np.int8)
-    store.group["lang"][rows] = langs
-    store.group["position"][rows] = np.tile(np.arange(1, config.n_ctx, dtype=np.int16), len(shard_blocks))
+    n_layers, d_model = model.config.n_layer, model.config.n_embd
+    dtype = getattr(torch, config.dtype)
+    buffers = {name: torch.empty(len(shard_blocks), n_pos, n_layers, d_model, dtype=dtype) for name in ("mlp_in", "mlp_out")}
+    rows = slice(0, 0)
+
+    def recorder(name: str, layer: int):
+        def hook(module, args, output):
+            buffers[name][rows, :, layer].copy_(output[:, 1:])
+        return hook
+
+    handles = []
+    for layer, block in enumerate(model.transformer.h):
+        handles.append(block.ln_2.register_forward_hook(recorder("mlp_in", layer)))
+        handles.append(block.mlp.register_forward_hook(recorder("mlp_out", layer)))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(shard_blocks), config.batch_size):
+                batch = shard_blocks[start: start + config.batch_size]
+                rows = slice(start, start + len(batch))
+                model.transformer(input_ids=batch.long().to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "mlp_in": rearrange(buffers["mlp_in"], "b p l d -> (b p) l d").numpy(),
+        "mlp_out": rearrange(buffers["mlp_out"], "b p l d -> (b p) l d").numpy(),
+        "token_id": rearrange(shard_blocks[:, 1:], "b p -> (b p)").numpy().astype(np.int32),
+        "lang": np.repeat([lang_index[block_langs[first + i]] for i in range(len(shard_blocks))], n_pos).astype(np.int8),
+        "position": np.tile(np.arange(1, config.n_ctx, dtype=np.int16), len(shard_blocks)),
+    }
+
+
+def _write_shard(store: ActivationStore, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    rows = slice(shard * store.tokens_per_shard, (shard + 1) * store.tokens_per_shard)
+    for name, values in arrays.items():
+        store.group[name][rows] = values
     store.group["shard_done"][shard] = 1  # last: the shard becomes visible only once complete
 
 
