@@ -149,10 +149,12 @@ class CrossLayerTranscoder(nn.Module):
         features' rows. Its outputs and decoder gradients equal the dense path's, but it yields no
         gradient at inactive entries, and JumpReLU's straight-through threshold gradient needs exactly
         those (features just below threshold). So `sparse=None` (auto) uses it only for TopK, BatchTopK
-        and ReLU, where it is exact, and when under 10% of activations are non-zero; with JumpReLU it
-        is an explicit, approximate choice (`sparse=True`)."""
+        and ReLU, where it is exact, with at least 2,048 features per layer and under 10% of activations
+        non-zero: on 2 CPU cores it was 1.13× faster than dense at 2,048 features and 0.96× at 512
+        (docs/clt.md). With JumpReLU it is an explicit, approximate choice (`sparse=True`)."""
         if sparse is None:
-            sparse = self.config.activation != "jumprelu" and bool((acts != 0).float().mean() < 0.1)
+            sparse = (self.config.activation != "jumprelu" and self.config.n_features >= 2048
+                      and bool((acts != 0).float().mean() < 0.1))
         batch = acts.shape[0]
         outputs = [self.b_dec[k].expand(batch, -1) for k in range(self.config.n_layers)]
         for layer in range(self.config.n_layers):
