@@ -18,7 +18,6 @@ from jaxtyping import Int
 from torch import Tensor
 
 from clt.activations import ActivationStore
-from clt.loss import fraction_of_variance_unexplained
 from clt.model import CrossLayerTranscoder
 
 
@@ -133,7 +132,3 @@ def store_metrics(clt: CrossLayerTranscoder, store: ActivationStore, shards: lis
                        "mean_l0": float((l0[key] / n).mean()), "tokens": n}
     report["all"]["never_active_fraction"] = (~ever_active).float().mean(1).tolist()
     return report
-
-
-def batch_fvu(y: Tensor, y_hat: Tensor) -> list[float]:
-    return fraction_of_variance_unexplained(y, y_hat).tolist()
