@@ -52,12 +52,12 @@ def generate_continuations(model, tokenizer, texts: Sequence[str], prompt_tokens
     for start in range(0, len(encoded), batch_size):
         chunk = [[bos] + ids[:prompt_tokens] for ids in encoded[start: start + batch_size]]
         input_ids = torch.tensor(chunk, device=device)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "top_k": 50}
         output = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
-            do_sample=not greedy,
-            top_k=0 if greedy else 50,
+            **sampling,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None,  # always generate `new_tokens`: equal-length continuations are judged alike
         )
