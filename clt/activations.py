@@ -79,25 +79,32 @@ def model_fingerprint(model_dir: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 class MLPActivationRecorder:
-    """Forward hooks that record every layer's MLP input (ln_2 output) and MLP output."""
+    """Forward hooks on every layer's MLP input (ln_2 output) and MLP output — the project's one
+    definition of where CLT activations are read.
 
-    def __init__(self, model):
+    By default the tensors are kept in `inputs` / `outputs`; `sink(kind, layer, tensor)` (kind is
+    "mlp_in" or "mlp_out") receives them instead, e.g. to copy them straight into a shard buffer."""
+
+    def __init__(self, model, sink=None):
         self.blocks = model.transformer.h
         self.inputs: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
+        self.sink = sink or self._keep
         self._handles = []
 
     def __enter__(self):
         for layer, block in enumerate(self.blocks):
-            self._handles.append(block.ln_2.register_forward_hook(self._save(self.inputs, layer)))
-            self._handles.append(block.mlp.register_forward_hook(self._save(self.outputs, layer)))
+            self._handles.append(block.ln_2.register_forward_hook(self._hook("mlp_in", layer)))
+            self._handles.append(block.mlp.register_forward_hook(self._hook("mlp_out", layer)))
         return self
 
-    @staticmethod
-    def _save(target: dict, layer: int):
+    def _hook(self, kind: str, layer: int):
         def hook(module, args, output):
-            target[layer] = output.detach()
+            self.sink(kind, layer, output.detach())
         return hook
+
+    def _keep(self, kind: str, layer: int, tensor: Tensor) -> None:
+        (self.inputs if kind == "mlp_in" else self.outputs)[layer] = tensor
 
     def __exit__(self, *exc):
         for handle in self._handles:
@@ -313,24 +320,14 @@ def _compute_shard(model, blocks, block_langs, lang_index, shard: int, config: C
     buffers = {name: torch.empty(len(shard_blocks), n_pos, n_layers, d_model, dtype=dtype) for name in ("mlp_in", "mlp_out")}
     rows = slice(0, 0)
 
-    def recorder(name: str, layer: int):
-        def hook(module, args, output):
-            buffers[name][rows, :, layer].copy_(output[:, 1:])
-        return hook
+    def copy_into_buffer(kind: str, layer: int, tensor: Tensor) -> None:
+        buffers[kind][rows, :, layer].copy_(tensor[:, 1:])  # BOS position dropped
 
-    handles = []
-    for layer, block in enumerate(model.transformer.h):
-        handles.append(block.ln_2.register_forward_hook(recorder("mlp_in", layer)))
-        handles.append(block.mlp.register_forward_hook(recorder("mlp_out", layer)))
-    try:
-        with torch.no_grad():
-            for start in range(0, len(shard_blocks), config.batch_size):
-                batch = shard_blocks[start: start + config.batch_size]
-                rows = slice(start, start + len(batch))
-                model.transformer(input_ids=batch.long().to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with MLPActivationRecorder(model, sink=copy_into_buffer), torch.no_grad():
+        for start in range(0, len(shard_blocks), config.batch_size):
+            batch = shard_blocks[start: start + config.batch_size]
+            rows = slice(start, start + len(batch))
+            model.transformer(input_ids=batch.long().to(device))
     return {
         "mlp_in": rearrange(buffers["mlp_in"], "b p l d -> (b p) l d").numpy(),
         "mlp_out": rearrange(buffers["mlp_out"], "b p l d -> (b p) l d").numpy(),

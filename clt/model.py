@@ -71,7 +71,8 @@ class JumpReLU(torch.autograd.Function):
         return grad_z, grad_threshold, None
 
 
-def topk_activation(pre: Float[Tensor, "batch layer feature"], k: int) -> Float[Tensor, "batch layer feature"]:
+def topk_activation(pre: Float[Tensor, "... feature"], k: int) -> Float[Tensor, "... feature"]:
+    """Keep the k largest (ReLU'd) activations along the feature dimension."""
     values, indices = torch.relu(pre).topk(k, dim=-1)
     return torch.zeros_like(pre).scatter(-1, indices, values)
 
@@ -191,8 +192,7 @@ class CrossLayerTranscoder(nn.Module):
         if activation == "relu":
             return torch.relu(pre)
         if activation == "topk":
-            values, indices = torch.relu(pre).topk(self.config.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, indices, values)
+            return topk_activation(pre, self.config.k)
         return pre * (pre > self.batchtopk_threshold[layer])
 
     def decode_layer(self, acts_by_layer: list[Float[Tensor, "... feature"]], target: int,

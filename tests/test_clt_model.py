@@ -95,8 +95,9 @@ def test_clt_and_plt_shapes():
         assert torch.allclose(y[:, k], plt.b_dec[k] + acts[:, k] @ plt.W_dec[k][:, 0])
 
 
-def test_per_layer_encode_decode_match_the_batched_forward():
-    clt = make_clt(skip=True)
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "relu"])
+def test_per_layer_encode_decode_match_the_batched_forward(activation):
+    clt = make_clt(skip=True, activation=activation, k=3)
     with torch.no_grad():
         clt.W_skip.normal_(0, 0.1)
     x = torch.randn(4, 3, 5)
