@@ -51,12 +51,19 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     return clt.to(device).eval(), meta
 
 
-def check_matches_model(meta: dict, model) -> None:
-    """Fail early if a transcoder is used with a model of another shape or other weights."""
+def check_matches_model(meta: dict, model, model_dir: str | Path | None = None) -> None:
+    """Fail early if a transcoder is used with a model of another shape, or (given the model's
+    directory) with other weights than it was trained on."""
     cfg = meta["clt"]
     if (cfg["n_layers"], cfg["d_model"]) != (model.config.n_layer, model.config.n_embd):
         raise ValueError(f"transcoder expects {cfg['n_layers']} layers × {cfg['d_model']}, the model has "
                          f"{model.config.n_layer} × {model.config.n_embd}")
+    if model_dir is not None and meta.get("model_sha256"):
+        from clt.activations import model_fingerprint
+
+        if model_fingerprint(model_dir) != meta["model_sha256"]:
+            raise ValueError(f"the transcoder was trained on {meta.get('model_dir')} (sha256 {meta['model_sha256'][:12]}…), "
+                             f"whose weights differ from {model_dir}'s; pass the matching model")
 
 
 @torch.no_grad()

@@ -1,0 +1,205 @@
+"""The frozen, linear GPT-2 of one prompt (METHODS §3).
+
+Attribution works on the *local replacement model*: for one prompt, attention patterns and LayerNorm
+scales are frozen at their values on that prompt and every MLP output is a constant (CLT features'
+decoder vectors + an error node + b_dec). What is left is linear in the residual stream:
+
+    r_0 = E[tok] + P                      (token nodes E[tok], positional embeddings are a constant)
+    x   = LN1(r_l)  = C r_l / s1 ⊙ w1 + b1   C = centring, s1 frozen per position
+    m_l = r_l + Σ_h A_h (x W_V,h + b_V,h) W_O,h + b_O     A_h frozen
+    mlp_in_l = LN2(m_l)                   ← CLT encoders read here
+    r_{l+1} = m_l + mlp_out_l             ← CLT decoders / error nodes write here
+    logits = LN_f(r_L) W_Eᵀ
+
+`FrozenGPT2.capture` records the frozen quantities from the real HF model; `forward` runs the frozen
+model for arbitrary constant MLP outputs and token embeddings (used to test that freezing reproduces
+the real model and that edges sum to targets); `backward` is its exact transpose, batched over many
+targets at once — the gradient every attribution edge is read from. HF's modules do not expose the
+LayerNorm scales and attention patterns as replaceable constants, hence this small re-statement of the
+GPT-2 block; `tests/test_attribution.py` checks it against the HF model's own logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from clt.activations import mlp_activations
+
+
+@dataclass
+class FrozenGPT2:
+    """Weights of one GPT-2 plus everything frozen on one prompt (all in one dtype)."""
+
+    tokens: Int[Tensor, "pos"]
+    token_embeddings: Float[Tensor, "pos d"]  # W_E[tokens]: the token nodes' vectors
+    position_embeddings: Float[Tensor, "pos d"]
+    ln1_scale: Float[Tensor, "layer pos"]
+    ln2_scale: Float[Tensor, "layer pos"]
+    lnf_scale: Float[Tensor, "pos"]
+    patterns: Float[Tensor, "layer head pos pos"]
+    mlp_in: Float[Tensor, "layer pos d"]
+    mlp_out: Float[Tensor, "layer pos d"]
+    logits: Float[Tensor, "pos vocab"]
+    # weights
+    ln1_w: Float[Tensor, "layer d"]
+    ln1_b: Float[Tensor, "layer d"]
+    ln2_w: Float[Tensor, "layer d"]
+    ln2_b: Float[Tensor, "layer d"]
+    lnf_w: Float[Tensor, "d"]
+    lnf_b: Float[Tensor, "d"]
+    W_V: Float[Tensor, "layer d hd"]  # value part of c_attn (heads concatenated)
+    b_V: Float[Tensor, "layer hd"]
+    W_O: Float[Tensor, "layer hd d"]
+    b_O: Float[Tensor, "layer d"]
+    W_U: Float[Tensor, "d vocab"]
+    n_heads: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.mlp_in.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model, tokens: Int[Tensor, "pos"], dtype: torch.dtype = torch.float32) -> FrozenGPT2:
+        """Run `model` (a GPT2LMHeadModel) on `tokens` and freeze what attribution must hold fixed."""
+        check_supported(model)
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        if tokens.numel() > model.config.n_positions:
+            raise ValueError(f"prompt has {tokens.numel()} tokens, the model's context is {model.config.n_positions}")
+        transformer = model.transformer
+        device = next(model.parameters()).device
+        tokens = tokens.to(device)
+        eps = model.config.layer_norm_epsilon
+        ln_inputs: dict[str, Tensor] = {}
+        handles = []
+        for layer, block in enumerate(transformer.h):
+            for name in ("ln_1", "ln_2"):
+                handles.append(getattr(block, name).register_forward_pre_hook(
+                    lambda module, args, key=f"{name}.{layer}": ln_inputs.__setitem__(key, args[0][0])))
+        handles.append(transformer.ln_f.register_forward_pre_hook(
+            lambda module, args: ln_inputs.__setitem__("ln_f", args[0][0])))
+        try:
+            logits = model(input_ids=tokens[None]).logits[0]
+            mlp_in, mlp_out = mlp_activations(model, tokens[None])
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        def scale(x: Tensor) -> Tensor:
+            return (x.double().var(-1, unbiased=False) + eps).sqrt()
+
+        L, d, H = len(transformer.h), model.config.n_embd, model.config.n_head
+        patterns = []
+        for layer, block in enumerate(transformer.h):
+            x = block.ln_1(ln_inputs[f"ln_1.{layer}"]).double()
+            q, k, _ = (x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()).split(d, dim=-1)
+            q, k = (rearrange(t, "p (h e) -> h p e", h=H) for t in (q, k))
+            scores = einsum(q, k, "h i e, h j e -> h i j") / (d // H) ** 0.5
+            causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool, device=device).tril()
+            patterns.append(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+
+        def weights(fn) -> Tensor:
+            return torch.stack([fn(block).detach() for block in transformer.h]).to(dtype)
+
+        return cls(
+            tokens=tokens,
+            token_embeddings=transformer.wte.weight[tokens].to(dtype),
+            position_embeddings=transformer.wpe.weight[: len(tokens)].to(dtype),
+            ln1_scale=torch.stack([scale(ln_inputs[f"ln_1.{l}"]) for l in range(L)]).to(dtype),
+            ln2_scale=torch.stack([scale(ln_inputs[f"ln_2.{l}"]) for l in range(L)]).to(dtype),
+            lnf_scale=scale(ln_inputs["ln_f"]).to(dtype),
+            patterns=torch.stack(patterns).to(dtype),
+            mlp_in=rearrange(mlp_in[0], "p l d -> l p d").to(dtype),
+            mlp_out=rearrange(mlp_out[0], "p l d -> l p d").to(dtype),
+            logits=logits.to(dtype),
+            ln1_w=weights(lambda b: b.ln_1.weight), ln1_b=weights(lambda b: b.ln_1.bias),
+            ln2_w=weights(lambda b: b.ln_2.weight), ln2_b=weights(lambda b: b.ln_2.bias),
+            lnf_w=transformer.ln_f.weight.detach().to(dtype), lnf_b=transformer.ln_f.bias.detach().to(dtype),
+            W_V=weights(lambda b: b.attn.c_attn.weight[:, 2 * d:]), b_V=weights(lambda b: b.attn.c_attn.bias[2 * d:]),
+            W_O=weights(lambda b: b.attn.c_proj.weight), b_O=weights(lambda b: b.attn.c_proj.bias),
+            W_U=model.lm_head.weight.detach().T.to(dtype),
+            n_heads=H,
+        )
+
+    # --- frozen forward ---------------------------------------------------------------------------
+
+    def forward(self, token_embeddings: Float[Tensor, "pos d"], mlp_out: Float[Tensor, "layer pos d"]
+                ) -> tuple[Float[Tensor, "layer pos d"], Float[Tensor, "pos d"]]:
+        """MLP inputs of every layer and the final normalised residual (what the unembedding reads) of
+        the frozen model whose token embeddings and MLP outputs are the given constants."""
+        r = token_embeddings + self.position_embeddings
+        mlp_in = []
+        for layer in range(self.n_layers):
+            x = _layer_norm(r, self.ln1_scale[layer], self.ln1_w[layer], self.ln1_b[layer])
+            v = rearrange(x @ self.W_V[layer] + self.b_V[layer], "p (h e) -> h p e", h=self.n_heads)
+            z = rearrange(einsum(self.patterns[layer], v, "h i j, h j e -> h i e"), "h p e -> p (h e)")
+            m = r + z @ self.W_O[layer] + self.b_O[layer]
+            mlp_in.append(_layer_norm(m, self.ln2_scale[layer], self.ln2_w[layer], self.ln2_b[layer]))
+            r = m + mlp_out[layer]
+        return torch.stack(mlp_in), _layer_norm(r, self.lnf_scale, self.lnf_w, self.lnf_b)
+
+    # --- its transpose ----------------------------------------------------------------------------
+
+    def backward(self, reads: list[tuple[int, Int[Tensor, "batch"], Int[Tensor, "batch"], Float[Tensor, "batch d"]]],
+                 batch: int, n_pos: int, top_layer: int
+                 ) -> tuple[Float[Tensor, "layer batch pos d"], Float[Tensor, "batch pos d"]]:
+        """Gradients of `batch` linear read-outs with respect to every MLP output and token embedding.
+
+        `reads` lists (layer, batch rows, positions, vectors): row b reads `vector · mlp_in[layer, pos]`,
+        or `vector · final[pos]` for layer == n_layers (logit directions). Only positions < `n_pos`
+        are computed (causality: nothing at a later position can affect an earlier read), and layers
+        above `top_layer` are skipped (nothing there is read). Returns the gradient at each layer's MLP
+        output [layer, batch, pos, d] (zero for layers ≥ top_layer) and at the token embeddings."""
+        d = self.W_U.shape[0]
+        grad = torch.zeros(batch, n_pos, d, dtype=self.W_U.dtype, device=self.W_U.device)
+        grad_mlp_out = torch.zeros(self.n_layers, batch, n_pos, d, dtype=grad.dtype, device=grad.device)
+        for layer, rows, positions, vectors in reads:
+            if layer == self.n_layers:
+                grad[rows, positions] += _layer_norm_transpose(vectors, self.lnf_scale[positions], self.lnf_w)
+        for layer in range(min(top_layer, self.n_layers - 1), -1, -1):
+            grad_mlp_out[layer] = grad  # r_{l+1} = m_l + mlp_out_l
+            for read_layer, rows, positions, vectors in reads:
+                if read_layer == layer:
+                    grad[rows, positions] += _layer_norm_transpose(vectors, self.ln2_scale[layer, positions], self.ln2_w[layer])
+            grad = grad + self._attention_transpose(grad, layer, n_pos)
+        return grad_mlp_out, grad
+
+    def _attention_transpose(self, grad: Float[Tensor, "batch pos d"], layer: int, n_pos: int) -> Float[Tensor, "batch pos d"]:
+        """Gradient reaching r_l through LN1 and attention (patterns and scale frozen)."""
+        grad_z = rearrange(grad @ self.W_O[layer].T, "b p (h e) -> b h p e", h=self.n_heads)
+        pattern = self.patterns[layer, :, :n_pos, :n_pos]
+        grad_v = einsum(pattern, grad_z, "h i j, b h i e -> b h j e")
+        grad_x = rearrange(grad_v, "b h p e -> b p (h e)") @ self.W_V[layer].T
+        return _layer_norm_transpose(grad_x, self.ln1_scale[layer, :n_pos], self.ln1_w[layer])
+
+
+def check_supported(model) -> None:
+    config = model.config
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ValueError(f"attribution supports GPT-2 models (GPT2LMHeadModel); got model_type={config.model_type!r}")
+    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights or config.reorder_and_upcast_attn:
+        raise ValueError("attribution supports GPT-2's standard attention scaling only "
+                         "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)")
+
+
+def _layer_norm(x: Float[Tensor, "pos d"], scale: Float[Tensor, "pos"], weight: Float[Tensor, "d"],
+                bias: Float[Tensor, "d"]) -> Float[Tensor, "pos d"]:
+    """LayerNorm with its scale frozen: linear in x (plus the bias)."""
+    return (x - x.mean(-1, keepdim=True)) / scale[:, None] * weight + bias
+
+
+def _layer_norm_transpose(grad: Float[Tensor, "... pos d"], scale: Float[Tensor, "pos"], weight: Float[Tensor, "d"]
+                          ) -> Float[Tensor, "... pos d"]:
+    """Transpose of the frozen LayerNorm's linear part: C diag(w) / s, C the (symmetric) centring."""
+    g = grad * weight / scale[..., None]
+    return g - g.mean(-1, keepdim=True)
