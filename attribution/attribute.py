@@ -154,7 +154,7 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
         tokens=tokens.cpu(), token_strings=token_strings, active_features=active.cpu(), activations=values.cpu(),
         adjacency=adjacency.cpu(), target_labels=[t.label for t in targets], target_vocab_ids=[t.vocab_idx for t in targets],
         target_weights=torch.tensor([t.weight for t in targets], dtype=dtype), n_layers=L,
-        metadata={**(metadata or {}), "timings": timings, "dtype": str(dtype).removeprefix("torch."),
+        metadata={**(metadata or {}), "timings": timings, "vocab_size": frozen.W_U.shape[1], "dtype": str(dtype).removeprefix("torch."),
                   "n_active_features": n_feat})
 
 
