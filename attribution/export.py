@@ -32,7 +32,7 @@ def _cantor(x: int, y: int) -> int:
 
 
 def _display(token: str) -> str:
-    return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+    return _xml_safe(token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵"))
 
 
 def circuit_tracer_json(graph: AttributionGraph, g: nx.DiGraph, slug: str, scan: str = "multilingual-clt",
@@ -82,10 +82,19 @@ def write_circuit_tracer_json(graph: AttributionGraph, g: nx.DiGraph, out_dir: s
     return path
 
 
+def _xml_safe(text: str) -> str:
+    """XML 1.0 cannot hold most control characters (byte-level tokens can be anything): escape them."""
+    return "".join(c if c in "\t\n\r" or ord(c) >= 0x20 else f"\\x{ord(c):02x}" for c in text)
+
+
 def write_graphml(g: nx.DiGraph, path: str | Path) -> Path:
     path = Path(path)
+    safe = nx.DiGraph(**{k: _xml_safe(v) if isinstance(v, str) else v for k, v in g.graph.items()})
+    for node, data in g.nodes(data=True):
+        safe.add_node(node, **{k: _xml_safe(v) if isinstance(v, str) else v for k, v in data.items()})
+    safe.add_edges_from(g.edges(data=True))
     tmp = path.with_suffix(path.suffix + ".tmp")
-    nx.write_graphml(g, tmp)
+    nx.write_graphml(safe, tmp)
     tmp.replace(path)
     return path
 

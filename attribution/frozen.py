@@ -113,8 +113,8 @@ class FrozenGPT2:
 
         return cls(
             tokens=tokens,
-            token_embeddings=transformer.wte.weight[tokens].to(dtype),
-            position_embeddings=transformer.wpe.weight[: len(tokens)].to(dtype),
+            token_embeddings=transformer.wte.weight.detach()[tokens].to(dtype),
+            position_embeddings=transformer.wpe.weight.detach()[: len(tokens)].to(dtype),
             ln1_scale=torch.stack([scale(ln_inputs[f"ln_1.{l}"]) for l in range(L)]).to(dtype),
             ln2_scale=torch.stack([scale(ln_inputs[f"ln_2.{l}"]) for l in range(L)]).to(dtype),
             lnf_scale=scale(ln_inputs["ln_f"]).to(dtype),

@@ -286,3 +286,17 @@ def load_corpus(path: str | Path):
 
 def load_corpus_stats(path: str | Path) -> dict:
     return json.loads((Path(path) / "corpus_stats.json").read_text())
+
+
+def parallel_sets(corpus, langs: list[str]) -> dict[str, dict[str, str]]:
+    """The held-out parallel split as {parallel_id: {lang: text}}, only ids present in all `langs`
+    (sorted by id, so any seeded selection from it is reproducible)."""
+    split = corpus["parallel"]
+    missing = sorted(set(langs) - set(split["lang"]))
+    if missing:
+        raise ValueError(f"the corpus's parallel split has no {missing}; it has {sorted(set(split['lang']))}")
+    by_id: dict[str, dict[str, str]] = {}
+    for text, lang, pid in zip(list(split["text"]), list(split["lang"]), list(split["parallel_id"])):
+        if lang in langs:
+            by_id.setdefault(pid, {})[lang] = text
+    return {pid: texts for pid, texts in sorted(by_id.items()) if len(texts) == len(langs)}

@@ -1,0 +1,383 @@
+"""Attribution graphs: the frozen model, edge invariants, circuit-tracer agreement, pruning and exports."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import networkx as nx
+import pytest
+import torch
+
+from attribution.attribute import attribute, replacement_state
+from attribution.frozen import FrozenGPT2
+from attribution.graph import AttributionGraph
+from attribution.prune import graph_scores, influence, normalized_abs, prune
+from attribution.query import features_by_layer, strongest_paths, to_networkx, top_features_into
+from attribution.targets import direction_target, language_direction, salient_logit_targets
+from clt.model import CLTConfig, CrossLayerTranscoder
+from tests.conftest import PYTHON, REPO, script_env
+
+PROMPT = "Click OK to close the dialog and apply the changes to the document"
+
+
+def random_clt(n_layers: int, d_model: int, n_features: int = 48, seed: int = 0) -> CrossLayerTranscoder:
+    """A random CLT whose features fire on a good share of tokens, with non-trivial scales (so that the
+    folding of input/output scales into the weights is exercised). The scales are powers of two, so
+    folding them into float32 exports is exact and comparisons with circuit-tracer can be tight."""
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features))
+    with torch.no_grad():
+        clt.W_enc.normal_(0, 2 * d_model ** -0.5)
+        clt.b_enc.normal_(0, 0.2)
+        clt.log_threshold.fill_(math.log(0.8))
+        for w in clt.W_dec:
+            w.normal_(0, 0.2)
+        clt.b_dec.normal_(0, 0.1)
+        clt.input_scale.copy_(2.0 ** (torch.arange(n_layers) % 3 - 1))  # 0.5, 1, 2, 0.5, ...
+        clt.output_scale.copy_(2.0 ** (1 - torch.arange(n_layers) % 3))  # 2, 1, 0.5, 2, ...
+    return clt.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    clt = random_clt(model.config.n_layer, model.config.n_embd)
+    tokens = torch.tensor([tokenizer.bos_token_id] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"])[:24]
+    return model, tokenizer, clt, tokens
+
+
+@pytest.fixture(scope="module")
+def graph64(setup):
+    model, tokenizer, clt, tokens = setup
+    return attribute(model.double(), clt, tokens, tokenizer=tokenizer, dtype=torch.float64, batch_size=16)
+
+
+def target_values(frozen: FrozenGPT2, graph: AttributionGraph, state, token_embeddings, mlp_out) -> torch.Tensor:
+    """Each graph target's read-out in the frozen model run on the given constants: encoder · MLP input
+    for feature targets, direction · final residual (last position) for logit targets."""
+    mlp_in, final = frozen.forward(token_embeddings, mlp_out)
+    layer, pos, feat = graph.active_features.T
+    features = (mlp_in[layer, pos] * state.W_enc[layer, :, feat]).sum(-1)
+    W_U = frozen.W_U
+    directions = torch.stack([W_U[:, v] - W_U.mean(1) for v in graph.target_vocab_ids])
+    return torch.cat([features, directions @ final[-1]])
+
+
+def test_frozen_model_reproduces_the_real_model(setup):
+    model, _, _, tokens = setup
+    model = model.double()
+    frozen = FrozenGPT2.capture(model, tokens, dtype=torch.float64)
+    mlp_in, final = frozen.forward(frozen.token_embeddings, frozen.mlp_out)
+    torch.testing.assert_close(final @ frozen.W_U, frozen.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mlp_in, frozen.mlp_in, rtol=1e-10, atol=1e-10)
+
+
+def test_replacement_with_error_nodes_equals_the_model(setup):
+    """Freezing is real: features' reconstruction + error nodes (+ the BOS position's constant MLP
+    output) reproduce the model's logits and every MLP input exactly."""
+    model, _, clt, tokens = setup
+    frozen = FrozenGPT2.capture(model.double(), tokens, dtype=torch.float64)
+    state = replacement_state(frozen, clt)
+    assert state.activations[:, 0].abs().sum() == 0 and state.errors[:, 0].abs().sum() == 0
+    mlp_out = state.reconstruction + state.errors
+    mlp_out[:, 0] = frozen.mlp_out[:, 0]
+    mlp_in, final = frozen.forward(frozen.token_embeddings, mlp_out)
+    torch.testing.assert_close(final @ frozen.W_U, frozen.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mlp_in, frozen.mlp_in, rtol=1e-10, atol=1e-10)
+    # and the errors are real: without them the MLP outputs differ
+    assert (state.reconstruction[:, 1:] - frozen.mlp_out[:, 1:]).abs().max() > 1e-3
+
+
+def bias_run_mlp_out(frozen: FrozenGPT2, clt: CrossLayerTranscoder) -> torch.Tensor:
+    """MLP outputs with every source node removed: b_dec where nodes live, the true output at BOS."""
+    b_dec = (clt.b_dec.detach() / clt.output_scale[:, None]).double()
+    out = b_dec[:, None, :].expand_as(frozen.mlp_out).clone()
+    out[:, 0] = frozen.mlp_out[:, 0]
+    return out
+
+
+def test_incoming_edges_sum_to_each_target(setup, graph64):
+    """Σ_sources A[t, s] + (the frozen model's value with no source nodes) = target value, for every
+    feature pre-activation and logit target (float64)."""
+    model, _, clt, tokens = setup
+    graph = graph64
+    frozen = FrozenGPT2.capture(model.double(), tokens, dtype=torch.float64)
+    state = replacement_state(frozen, clt)
+    assert graph.n_features > 100 and graph.n_targets >= 1
+    full_mlp_out = state.reconstruction + state.errors
+    full_mlp_out[:, 0] = frozen.mlp_out[:, 0]
+    values = target_values(frozen, graph, state, frozen.token_embeddings, full_mlp_out)
+    bias = target_values(frozen, graph, state, torch.zeros_like(frozen.token_embeddings), bias_run_mlp_out(frozen, clt))
+    rows = torch.cat([graph.adjacency[:graph.n_features], graph.adjacency[graph.target_start:]])
+    edge_sums = rows.sum(1)
+    relative = (edge_sums + bias - values).abs() / values.abs().clamp(min=1e-3)
+    assert relative.max() < 1e-4
+    # and the feature targets' values are the CLT's own pre-activations (minus b_enc)
+    layer, pos, feat = graph.active_features.T
+    pre = torch.stack([frozen.mlp_in[l] @ state.W_enc[l] + state.b_enc[l] for l in range(frozen.n_layers)])
+    torch.testing.assert_close(values[:graph.n_features] + state.b_enc[layer, feat], pre[layer, pos, feat])
+    # error and token rows are empty (they have no inputs)
+    assert graph.adjacency[graph.error_start:graph.target_start].abs().sum() == 0
+
+
+def test_each_edge_is_the_effect_of_removing_its_source(setup, graph64):
+    """Column check: removing one source node from the frozen replacement model changes every target by
+    exactly minus that source's edge weights."""
+    model, _, clt, tokens = setup
+    graph = graph64
+    frozen = FrozenGPT2.capture(model.double(), tokens, dtype=torch.float64)
+    state = replacement_state(frozen, clt)
+    full = state.reconstruction + state.errors
+    full[:, 0] = frozen.mlp_out[:, 0]
+    base = target_values(frozen, graph, state, frozen.token_embeddings, full)
+    rows = torch.cat([graph.adjacency[:graph.n_features], graph.adjacency[graph.target_start:]])
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randint(0, graph.n_features, (4,), generator=generator).tolist()
+    for source in features + [graph.error_index(0, 5), graph.error_index(1, 7), graph.token_index(3)]:
+        embeddings, mlp_out = frozen.token_embeddings.clone(), full.clone()
+        info = graph.describe(source)
+        if info["kind"] == "feature":
+            l, p, f = graph.active_features[source].tolist()
+            for k in range(l, frozen.n_layers):
+                mlp_out[k, p] -= graph.activations[source] * state.W_dec[l][f, k - l]
+        elif info["kind"] == "error":
+            mlp_out[info["layer"], info["position"]] -= state.errors[info["layer"], info["position"]]
+        else:
+            embeddings[info["position"]] = 0
+        change = target_values(frozen, graph, state, embeddings, mlp_out) - base
+        torch.testing.assert_close(change, -rows[:, source], rtol=1e-8, atol=1e-10)
+
+
+def test_batching_and_truncation_do_not_change_edges(setup, graph64):
+    model, tokenizer, clt, tokens = setup
+    other = attribute(model.double(), clt, tokens, tokenizer=tokenizer, dtype=torch.float64, batch_size=1000)
+    torch.testing.assert_close(other.adjacency, graph64.adjacency, rtol=1e-12, atol=1e-12)
+
+
+def test_matches_circuit_tracer(setup, graph64, tmp_path):
+    """Same model and CLT loaded into circuit-tracer (TransformerLens backend): same active features,
+    same adjacency, same pruning and scores, and our graph JSON has its frontend's nodes and links."""
+    from circuit_tracer.attribution.attribute import attribute as ct_attribute
+    from circuit_tracer.frontend.graph_models import Model
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    from attribution.circuit_tracer_bridge import circuit_tracer_model
+    from attribution.export import circuit_tracer_json
+    from clt.export import export_circuit_tracer
+
+    model, tokenizer, clt, tokens = setup
+    export_circuit_tracer(clt, tmp_path / "clt")
+    replacement = circuit_tracer_model(model.double(), tokenizer, tmp_path / "clt", dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(replacement(tokens[None])[0], model(tokens[None]).logits[0], rtol=1e-9, atol=1e-9)
+    theirs = ct_attribute(tokens, replacement, batch_size=64)
+    ours = graph64
+    assert torch.equal(theirs.active_features, ours.active_features)
+    torch.testing.assert_close(theirs.activation_values, ours.activations, rtol=1e-9, atol=1e-12)
+    assert [t.vocab_idx for t in theirs.logit_targets] == ours.target_vocab_ids
+    scale = theirs.adjacency_matrix.abs().max()
+    assert (theirs.adjacency_matrix - ours.adjacency).abs().max() / scale < 1e-4
+    # circuit-tracer stores edges in a float32 buffer even for float64 models: agreement is at float32 precision
+    assert (theirs.adjacency_matrix - ours.adjacency).abs().max() / scale < 1e-6
+
+    pruned, their_pruned = prune(ours), prune_graph(theirs)
+    assert torch.equal(pruned.node_mask, their_pruned.node_mask)
+    assert torch.equal(pruned.edge_mask, their_pruned.edge_mask)
+    scores = graph_scores(ours)
+    assert scores["replacement"] == pytest.approx(compute_graph_scores(theirs)[0], rel=1e-6)
+    assert scores["completeness"] == pytest.approx(compute_graph_scores(theirs)[1], rel=1e-6)
+
+    document = circuit_tracer_json(ours, to_networkx(ours, pruned), "t")
+    Model.model_validate(document)
+    theirs.cfg.tokenizer_name = str(setup[0].name_or_path)
+    create_graph_files(theirs, "ref", str(tmp_path / "ref"), scan="multilingual-clt")
+    reference = json.loads((tmp_path / "ref" / "ref.json").read_text())
+    assert sorted(n["node_id"] for n in document["nodes"]) == sorted(n["node_id"] for n in reference["nodes"])
+    ours_links = {(l["source"], l["target"]): l["weight"] for l in document["links"]}
+    their_links = {(l["source"], l["target"]): l["weight"] for l in reference["links"]}
+    assert ours_links.keys() == their_links.keys()
+    assert max(abs(ours_links[k] - their_links[k]) for k in ours_links) <= 1e-6 * float(scale)
+
+
+def test_influence_on_a_hand_made_graph():
+    """token → feature → logit (weights 2 and 3) plus token → logit (1): Â rows: logit gets 3/4 from the
+    feature and 1/4 from the token; the feature gets all from the token. Influence with w(logit)=1:
+    feature 3/4, token 1/4 + 3/4·1 = 1."""
+    # nodes: [feature, error(layer0,pos0), token, logit]
+    A = torch.zeros(4, 4)
+    A[0, 2] = 2.0
+    A[3, 0], A[3, 2] = 3.0, -1.0
+    w = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    scores = influence(normalized_abs(A), w)
+    torch.testing.assert_close(scores, torch.tensor([0.75, 0.0, 1.0, 0.0]))
+    graph = AttributionGraph(tokens=torch.tensor([5]), token_strings=["x"], active_features=torch.tensor([[0, 0, 3]]),
+                             activations=torch.tensor([1.5]), adjacency=A, target_labels=["y"], target_vocab_ids=[7],
+                             target_weights=torch.tensor([1.0]), n_layers=1, metadata={"vocab_size": 10})
+    result = prune(graph, node_threshold=1.0, edge_threshold=1.0)
+    assert result.node_mask.tolist() == [True, False, True, True]  # the error node has no influence
+    assert graph_scores(graph)["replacement"] == pytest.approx(1.0)
+    g = to_networkx(graph, result)
+    assert set(g.nodes) == {"F0_3@0", "E5@0", "T0"}
+    assert top_features_into(g, "T0") == [("F0_3@0", 3.0)]
+    paths = strongest_paths(g, "E5@0", "T0", k=2)
+    assert paths[0][0] == ["E5@0", "F0_3@0", "T0"] and paths[0][1] == pytest.approx(0.75)
+    assert paths[1][0] == ["E5@0", "T0"] and paths[1][1] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="node_threshold"):
+        prune(graph, node_threshold=1.5)
+
+
+def test_cycles_are_rejected():
+    A = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(RuntimeError, match="cycle"):
+        influence(normalized_abs(A), torch.tensor([1.0, 0.0]))
+
+
+def test_targets():
+    W_U = torch.randn(8, 20, generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(20)
+    logits[3], logits[4] = 5.0, 4.0  # p ≈ 0.69, 0.25: together past 0.9, not 0.95
+    targets = salient_logit_targets(logits, W_U, max_n_logits=10, desired_logit_prob=0.9)
+    assert [t.vocab_idx for t in targets] == [3, 4]
+    torch.testing.assert_close(targets[0].vector, W_U[:, 3] - W_U.mean(1))
+    assert len(salient_logit_targets(logits, W_U, max_n_logits=1)) == 1
+
+    class Tok:  # word → first token id
+        ids = {" Friday": [2], " vendredi": [5, 6], " Freitag": [9]}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": self.ids[text]}
+
+    target = language_direction(W_U, Tok(), {"en": "Friday", "fr": "vendredi", "de": "Freitag"}, "fr")
+    torch.testing.assert_close(target.vector, W_U[:, 5] - W_U[:, [2, 5, 9]].mean(1))
+    with pytest.raises(ValueError, match="not among"):
+        language_direction(W_U, Tok(), {"en": "Friday", "fr": "vendredi"}, "es")
+    with pytest.raises(ValueError, match="zero"):
+        direction_target("zero", torch.zeros(8))
+
+
+def test_custom_direction_target_reads_the_final_residual(setup):
+    model, tokenizer, clt, tokens = setup
+    direction = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    graph = attribute(model.double(), clt, tokens, [direction_target("custom", direction)], tokenizer, dtype=torch.float64)
+    frozen = FrozenGPT2.capture(model.double(), tokens, dtype=torch.float64)
+    state = replacement_state(frozen, clt)
+    full = state.reconstruction + state.errors
+    full[:, 0] = frozen.mlp_out[:, 0]
+    _, final = frozen.forward(frozen.token_embeddings, full)
+    _, bias_final = frozen.forward(torch.zeros_like(frozen.token_embeddings), bias_run_mlp_out(frozen, clt))
+    value, bias = direction @ final[-1], direction @ bias_final[-1]
+    assert graph.adjacency[-1].sum() + bias == pytest.approx(float(value), rel=1e-8)
+    assert graph.target_vocab_ids == [-1]
+
+
+def test_bad_inputs_fail_early(setup):
+    model, tokenizer, clt, tokens = setup
+    wrong = random_clt(model.config.n_layer + 1, model.config.n_embd)
+    with pytest.raises(ValueError, match="layers"):
+        attribute(model, wrong, tokens, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="context"):
+        attribute(model, clt, torch.ones(model.config.n_positions + 1, dtype=torch.long), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="non-empty"):
+        attribute(model, clt, torch.tensor([], dtype=torch.long), tokenizer=tokenizer)
+
+
+def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
+    from circuit_tracer.frontend.graph_models import Model
+
+    from attribution.export import export_all
+
+    graph = graph64
+    graph.metadata["prompt"] = PROMPT
+    pruned = prune(graph)
+    paths = export_all(graph, tmp_path, "g", pruned)
+    loaded = AttributionGraph.load(paths["graph"])
+    assert torch.equal(loaded.adjacency, graph.adjacency) and torch.equal(loaded.active_features, graph.active_features)
+    assert loaded.target_labels == graph.target_labels and loaded.metadata["prompt"] == PROMPT
+
+    g = to_networkx(graph, pruned)
+    back = nx.read_graphml(paths["graphml"])
+    assert set(back.nodes) == set(g.nodes) and back.number_of_edges() == g.number_of_edges()
+    for u, v, data in g.edges(data=True):
+        assert back.edges[u, v]["weight"] == pytest.approx(data["weight"])
+    for node, data in g.nodes(data=True):
+        assert back.nodes[node]["kind"] == data["kind"]
+
+    document = json.loads(paths["circuit_tracer_json"].read_text())
+    Model.model_validate(document)
+    assert len(document["nodes"]) == g.number_of_nodes() and len(document["links"]) == g.number_of_edges()
+    index = json.loads((paths["circuit_tracer_json"].parent / "graph-metadata.json").read_text())
+    assert [entry["slug"] for entry in index["graphs"]] == ["g"]
+
+    page = paths["html"].read_text()
+    assert page.count("<circle") == g.number_of_nodes() and page.count("<line") == g.number_of_edges()
+    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    assert paths["png"].stat().st_size > 10_000
+    assert pruned.node_mask[graph.token_start:].all()  # tokens and targets are always kept
+    layers = features_by_layer(g)
+    assert all(isinstance(f, int) for feats in layers.values() for f in feats)
+
+
+def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_path):
+    from clt.activations import model_fingerprint
+    from clt.export import save_native
+
+    _, _, clt, _ = setup
+    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": PROMPT, "lang": "en"}) + "\n" +
+                       json.dumps({"text": "Cliquez sur OK pour fermer la boîte", "lang": "fr"}) + "\n")
+    command = [PYTHON, str(REPO / "scripts" / "attribute.py"), "--model", str(tiny_model_dir), "--clt", str(clt_dir),
+               "--prompts", str(prompts), "--run-dir", str(tmp_path / "run"), "--max-tokens", "20"]
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["slug"] for r in records] == ["000-en", "001-fr"]
+    assert all(r["n_tokens"] <= 20 and 0 < r["replacement"] <= 1 for r in records)
+    for slug in ("000-en", "001-fr"):
+        assert (tmp_path / "run" / "graphs" / slug / f"{slug}.html").exists()
+    again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # nothing redone
+
+    # a CLT trained on other weights is refused unless explicitly allowed
+    other = save_native(clt, tmp_path / "clt-other", {"model_sha256": "0" * 64})
+    refused = subprocess.run(command[:5] + [str(other)] + command[6:-4] + ["--run-dir", str(tmp_path / "r2")],
+                             env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "weights differ" in refused.stderr
+
+
+def test_overlap_measures_and_null():
+    from attribution.overlap import derangement, overlap_by_layer, set_overlap
+
+    assert set_overlap({1, 2, 3}, {2, 3, 4, 5}) == (pytest.approx(2 / 5), pytest.approx(2 / 4))
+    assert set_overlap(set(), set()) == (0.0, 0.0)
+    order = derangement(7, seed=3)
+    assert sorted(order) == list(range(7)) and all(i != j for i, j in enumerate(order))
+    with pytest.raises(ValueError):
+        derangement(1, seed=0)
+    # identical feature sets for the same paragraph in both languages, disjoint across paragraphs:
+    # parallel overlap 1, null 0, in every layer that has features.
+    features = {lang: [{0: {10 * i, 10 * i + 1}, 1: {100 + i}} for i in range(5)] for lang in ("en", "fr")}
+    result = overlap_by_layer(features, n_layers=2)
+    assert result["all"]["jaccard"] == [1.0, 1.0] and result["all"]["null_jaccard"] == [0.0, 0.0]
+    assert result["pairs"]["en-fr"]["ratio"] == [1.0, 1.0]
+    # one language using a superset: Jaccard < ratio
+    features["fr"] = [{0: {10 * i, 10 * i + 1, 999}, 1: {100 + i}} for i in range(5)]
+    result = overlap_by_layer(features, n_layers=2)
+    assert result["all"]["jaccard"][0] == pytest.approx(2 / 3) and result["all"]["ratio"][0] == pytest.approx(2 / 3)
+    assert result["all"]["null_jaccard"][0] == 0.0
+
+
+def test_parallel_sets(real_slice_corpus_dir):
+    from training.corpus.build import load_corpus, parallel_sets
+
+    sets = parallel_sets(load_corpus(real_slice_corpus_dir), ["en", "fr"])
+    assert len(sets) == 40 and all(set(texts) == {"en", "fr"} for texts in sets.values())
+    with pytest.raises(ValueError, match="no \\['ru'\\]"):
+        parallel_sets(load_corpus(real_slice_corpus_dir), ["en", "ru"])
