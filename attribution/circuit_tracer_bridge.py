@@ -27,7 +27,9 @@ def hooked_transformer_config(hf_config, dtype: torch.dtype = torch.float32, dev
 def circuit_tracer_model(model, tokenizer, clt_export_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A circuit-tracer `TransformerLensReplacementModel` with `model`'s weights and the CLT exported by
     `clt.export.export_circuit_tracer` (a cross-layer transcoder directory)."""
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 

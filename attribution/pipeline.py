@@ -17,7 +17,12 @@ from torch import Tensor
 from attribution.attribute import attribute
 from attribution.graph import AttributionGraph
 from attribution.prune import PruneResult, graph_scores, prune
-from attribution.targets import Target, language_direction, salient_logit_targets, token_target
+from attribution.targets import (
+    Target,
+    language_direction,
+    salient_logit_targets,
+    token_target,
+)
 
 
 def load_model_and_clt(model_dir: str, clt_dir: str, device: str = "cpu", allow_model_mismatch: bool = False):
@@ -82,4 +87,4 @@ def build_graph(model, tokenizer, clt, prompt: str | Tensor, *, target: str = "s
     return graph, pruned
 
 
-__all__ = ["load_model_and_clt", "prompt_tokens", "resolve_targets", "build_graph", "salient_logit_targets"]
+__all__ = ["build_graph", "load_model_and_clt", "prompt_tokens", "resolve_targets", "salient_logit_targets"]

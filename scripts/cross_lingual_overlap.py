@@ -10,7 +10,6 @@ Writes features.jsonl (one line per graph; a re-run resumes from it), overlap.js
 overlap.md into --run-dir.
 """
 
-import json
 import random
 from dataclasses import dataclass, field
 

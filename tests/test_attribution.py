@@ -14,8 +14,17 @@ from attribution.attribute import attribute, replacement_state
 from attribution.frozen import FrozenGPT2
 from attribution.graph import AttributionGraph
 from attribution.prune import graph_scores, influence, normalized_abs, prune
-from attribution.query import features_by_layer, strongest_paths, to_networkx, top_features_into
-from attribution.targets import direction_target, language_direction, salient_logit_targets
+from attribution.query import (
+    features_by_layer,
+    strongest_paths,
+    to_networkx,
+    top_features_into,
+)
+from attribution.targets import (
+    direction_target,
+    language_direction,
+    salient_logit_targets,
+)
 from clt.model import CLTConfig, CrossLayerTranscoder
 from tests.conftest import PYTHON, REPO, script_env
 
