@@ -103,7 +103,7 @@ class SourceBlock:
 
 
 def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targets: list[Target] | None = None,
-              tokenizer=None, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95, batch_size: int = 256,
+              tokenizer=None, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95, batch_size: int = 64,
               dtype: torch.dtype = torch.float32, progress: bool = False, metadata: dict | None = None) -> AttributionGraph:
     """The full (unpruned) attribution graph of `tokens` (which should start with BOS).
 
@@ -130,11 +130,13 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
     timings["setup_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    rows = torch.zeros(n_feat + len(targets), n_sources, dtype=dtype, device=frozen.W_U.device)
+    # Rows are written straight into the adjacency (features first, targets last; sources are columns).
+    adjacency = torch.zeros(n_sources + len(targets), n_sources + len(targets), dtype=dtype, device=frozen.W_U.device)
+    feature_rows, target_rows = adjacency[:n_feat, :n_sources], adjacency[n_sources:, :n_sources]
     target_vectors = torch.stack([t.vector.to(frozen.W_U) for t in targets])
     # Logit rows first: one batch (there are at most a handful).
-    _attribute_batch(frozen, blocks, rows[n_feat:], [(L, torch.arange(len(targets)), torch.full((len(targets),), n - 1), target_vectors)],
-                     n_pos=n, top_layer=L)
+    _attribute_batch(frozen, blocks, target_rows, [(L, torch.arange(len(targets)), torch.full((len(targets),), n - 1), target_vectors)],
+                     n_pos=n, top_layer=L, timings=timings)
     feature_encoders = state.W_enc[active[:, 0], :, active[:, 2]]  # [n_feat, d]
     for begin in tqdm(range(0, n_feat, batch_size), desc="attribution", disable=not progress, unit="batch"):
         batch = slice(begin, min(begin + batch_size, n_feat))
@@ -143,12 +145,10 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
         for layer in layers.unique().tolist():
             mask = layers == layer
             reads.append((layer, mask.nonzero()[:, 0], positions[mask], feature_encoders[batch][mask]))
-        _attribute_batch(frozen, blocks, rows[batch], reads, n_pos=int(positions.max()) + 1, top_layer=int(layers.max()))
+        _attribute_batch(frozen, blocks, feature_rows[batch], reads, n_pos=int(positions.max()) + 1, top_layer=int(layers.max()),
+                         timings=timings)
     timings["edges_s"] = time.perf_counter() - start
 
-    adjacency = torch.zeros(n_sources + len(targets), n_sources + len(targets), dtype=dtype, device=rows.device)
-    adjacency[:n_feat, :n_sources] = rows[:n_feat]
-    adjacency[n_sources:, :n_sources] = rows[n_feat:]
     token_strings = [tokenizer.decode([t]) for t in tokens.tolist()] if tokenizer is not None else [str(t) for t in tokens.tolist()]
     return AttributionGraph(
         tokens=tokens.cpu(), token_strings=token_strings, active_features=active.cpu(), activations=values.cpu(),
@@ -186,8 +186,12 @@ def _source_blocks(frozen: FrozenGPT2, state: ReplacementState, active: Int[Tens
 
 
 def _attribute_batch(frozen: FrozenGPT2, blocks: list[SourceBlock], out: Float[Tensor, "batch sources"], reads: list,
-                     n_pos: int, top_layer: int) -> None:
+                     n_pos: int, top_layer: int, timings: dict) -> None:
+    start = time.perf_counter()
     grad_mlp_out, grad_embed = frozen.backward(reads, batch=out.shape[0], n_pos=n_pos, top_layer=top_layer)
+    middle = time.perf_counter()
     for k in range(min(top_layer, frozen.n_layers)):  # MLP outputs at or above the top read layer get no gradient
         blocks[k].contract(grad_mlp_out[k], out)
     blocks[-1].contract(grad_embed, out)
+    timings["backward_s"] = timings.get("backward_s", 0.0) + middle - start
+    timings["contract_s"] = timings.get("contract_s", 0.0) + time.perf_counter() - middle

@@ -152,24 +152,26 @@ class FrozenGPT2:
 
     def backward(self, reads: list[tuple[int, Int[Tensor, "batch"], Int[Tensor, "batch"], Float[Tensor, "batch d"]]],
                  batch: int, n_pos: int, top_layer: int
-                 ) -> tuple[Float[Tensor, "layer batch pos d"], Float[Tensor, "batch pos d"]]:
+                 ) -> tuple[list[Float[Tensor, "batch pos d"] | None], Float[Tensor, "batch pos d"]]:
         """Gradients of `batch` linear read-outs with respect to every MLP output and token embedding.
 
         `reads` lists (layer, batch rows, positions, vectors): row b reads `vector · mlp_in[layer, pos]`,
         or `vector · final[pos]` for layer == n_layers (logit directions). Only positions < `n_pos`
         are computed (causality: nothing at a later position can affect an earlier read), and layers
         above `top_layer` are skipped (nothing there is read). Returns the gradient at each layer's MLP
-        output [layer, batch, pos, d] (zero for layers ≥ top_layer) and at the token embeddings."""
+        output (None for layers ≥ top_layer, where it is zero) and at the token embeddings."""
         d = self.W_U.shape[0]
         grad = torch.zeros(batch, n_pos, d, dtype=self.W_U.dtype, device=self.W_U.device)
-        grad_mlp_out = torch.zeros(self.n_layers, batch, n_pos, d, dtype=grad.dtype, device=grad.device)
         for layer, rows, positions, vectors in reads:
             if layer == self.n_layers:
                 grad[rows, positions] += _layer_norm_transpose(vectors, self.lnf_scale[positions], self.lnf_w)
+        grad_mlp_out: list[Tensor | None] = [None] * self.n_layers
         for layer in range(min(top_layer, self.n_layers - 1), -1, -1):
             grad_mlp_out[layer] = grad  # r_{l+1} = m_l + mlp_out_l
-            for read_layer, rows, positions, vectors in reads:
-                if read_layer == layer:
+            injected = [(rows, positions, vectors) for read_layer, rows, positions, vectors in reads if read_layer == layer]
+            if injected:
+                grad = grad.clone()  # the MLP-output gradient above must not see reads at this layer's input
+                for rows, positions, vectors in injected:
                     grad[rows, positions] += _layer_norm_transpose(vectors, self.ln2_scale[layer, positions], self.ln2_w[layer])
             grad = grad + self._attention_transpose(grad, layer, n_pos)
         return grad_mlp_out, grad

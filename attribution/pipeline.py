@@ -72,7 +72,7 @@ def resolve_targets(spec: str, model, tokenizer, tokens: Int[Tensor, "pos"], tra
 def build_graph(model, tokenizer, clt, prompt: str | Tensor, *, target: str = "salient", translations: dict | None = None,
                 lang: str | None = None, max_tokens: int | None = None, max_n_logits: int = 10,
                 desired_logit_prob: float = 0.95, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                batch_size: int = 256, dtype: torch.dtype = torch.float32, progress: bool = False
+                batch_size: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False
                 ) -> tuple[AttributionGraph, PruneResult]:
     tokens = prompt if isinstance(prompt, Tensor) else prompt_tokens(tokenizer, prompt, max_tokens)
     targets = resolve_targets(target, model, tokenizer, tokens, translations, max_n_logits, desired_logit_prob) or None
