@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from clt.activations import mlp_activations
+from clt.activations import MLPActivationRecorder
 
 
 @dataclass
@@ -89,8 +89,9 @@ class FrozenGPT2:
         handles.append(transformer.ln_f.register_forward_pre_hook(
             lambda module, args: ln_inputs.__setitem__("ln_f", args[0][0])))
         try:
-            logits = model(input_ids=tokens[None]).logits[0]
-            mlp_in, mlp_out = mlp_activations(model, tokens[None])
+            with MLPActivationRecorder(model) as recorder:  # the project's one definition of MLP in/out
+                logits = model(input_ids=tokens[None]).logits[0]
+                mlp_in, mlp_out = recorder.stacked()
         finally:
             for handle in handles:
                 handle.remove()
