@@ -4,7 +4,8 @@
         --clt runs/sweep-clt-plt/clt-lambda1/clt --lengths 16,64,128 --out docs/attribution_bench.json
 
 Each (implementation, prompt length, prompt) runs in a fresh subprocess, so that its peak resident
-memory (ru_maxrss) is its own; the memory baseline (model + CLT loaded, before attributing) is reported
+memory is its own (VmHWM from /proc/self/status: unlike ru_maxrss, it is not inherited from the parent
+across fork + exec); the memory baseline (model + CLT loaded, before attributing) is reported
 next to it. Time is the best of --repeats after one warm-up. Prompts are held-out validation blocks of
 exactly N tokens (BOS included) in en, fr and de. circuit-tracer runs at several batch sizes (its
 forward pass is batched over `batch_size` copies of the prompt) and its best is compared. Every pair of
@@ -13,7 +14,6 @@ graphs is checked for identical active features and edges (max |Δ| / max |A|).
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,6 +34,13 @@ def prompts_of_length(tokenizer, length: int, langs: list[str]) -> list[torch.Te
 
     blocks, block_langs = evaluation_blocks(None, tokenizer, langs, n_ctx=length, per_lang=1)
     return [blocks[block_langs.index(lang)] for lang in langs]
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def worker(args) -> None:
@@ -70,14 +77,14 @@ def worker(args) -> None:
             phases.clear()
             graph = ct_attribute(tokens, replacement, batch_size=args.batch_size, verbose=True)
             return graph.active_features, graph.adjacency_matrix, [p for p in phases if "completed in" in p]
-    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline_mb = peak_rss_mb()
     run()  # warm-up
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         active, adjacency, detail = run()
         times.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     from safetensors.torch import save_file
 
     save_file({"active": active.contiguous(), "adjacency": adjacency.float().contiguous()}, args.save)

@@ -1,0 +1,114 @@
+"""The "located units" file: what `scripts/locate_language.py` hands to steering and fine-tuning.
+
+A JSON document (`located.json`):
+
+    {"format": "multilingual-clt/located-units", "version": 1,
+     "model_dir": ..., "model_sha256": ..., "clt_dir": ... | null, "langs": [...], "n_layers": L,
+     "layers":   {"decision": {lang: first layer from which the lens's top language is lang, or null},
+                  "language_features": {lang: [layers holding its identity features, most first]},
+                  "lape_neurons": {lang: [layers holding its LAPE neurons, most first]}},
+     "neurons":  {lang: [[layer, index], ...]}        LAPE language neurons (top 1%)
+     "neurons_5pct": {lang: [[layer, index], ...]}    the 5% variant
+     "features": {lang: [[layer, index], ...]}        language-identity CLT features (empty without a CLT)
+     "feature_aligned_neurons": {lang: [[layer, index], ...]}   MLP neurons whose output weights align
+                  most with the decoders of the language's features (fine-tuning targets)}
+
+`load_located` validates the structure, and (given a model) that every unit exists in it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from training.config import atomic_write_json
+
+FORMAT = "multilingual-clt/located-units"
+VERSION = 1
+UNIT_KEYS = ("neurons", "neurons_5pct", "features", "feature_aligned_neurons")
+
+
+def validate_located(doc: dict, model=None, clt=None) -> dict:
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ValueError(f"not a located-units file (format {doc.get('format')!r}, version {doc.get('version')!r}); "
+                         f"expected {FORMAT!r} version {VERSION}")
+    langs = doc["langs"]
+    for key in UNIT_KEYS:
+        units = doc.get(key, {})
+        extra = sorted(set(units) - set(langs))
+        if extra:
+            raise ValueError(f"{key} has languages {extra} that are not in langs {langs}")
+        for lang, items in units.items():
+            for item in items:
+                if len(item) != 2 or not all(isinstance(v, int) for v in item) or not 0 <= item[0] < doc["n_layers"]:
+                    raise ValueError(f"{key}[{lang}] holds {item!r}: expected [layer, index] with 0 ≤ layer < {doc['n_layers']}")
+    if model is not None:
+        if model.config.n_layer != doc["n_layers"]:
+            raise ValueError(f"located units are for {doc['n_layers']} layers, the model has {model.config.n_layer}")
+        n_neurons = model.transformer.h[0].mlp.c_fc.nf
+        for key in ("neurons", "neurons_5pct", "feature_aligned_neurons"):
+            for lang, items in doc.get(key, {}).items():
+                bad = [item for item in items if not 0 <= item[1] < n_neurons]
+                if bad:
+                    raise ValueError(f"{key}[{lang}] names neurons {bad[:3]} outside 0…{n_neurons - 1}")
+    if clt is not None:
+        for lang, items in doc.get("features", {}).items():
+            bad = [item for item in items if not 0 <= item[1] < clt.config.n_features]
+            if bad:
+                raise ValueError(f"features[{lang}] names features {bad[:3]} outside 0…{clt.config.n_features - 1}")
+    return doc
+
+
+def save_located(path: str | Path, doc: dict) -> Path:
+    doc = {"format": FORMAT, "version": VERSION, **doc}
+    validate_located(doc)
+    atomic_write_json(path, doc)
+    return Path(path)
+
+
+def load_located(path: str | Path, model=None, clt=None, model_dir: str | Path | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run scripts/locate_language.py first")
+    doc = validate_located(json.loads(path.read_text()), model, clt)
+    if model_dir is not None and doc.get("model_sha256"):
+        from clt.activations import model_fingerprint
+
+        if model_fingerprint(model_dir) != doc["model_sha256"]:
+            raise ValueError(f"{path} was located on {doc['model_dir']}, whose weights differ from {model_dir}'s")
+    return doc
+
+
+@torch.no_grad()
+def feature_aligned_neurons(model, clt, features: list[tuple[int, int]], per_lang: int = 32) -> list[list[int]]:
+    """MLP neurons (layer k, j) whose output row c_proj[j] is most aligned (|cosine|, summed over the
+    given features) with what the features' decoders write into layer k's MLP output."""
+    from clt.export import folded_weights
+
+    if not features:
+        return []
+    folded = folded_weights(clt)
+    scores = []
+    for k, block in enumerate(model.transformer.h):
+        rows = block.mlp.c_proj.weight.detach().cpu().float()  # [neurons, d]: neuron j writes rows[j]
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        writes = [folded["W_dec"][l][f, k - l] for l, f in features if l <= k]
+        if not writes:
+            scores.append(torch.zeros(rows.shape[0]))
+            continue
+        writes = torch.stack(writes)
+        writes = writes / writes.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        scores.append((writes @ rows.T).abs().sum(0))
+    flat = torch.stack(scores).flatten()
+    n_neurons = scores[0].numel()
+    top = flat.topk(min(per_lang, int((flat > 0).sum()))).indices.tolist()
+    return [[i // n_neurons, i % n_neurons] for i in top]
+
+
+def layers_by_count(units: list[list[int]]) -> list[int]:
+    counts: dict[int, int] = {}
+    for layer, _ in units:
+        counts[layer] = counts.get(layer, 0) + 1
+    return [layer for layer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
