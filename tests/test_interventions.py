@@ -1,0 +1,138 @@
+"""Interventions change exactly what they claim, compose, work under the KV cache, and leave no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd, Where, freeze_attention, record_patterns
+from tests.test_attribution import random_clt
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    clt = random_clt(model.config.n_layer, model.config.n_embd)
+    ids = torch.randint(2, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    return model, clt, ids
+
+
+def mlp_io(model, ids):
+    from clt.activations import mlp_activations
+
+    return mlp_activations(model, ids)
+
+
+@torch.no_grad()
+def test_feature_clamp_is_seen_and_written_through_the_decoders(setup):
+    model, clt, ids = setup
+    layer, feature = 0, 5
+    mlp_in, mlp_out = mlp_io(model, ids)
+    clean = clt.encode_layer(mlp_in[:, :, layer] * clt.input_scale[layer], layer)
+    where = Where(positions=(3, 7))
+    with Intervener(model, clt, [FeatureEdit(layer, [feature], "set", 2.5, where)]) as intervener:
+        new_in, new_out = mlp_io(model, ids)
+    seen = intervener.feature_values[(layer, feature)]
+    assert torch.all(seen[:, [3, 7]] == 2.5)
+    others = [p for p in range(ids.shape[1]) if p not in (3, 7)]
+    torch.testing.assert_close(seen[:, others], clean[:, others, feature])
+    # the same layer's input is upstream of the edit: every feature there reads the clean value
+    torch.testing.assert_close(new_in[:, :, layer], mlp_in[:, :, layer])
+    # layer 0's MLP output moved by exactly Δa · W_dec^{0→0} / s_out, only at the edited positions
+    delta = (2.5 - clean[:, :, feature])
+    expected = mlp_out[:, :, layer].clone()
+    expected[:, [3, 7]] += delta[:, [3, 7], None] * clt.W_dec[layer][feature, 0] / clt.output_scale[layer]
+    torch.testing.assert_close(new_out[:, :, layer], expected, rtol=1e-5, atol=1e-6)
+    # positions before the first edit are untouched everywhere (causality)
+    torch.testing.assert_close(new_out[:, :3], mlp_out[:, :3])
+
+
+@torch.no_grad()
+def test_cross_layer_decoders_reach_later_layers_with_attention_frozen(setup):
+    """With attention patterns frozen, a clamp at layer 0 changes layer 1's MLP *input* at the edited
+    position by exactly what the layer-0→1 decoder writes plus the layer-0→0 decoder's effect on the
+    residual (both enter the residual before layer 1), and leaves other positions' layer-1 inputs
+    unchanged except through attention values."""
+    model, clt, ids = setup
+    patterns = record_patterns(model, ids)
+    with freeze_attention(model, patterns):
+        clean_in, clean_out = mlp_io(model, ids)
+    reference_in, reference_out = mlp_io(model, ids)
+    torch.testing.assert_close(clean_out, reference_out, rtol=1e-5, atol=1e-5)  # replaying patterns = the model
+    with freeze_attention(model, patterns), Intervener(model, clt, [FeatureEdit(0, [5], "add", 1.0, Where(positions=(4,)))]):
+        new_in, new_out = mlp_io(model, ids)
+    # layer 1's MLP output moved by the 0→1 decoder (plus whatever layer 1's own MLP does with its new input)
+    assert not torch.allclose(new_out[:, 4, 1], clean_out[:, 4, 1])
+    torch.testing.assert_close(new_in[:, :4], clean_in[:, :4])
+
+
+def test_interventions_are_removed_cleanly(setup):
+    model, clt, ids = setup
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with torch.no_grad():
+        reference = model(ids).logits
+        with Intervener(model, clt, [FeatureEdit(1, [1, 2], "scale", 3.0), NeuronEdit(0, [4], "set", 0.0),
+                                     ResidualAdd(1, torch.ones(model.config.n_embd))]):
+            changed = model(ids).logits
+        after = model(ids).logits
+    assert not torch.allclose(changed, reference)
+    torch.testing.assert_close(after, reference)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    for block in model.transformer.h:
+        assert not block._forward_hooks and not block.mlp._forward_hooks and not block.mlp.act._forward_hooks
+    assert not model.transformer._forward_pre_hooks
+
+
+@torch.no_grad()
+def test_neuron_edits_compose_in_order(setup):
+    model, _, ids = setup
+    seen = {}
+    edits = [NeuronEdit(0, [3], "set", 2.0), NeuronEdit(0, [3], "scale", 3.0), NeuronEdit(0, [9], "add", 1.0, Where(start=5))]
+    clean = {}
+    h = model.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, o: clean.__setitem__("a", o.clone()))
+    model(ids)
+    h.remove()
+    with Intervener(model, None, edits):
+        h = model.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, o: seen.__setitem__("a", o.clone()))
+        model(ids)
+        h.remove()
+    assert torch.all(seen["a"][..., 3] == 6.0)  # set then scale
+    torch.testing.assert_close(seen["a"][:, 5:, 9], clean["a"][:, 5:, 9] + 1.0)
+    torch.testing.assert_close(seen["a"][:, :5, 9], clean["a"][:, :5, 9])
+
+
+@torch.no_grad()
+def test_generation_with_kv_cache_matches_full_recomputation(setup):
+    """An open-ended edit (every position from 6 on) gives the same greedy continuation with the KV cache
+    as recomputing the whole sequence at every step without it: positions are tracked across steps."""
+    model, clt, ids = setup
+    prompt = ids[:1, :8]
+    edits = [FeatureEdit(1, [3], "set", 4.0, Where(start=6)), ResidualAdd(0, torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1)), 2.0, Where(start=9))]
+    with Intervener(model, clt, edits):
+        cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+        sequence = prompt
+        for _ in range(6):
+            logits = model(input_ids=sequence, use_cache=False).logits[:, -1]
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, sequence)
+    plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    assert not torch.equal(plain, cached)
+
+
+def test_bad_edits_fail_early(setup):
+    model, clt, _ = setup
+    with pytest.raises(ValueError, match="layers"):
+        Intervener(model, clt, [FeatureEdit(9, [0])])
+    with pytest.raises(ValueError, match="needs the CLT"):
+        Intervener(model, None, [FeatureEdit(0, [0])])
+    with pytest.raises(ValueError, match="do not exist"):
+        Intervener(model, clt, [FeatureEdit(0, [10 ** 6])])
+    with pytest.raises(ValueError, match="mode"):
+        Intervener(model, clt, [NeuronEdit(0, [0], "multiply")])
+    with pytest.raises(ValueError, match="shape"):
+        Intervener(model, clt, [ResidualAdd(0, torch.zeros(3))])
