@@ -20,10 +20,11 @@ import random
 import numpy as np
 
 
-def set_overlap(a: set, b: set) -> tuple[float, float]:
-    """(Jaccard, |A∩B|/max(|A|,|B|)); both 0 when both sets are empty (nothing shared, nothing to share)."""
+def set_overlap(a: set, b: set) -> tuple[float, float] | None:
+    """(Jaccard, |A∩B|/max(|A|,|B|)), or None when both sets are empty: with nothing kept in either
+    graph at that layer, overlap is undefined and such pairs are left out of the means (and counted)."""
     if not a and not b:
-        return 0.0, 0.0
+        return None
     shared = len(a & b)
     return shared / len(a | b), shared / max(len(a), len(b))
 
@@ -56,16 +57,23 @@ def overlap_by_layer(features: dict[str, list[dict[int, set[int]]]], n_layers: i
         for i in range(n):
             for layer in range(n_layers):
                 fa = features[a][i].get(layer, set())
-                jac, ratio = set_overlap(fa, features[b][i].get(layer, set()))
-                null_jac, null_ratio = set_overlap(fa, features[b][shuffle[i]].get(layer, set()))
-                for key, value in (("jaccard", jac), ("ratio", ratio), ("null_jaccard", null_jac), ("null_ratio", null_ratio)):
-                    pair[key][layer].append(value)
-                    totals[key][layer].append(value)
-        result["pairs"][f"{a}-{b}"] = {key: [float(np.mean(v)) for v in values] for key, values in pair.items()}
-    result["all"] = {key: [float(np.mean(v)) for v in values] for key, values in totals.items()}
-    result["all_sem"] = {key: [float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in values]
+                for prefix, fb in (("", features[b][i].get(layer, set())), ("null_", features[b][shuffle[i]].get(layer, set()))):
+                    overlap = set_overlap(fa, fb)
+                    if overlap is None:
+                        continue
+                    for key, value in zip(("jaccard", "ratio"), overlap):
+                        pair[prefix + key][layer].append(value)
+                        totals[prefix + key][layer].append(value)
+        result["pairs"][f"{a}-{b}"] = {key: [_mean(v) for v in values] for key, values in pair.items()}
+    result["all"] = {key: [_mean(v) for v in values] for key, values in totals.items()}
+    result["all_sem"] = {key: [float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan") for v in values]
                          for key, values in totals.items()}
+    result["n_defined_pairs"] = {key: [len(v) for v in values] for key, values in totals.items()}
     return result
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def plot_overlap(result: dict, path) -> None:
@@ -95,11 +103,12 @@ def plot_overlap(result: dict, path) -> None:
 
 
 def overlap_markdown(result: dict) -> str:
-    lines = ["| layer | Jaccard parallel | Jaccard null | ratio parallel | ratio null |", "|---|---|---|---|---|"]
-    a = result["all"]
+    lines = ["| layer | Jaccard parallel | Jaccard null | ratio parallel | ratio null | pairs with features (parallel / null) |",
+             "|---|---|---|---|---|---|"]
+    a, n = result["all"], result["n_defined_pairs"]
     for layer in range(result["n_layers"]):
         lines.append(f"| {layer} | {a['jaccard'][layer]:.3f} | {a['null_jaccard'][layer]:.3f} | "
-                     f"{a['ratio'][layer]:.3f} | {a['null_ratio'][layer]:.3f} |")
+                     f"{a['ratio'][layer]:.3f} | {a['null_ratio'][layer]:.3f} | {n['jaccard'][layer]} / {n['null_jaccard'][layer]} |")
     lines += ["", "Per language pair (Jaccard parallel − null, per layer):", ""]
     for pair, values in result["pairs"].items():
         gaps = ", ".join(f"{p - q:+.3f}" for p, q in zip(values["jaccard"], values["null_jaccard"]))

@@ -16,12 +16,17 @@ from pathlib import Path
 import torch
 
 from analysis import ablation, lape, lens, probes, similarity
-from analysis.language_features import (feature_activation_probability, language_features, promoted_tokens,
-                                        top_contexts)
+from analysis.language_features import (
+    feature_activation_probability,
+    language_features,
+    promoted_tokens,
+    top_contexts,
+)
 from analysis.located import feature_aligned_neurons, layers_by_count, save_located
 from analysis.report import write_report
+from analysis.text_blocks import blocks_by_lang, texts_by_lang
 from analysis.token_language import corpus_texts_by_lang, language_table, token_counts
-from clt.activations import bos_blocks, model_fingerprint
+from clt.activations import model_fingerprint
 from training.config import RunDir, atomic_write_json, config_to_dict, parse_config
 from training.corpus.build import default_corpus_dir, load_corpus, parallel_sets
 
@@ -53,17 +58,6 @@ class LocateConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
-def blocks_by_lang(tokenizer, texts_by_lang: dict[str, list[str]], n_ctx: int, per_lang: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for lang, texts in texts_by_lang.items():
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        blocks, _ = bos_blocks(ids, [lang] * len(ids), tokenizer, n_ctx)
-        if len(blocks) == 0:
-            raise ValueError(f"not enough {lang} text for one block of {n_ctx} tokens")
-        out[lang] = blocks[:per_lang]
-    return out
-
-
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,10 +84,7 @@ def main(argv=None) -> None:
     (run.path / "sections").mkdir(exist_ok=True)
     langs = config.langs
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
-    validation_texts = {lang: [] for lang in langs}
-    for text, lang in zip(list(corpus["validation"]["text"]), list(corpus["validation"]["lang"])):
-        if lang in validation_texts:
-            validation_texts[lang].append(text)
+    validation_texts = texts_by_lang(corpus["validation"], langs)
     validation = blocks_by_lang(tokenizer, validation_texts, config.n_ctx, config.blocks_per_lang)
     train_texts = corpus_texts_by_lang(config.corpus_dir, langs, "train", config.train_texts_per_lang, config.seed)
     train_blocks = blocks_by_lang(tokenizer, train_texts, config.n_ctx, 10 ** 9)

@@ -365,7 +365,8 @@ def test_overlap_measures_and_null():
     from attribution.overlap import derangement, overlap_by_layer, set_overlap
 
     assert set_overlap({1, 2, 3}, {2, 3, 4, 5}) == (pytest.approx(2 / 5), pytest.approx(2 / 4))
-    assert set_overlap(set(), set()) == (0.0, 0.0)
+    assert set_overlap(set(), set()) is None  # undefined, left out of the means
+    assert set_overlap({1}, set()) == (0.0, 0.0)
     order = derangement(7, seed=3)
     assert sorted(order) == list(range(7)) and all(i != j for i, j in enumerate(order))
     with pytest.raises(ValueError):
@@ -373,9 +374,10 @@ def test_overlap_measures_and_null():
     # identical feature sets for the same paragraph in both languages, disjoint across paragraphs:
     # parallel overlap 1, null 0, in every layer that has features.
     features = {lang: [{0: {10 * i, 10 * i + 1}, 1: {100 + i}} for i in range(5)] for lang in ("en", "fr")}
-    result = overlap_by_layer(features, n_layers=2)
-    assert result["all"]["jaccard"] == [1.0, 1.0] and result["all"]["null_jaccard"] == [0.0, 0.0]
-    assert result["pairs"]["en-fr"]["ratio"] == [1.0, 1.0]
+    result = overlap_by_layer(features, n_layers=3)  # layer 2: no features anywhere → undefined
+    assert result["all"]["jaccard"][:2] == [1.0, 1.0] and result["all"]["null_jaccard"][:2] == [0.0, 0.0]
+    assert math.isnan(result["all"]["jaccard"][2]) and result["n_defined_pairs"]["jaccard"] == [5, 5, 0]
+    assert result["pairs"]["en-fr"]["ratio"][:2] == [1.0, 1.0]
     # one language using a superset: Jaccard < ratio
     features["fr"] = [{0: {10 * i, 10 * i + 1, 999}, 1: {100 + i}} for i in range(5)]
     result = overlap_by_layer(features, n_layers=2)

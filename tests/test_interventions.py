@@ -136,3 +136,54 @@ def test_bad_edits_fail_early(setup):
         Intervener(model, clt, [NeuronEdit(0, [0], "multiply")])
     with pytest.raises(ValueError, match="shape"):
         Intervener(model, clt, [ResidualAdd(0, torch.zeros(3))])
+
+
+def test_wilson_interval_and_judging():
+    from interventions.steering import judge, wilson_interval
+
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    texts = ["Die Datei wird in dem ausgewählten Ordner gespeichert, wenn Sie auf die Schaltfläche klicken.",
+             "Le fichier est enregistré dans le dossier sélectionné lorsque vous cliquez sur le bouton.",
+             "Die Tabelle enthält alle Daten, die Sie zuvor in das Dokument eingefügt haben.",
+             "123 456"]
+    result = judge(texts, source="fr", target="de")
+    assert result["success"] == 0.5 and result["retention"] == 0.25 and result["unknown"] == 0.25 and result["n"] == 4
+
+
+@torch.no_grad()
+def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
+    """No edits: zero prompt KL and the continuation loss equals the model's own loss on its continuation;
+    a plan's edits change the continuations; the random control picks other features of the same layers."""
+    from transformers import AutoTokenizer
+
+    from interventions.steering import LanguageUnits, evaluate, plan, random_matched_features
+
+    model, clt, ids = setup
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ids[:, :8]
+    clean = evaluate(model, tokenizer, clt, [], prompts, "fr", "de", new_tokens=5)
+    assert clean["prompt_kl"] == pytest.approx(0.0, abs=1e-7) and clean["n"] == 2
+    output = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+    expected = model(input_ids=output, labels=torch.cat([torch.full_like(prompts, -100), output[:, 8:]], 1)).loss
+    assert clean["continuation_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+    d = model.config.n_embd
+    units = LanguageUnits(features={"fr": [(0, 1), (1, 2)], "de": [(1, 7)]}, feature_means={(0, 1): 1.0, (1, 2): 2.0, (1, 7): 3.0},
+                          neurons={"fr": [(0, 3)], "de": [(1, 4)]}, neuron_means={(0, 3): 0.5, (1, 4): 0.7},
+                          residual_means={"fr": torch.zeros(2, d), "de": torch.ones(2, d)})
+    edits = plan("clt", "fr", "de", 4.0, units, clt)
+    assert [(e.layer, list(e.features), e.value) for e in edits] == [(0, [1], 0.0), (1, [2], 0.0), (1, [7], 12.0)]
+    steered = evaluate(model, tokenizer, clt, edits, prompts, "fr", "de", new_tokens=5)
+    assert steered["prompt_kl"] > 0
+    lape_edits = plan("lape", "fr", "de", 2.0, units)
+    assert [(e.layer, list(e.neurons), e.value) for e in lape_edits] == [(0, [3], 0.0), (1, [4], pytest.approx(1.4))]
+    (residual,) = plan("diffmean", "fr", "de", 0.5, units)
+    assert residual.layer == 1 and torch.equal(residual.vector, torch.ones(d))
+    exclude = {(0, 1), (1, 2), (1, 7)}
+    randoms = random_matched_features(clt, [(0, 1), (1, 2)], exclude, seed=0)
+    assert [l for l, _ in randoms] == [0, 1] and not exclude & set(randoms)
+    with pytest.raises(ValueError, match="unknown method"):
+        plan("magic", "fr", "de", 1.0, units)

@@ -1,0 +1,186 @@
+"""Steering the output language (seed 003, METHODS §5): methods, controls and their evaluation.
+
+A *plan* turns (source language, target language, strength) into a list of edits for `Intervener`:
+
+- `clt`: suppress the source language's identity features (set to 0) and drive the target's
+  (set to strength × their mean activation on target-language text), at every position — prompt and
+  generated tokens alike.
+- `random`: the same operations on random features of the same layers and count, each chosen with a
+  decoder norm close to the language feature it replaces (control for "any edit of that size").
+- `diffmean`: add strength × (mean residual on target text − mean on source text) after one layer
+  (the layer holding most target features), the usual residual-steering baseline.
+- `lape`: zero the source language's LAPE neurons and set the target's to strength × their mean
+  post-GELU value on target text.
+- `sae`: the `clt` recipe on the language features of a residual SAE (sae-lens), when one is given.
+
+`evaluate` generates greedy continuations of held-out source-language prompts under a plan and judges
+each with CLD2: swap success (continuation in the target language, with a Wilson 95% interval),
+source retention, unknown; and the fluency cost: the unsteered model's per-token loss on the steered
+continuation (how natural the text is for the model) and the KL from the unsteered to the steered
+next-token distributions over the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd
+from training import langid
+
+METHODS = ("clt", "random", "diffmean", "lape", "sae")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class LanguageUnits:
+    """What the plans need about each language, computed once per model (and CLT)."""
+
+    features: dict[str, list[tuple[int, int]]]  # language-identity CLT features
+    feature_means: dict[tuple[int, int], float]  # mean activation where active, on its language's text
+    neurons: dict[str, list[tuple[int, int]]]  # LAPE neurons
+    neuron_means: dict[tuple[int, int], float]  # mean post-GELU value on its language's text
+    residual_means: dict[str, Tensor]  # [layer, d] mean residual after each layer on each language
+
+
+@torch.no_grad()
+def language_units(model, clt, blocks_by_lang: dict[str, Tensor], features: dict[str, list], neurons: dict[str, list],
+                   batch_size: int = 16) -> LanguageUnits:
+    from analysis.language_features import clt_features
+    from analysis.residuals import residual_stream
+
+    device = next(model.parameters()).device
+    feature_means, neuron_means, residual_means = {}, {}, {}
+    for lang, blocks in blocks_by_lang.items():
+        sums, counts = {}, {}
+        neuron_sums = {unit: 0.0 for unit in neurons.get(lang, [])}
+        residual_sum, n_tokens = None, 0
+        acts_seen = {}
+        hooks = []
+        for layer in {l for l, _ in neurons.get(lang, [])}:
+            hooks.append(model.transformer.h[layer].mlp.act.register_forward_hook(
+                lambda m, a, out, layer=layer: acts_seen.__setitem__(layer, out[:, 1:])))
+        try:
+            for start in range(0, len(blocks), batch_size):
+                ids = blocks[start: start + batch_size].to(device)
+                hidden = residual_stream(model, ids)[:, :, 1:]  # also fills acts_seen via the hooks
+                residual_sum = hidden.sum((1, 2)) if residual_sum is None else residual_sum + hidden.sum((1, 2))
+                n_tokens += hidden.shape[1] * hidden.shape[2]
+                for unit in neuron_sums:
+                    neuron_sums[unit] += float(acts_seen[unit[0]][..., unit[1]].sum())
+                if clt is not None and features.get(lang):
+                    acts = clt_features(model, clt, ids)[:, :, 1:]
+                    for layer, feature in features[lang]:
+                        values = acts[layer, ..., feature]
+                        sums[(layer, feature)] = sums.get((layer, feature), 0.0) + float(values.sum())
+                        counts[(layer, feature)] = counts.get((layer, feature), 0) + int((values > 0).sum())
+        finally:
+            for handle in hooks:
+                handle.remove()
+        residual_means[lang] = (residual_sum / n_tokens).cpu()
+        for unit, total in neuron_sums.items():
+            neuron_means[unit] = total / n_tokens
+        for key, total in sums.items():
+            feature_means[key] = total / max(counts[key], 1)
+    return LanguageUnits({l: [tuple(u) for u in v] for l, v in features.items()}, feature_means,
+                         {l: [tuple(u) for u in v] for l, v in neurons.items()}, neuron_means, residual_means)
+
+
+def random_matched_features(clt, features: list[tuple[int, int]], exclude: set, seed: int) -> list[tuple[int, int]]:
+    """For each feature, a random feature of the same layer whose decoder norm is among the 10 closest."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = clt.decoder_norms().detach().cpu()
+    chosen = []
+    for layer, feature in features:
+        candidates = [f for f in torch.argsort((norms[layer] - norms[layer, feature]).abs()).tolist()
+                      if (layer, f) not in exclude and (layer, f) not in chosen][:10]
+        chosen.append((layer, candidates[int(torch.randint(len(candidates), (1,), generator=generator))]))
+    return chosen
+
+
+def plan(method: str, source: str, target: str, strength: float, units: LanguageUnits, clt=None, seed: int = 0,
+         diffmean_layer: int | None = None) -> list:
+    """The edits of one method at one strength (strength 0 = suppress the source only)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method in ("clt", "random", "sae"):
+        suppress, drive = units.features.get(source, []), units.features.get(target, [])
+        if not suppress and not drive:
+            raise ValueError(f"no language features for {source} or {target}: nothing to steer with")
+        values = [strength * units.feature_means.get(unit, 0.0) for unit in drive]
+        if method == "random":
+            exclude = {u for units_ in units.features.values() for u in units_}
+            suppress = random_matched_features(clt, suppress, exclude, seed)
+            drive = random_matched_features(clt, drive, exclude | set(suppress), seed + 1)
+        edits = [FeatureEdit(layer, [feature], "set", 0.0) for layer, feature in suppress]
+        edits += [FeatureEdit(layer, [feature], "set", value) for (layer, feature), value in zip(drive, values)]
+        return edits
+    if method == "diffmean":
+        layer = diffmean_layer if diffmean_layer is not None else _busiest_layer(units.features.get(target, []))
+        direction = units.residual_means[target][layer] - units.residual_means[source][layer]
+        return [ResidualAdd(layer, direction, strength)]
+    # lape
+    suppress, drive = units.neurons.get(source, []), units.neurons.get(target, [])
+    if not suppress and not drive:
+        raise ValueError(f"no LAPE neurons for {source} or {target}")
+    edits = [NeuronEdit(layer, [unit], "set", 0.0) for layer, unit in suppress if (layer, unit) not in set(drive)]
+    edits += [NeuronEdit(layer, [unit], "set", strength * units.neuron_means[(layer, unit)]) for layer, unit in drive]
+    return edits
+
+
+def _busiest_layer(features: list[tuple[int, int]], default: int = -1) -> int:
+    if not features:
+        return default
+    layers = [l for l, _ in features]
+    return max(set(layers), key=lambda l: (layers.count(l), l))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, clt, edits: list, prompts: Int[Tensor, "n pos"], source: str, target: str,
+             new_tokens: int = 24, batch_size: int = 50) -> dict:
+    """Generate greedy continuations under `edits` and judge them (see the module docstring)."""
+    device = next(model.parameters()).device
+    continuations, fluency, kls = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        ids = prompts[start: start + batch_size].to(device)
+        clean_logits = model(input_ids=ids).logits
+        with Intervener(model, clt, edits):
+            steered_logits = model(input_ids=ids).logits
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        kl = F.kl_div(steered_logits.log_softmax(-1), clean_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        kls += kl[:, 1:].mean(1).tolist()  # KL(clean ‖ steered), mean over prompt positions after BOS
+        # the unsteered model's loss on the steered continuation
+        logits = model(input_ids=output).logits[:, ids.shape[1] - 1: -1]
+        loss = F.cross_entropy(logits.transpose(1, 2), output[:, ids.shape[1]:], reduction="none").mean(1)
+        fluency += loss.tolist()
+        continuations += [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True) for row in output]
+    n = len(continuations)
+    return {**judge(continuations, source, target), "continuation_loss": float(sum(fluency) / n),
+            "prompt_kl": float(sum(kls) / n)}
+
+
+def judge(continuations: list[str], source: str, target: str) -> dict:
+    """Swap success (judged target language) with its Wilson interval, source retention, unknown."""
+    if not continuations:
+        raise ValueError("no continuations to judge")
+    detected = langid.detect_many(continuations)
+    n = len(detected)
+    hits = sum(d == target for d in detected)
+    low, high = wilson_interval(hits, n)
+    return {"n": n, "success": hits / n, "success_ci": [low, high], "retention": sum(d == source for d in detected) / n,
+            "unknown": sum(d == langid.UNKNOWN for d in detected) / n,
+            "examples": [{"continuation": c, "detected": d} for c, d in list(zip(continuations, detected))[:3]]}
