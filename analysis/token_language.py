@@ -41,15 +41,9 @@ def corpus_texts_by_lang(corpus_dir, langs: list[str], split: str = "train", max
     """Up to `max_texts` paragraphs per language from the corpus (seeded sample)."""
     import random
 
+    from analysis.text_blocks import texts_by_lang
     from training.corpus.build import default_corpus_dir, load_corpus
 
-    data = load_corpus(corpus_dir or default_corpus_dir())[split]
-    by_lang: dict[str, list[str]] = {lang: [] for lang in langs}
-    for text, lang in zip(list(data["text"]), list(data["lang"])):
-        if lang in by_lang:
-            by_lang[lang].append(text)
-    missing = [lang for lang, texts in by_lang.items() if not texts]
-    if missing:
-        raise ValueError(f"the corpus's {split} split has no text in {missing}")
+    by_lang = texts_by_lang(load_corpus(corpus_dir or default_corpus_dir())[split], langs)
     rng = random.Random(seed)
     return {lang: rng.sample(texts, min(max_texts, len(texts))) for lang, texts in by_lang.items()}

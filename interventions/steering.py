@@ -63,6 +63,8 @@ def language_units(model, clt, blocks_by_lang: dict[str, Tensor], features: dict
     from analysis.residuals import residual_stream
 
     device = next(model.parameters()).device
+    features = {lang: [tuple(unit) for unit in units] for lang, units in features.items()}  # JSON gives lists
+    neurons = {lang: [tuple(unit) for unit in units] for lang, units in neurons.items()}
     feature_means, neuron_means, residual_means = {}, {}, {}
     for lang, blocks in blocks_by_lang.items():
         sums, counts = {}, {}
@@ -95,8 +97,7 @@ def language_units(model, clt, blocks_by_lang: dict[str, Tensor], features: dict
             neuron_means[unit] = total / n_tokens
         for key, total in sums.items():
             feature_means[key] = total / max(counts[key], 1)
-    return LanguageUnits({l: [tuple(u) for u in v] for l, v in features.items()}, feature_means,
-                         {l: [tuple(u) for u in v] for l, v in neurons.items()}, neuron_means, residual_means)
+    return LanguageUnits(features, feature_means, neurons, neuron_means, residual_means)
 
 
 def random_matched_features(clt, features: list[tuple[int, int]], exclude: set, seed: int) -> list[tuple[int, int]]:

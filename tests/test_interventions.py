@@ -187,3 +187,40 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
     assert [l for l, _ in randoms] == [0, 1] and not exclude & set(randoms)
     with pytest.raises(ValueError, match="unknown method"):
         plan("magic", "fr", "de", 1.0, units)
+
+
+def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+    import json
+    import subprocess
+
+    from analysis.located import save_located
+    from clt.activations import model_fingerprint
+    from clt.export import save_native
+    from tests.conftest import PYTHON, REPO, script_env
+
+    model, clt, _ = setup
+    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    located = save_located(tmp_path / "located.json", {
+        "model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir), "clt_dir": str(clt_dir),
+        "langs": ["en", "fr", "de"], "n_layers": 2, "layers": {},
+        "neurons": {"fr": [[0, 3], [1, 5]], "de": [[1, 9]], "en": []}, "neurons_5pct": {},
+        "features": {"fr": [[0, 1], [1, 2]], "de": [[1, 7], [0, 4]], "en": [[0, 0]]}, "feature_aligned_neurons": {}})
+    run_dir = tmp_path / "steer"
+    command = [PYTHON, str(REPO / "scripts" / "steer.py"), "--model-dir", str(tiny_model_dir), "--clt", str(clt_dir),
+               "--located", str(located), "--corpus-dir", str(real_slice_corpus_dir), "--from", "fr", "--to", "de",
+               "--strengths", "0,2", "--n-prompts", "6", "--prompt-tokens", "6", "--new-tokens", "4", "--n-ctx", "16",
+               "--blocks-per-lang", "4", "--run-dir", str(run_dir)]
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 + 4 * 2  # unsteered + 4 methods × 2 strengths
+    assert all(r["n"] == 6 and 0 <= r["success"] <= 1 and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
+               for r in records)
+    none = next(r for r in records if r["method"] == "none")
+    assert none["prompt_kl"] == pytest.approx(0.0, abs=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["best_per_pair"]["fr->de"]) == {"none", "clt", "random", "diffmean", "lape"}
+    assert (run_dir / "dose_response.png").exists() and "fr->de" in (run_dir / "summary.md").read_text()
+    again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing redone
