@@ -1,7 +1,7 @@
-"""Our GPT-2 + CLT inside circuit-tracer (TransformerLens backend), offline.
+"""Our GPT-2 (+ CLT) inside TransformerLens and circuit-tracer, offline.
 
-Used by the cross-check test and the benchmark, and by anyone who wants circuit-tracer's own tools on
-our models. The HF weights are converted with TransformerLens's GPT-2 converter into a
+Used by the circuit-tracer cross-check test and benchmark, by sae-lens SAE training (which runs on a
+TransformerLens model), and by anyone who wants those tools on our models. The HF weights are converted with TransformerLens's GPT-2 converter into a
 `HookedTransformerConfig`-built model; LayerNorms are *not* folded, so `blocks.l.ln2.hook_normalized`
 is exactly our MLP input (ln_2's output) and the exported CLT reads it unchanged.
 """
@@ -24,24 +24,30 @@ def hooked_transformer_config(hf_config, dtype: torch.dtype = torch.float32, dev
         default_prepend_bos=False, model_name="multilingual-clt-gpt2", dtype=dtype, device=device)
 
 
-def circuit_tracer_model(model, tokenizer, clt_export_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A circuit-tracer `TransformerLensReplacementModel` with `model`'s weights and the CLT exported by
-    `clt.export.export_circuit_tracer` (a cross-layer transcoder directory)."""
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
-        TransformerLensReplacementModel,
-    )
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+def hooked_transformer(model, tokenizer=None, dtype: torch.dtype = torch.float32, cls=None):
+    """A TransformerLens model (`cls`, default `HookedTransformer`) with `model`'s weights, loaded strictly:
+    a silently partial load would give a random model that still runs."""
+    from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
     cfg = hooked_transformer_config(model.config, dtype=dtype)
-    replacement = TransformerLensReplacementModel(cfg, tokenizer=tokenizer)
+    converted = (cls or HookedTransformer)(cfg, tokenizer=tokenizer)
     state = {name: value.detach().to(dtype) for name, value in convert_gpt2_weights(model, cfg).items()}
     state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab, dtype=dtype))  # GPT-2's lm_head has no bias
-    # strict: a silently partial load would give a random model that still runs.
-    missing, unexpected = replacement.load_state_dict(state, strict=False)
+    missing, unexpected = converted.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith((".IGNORE", ".mask"))]
     if missing or unexpected:
         raise ValueError(f"TransformerLens conversion did not match: missing {missing}, unexpected {unexpected}")
+    return converted.eval()
+
+
+def circuit_tracer_model(model, tokenizer, clt_export_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A circuit-tracer `TransformerLensReplacementModel` with `model`'s weights and the CLT exported by
+    `clt.export.export_circuit_tracer` (a cross-layer transcoder directory)."""
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    replacement = hooked_transformer(model, tokenizer, dtype, cls=TransformerLensReplacementModel)
     transcoder = load_clt(str(clt_export_dir), feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
                           scan="multilingual-clt", lazy_decoder=False, lazy_encoder=False, dtype=dtype,
                           device=torch.device("cpu"))

@@ -16,6 +16,7 @@ model is unchanged afterwards.
 - `NeuronEdit`: set / add / multiply MLP neurons after the activation function (LAPE (de)activation,
   or patching with values recorded from another input: a [position, neuron] tensor).
 - `ResidualAdd`: add a vector to the residual stream after a block (difference-of-means steering).
+- `interventions.sae.SAEEdit`: set / add / multiply latents of a residual SAE (sae-lens) after a block.
 - `freeze_attention`: replay attention patterns recorded on a clean run (for a forward pass over the
   same tokens), so an edit's effect travels only through the residual / value paths.
 """
@@ -160,6 +161,11 @@ class Intervener:
             residual_edits = [e for e in self.edits if isinstance(e, ResidualAdd) and e.layer == layer]
             if residual_edits:
                 self._handles.append(block.register_forward_hook(self._residual_hook(residual_edits)))
+            for edit in self.edits:
+                if type(edit).__name__ == "SAEEdit" and edit.layer == layer:
+                    from interventions.sae import sae_edit_hook
+
+                    self._handles.append(block.register_forward_hook(sae_edit_hook(edit, self._absolute)))
         return self
 
     def __exit__(self, *exc):

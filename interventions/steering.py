@@ -11,7 +11,8 @@ A *plan* turns (source language, target language, strength) into a list of edits
   (the layer holding most target features), the usual residual-steering baseline.
 - `lape`: zero the source language's LAPE neurons and set the target's to strength × their mean
   post-GELU value on target text.
-- `sae`: the `clt` recipe on the language features of a residual SAE (sae-lens), when one is given.
+- `sae`: the `clt` recipe on the language latents of a residual SAE trained with sae-lens
+  (interventions/sae.py), chosen by the same entropy / frequency rule as the CLT features.
 
 `evaluate` generates greedy continuations of held-out source-language prompts under a plan and judges
 each with CLD2: swap success (continuation in the target language, with a Wilson 95% interval),
@@ -31,6 +32,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd
+from interventions.sae import SAEEdit
 from training import langid
 
 METHODS = ("clt", "random", "diffmean", "lape", "sae")
@@ -54,6 +56,10 @@ class LanguageUnits:
     neurons: dict[str, list[tuple[int, int]]]  # LAPE neurons
     neuron_means: dict[tuple[int, int], float]  # mean post-GELU value on its language's text
     residual_means: dict[str, Tensor]  # [layer, d] mean residual after each layer on each language
+    sae: object | None = None  # a sae-lens SAE on the residual after block `sae_layer`
+    sae_layer: int | None = None
+    sae_features: dict[str, list[int]] | None = None  # its language-identity latents
+    sae_means: dict[int, float] | None = None  # mean value where active, on its language's text
 
 
 @torch.no_grad()
@@ -117,7 +123,16 @@ def plan(method: str, source: str, target: str, strength: float, units: Language
     """The edits of one method at one strength (strength 0 = suppress the source only)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method in ("clt", "random", "sae"):
+    if method == "sae":
+        if units.sae is None:
+            raise ValueError("method 'sae' needs a residual SAE (steer.py --sae DIR, trained with scripts/train_sae.py)")
+        suppress, drive = units.sae_features.get(source, []), units.sae_features.get(target, [])
+        if not suppress and not drive:
+            raise ValueError(f"no SAE language latents for {source} or {target}")
+        edits = [SAEEdit(units.sae_layer, units.sae, [z], "set", 0.0) for z in suppress]
+        edits += [SAEEdit(units.sae_layer, units.sae, [z], "set", strength * units.sae_means[z]) for z in drive]
+        return edits
+    if method in ("clt", "random"):
         suppress, drive = units.features.get(source, []), units.features.get(target, [])
         if not suppress and not drive:
             raise ValueError(f"no language features for {source} or {target}: nothing to steer with")
@@ -185,3 +200,26 @@ def judge(continuations: list[str], source: str, target: str) -> dict:
     return {"n": n, "success": hits / n, "success_ci": [low, high], "retention": sum(d == source for d in detected) / n,
             "unknown": sum(d == langid.UNKNOWN for d in detected) / n,
             "examples": [{"continuation": c, "detected": d} for c, d in list(zip(continuations, detected))[:3]]}
+
+
+@torch.no_grad()
+def sae_language_latents(model, sae, layer: int, blocks_by_lang: dict[str, Tensor], max_entropy_bits: float = 0.8,
+                         min_frequency: float = 0.01, per_lang: int = 10) -> tuple[dict[str, list[int]], dict[int, float]]:
+    """The SAE's language-identity latents (same rule as CLT features) and their mean value where active."""
+    from analysis.language_features import language_features
+    from analysis.residuals import residual_stream
+    from interventions.sae import sae_activation_probability
+
+    langs = list(blocks_by_lang)
+    catalogue = language_features(sae_activation_probability(model, sae, layer, blocks_by_lang), langs,
+                                  max_entropy_bits, min_frequency, per_lang)
+    latents = {lang: [f["feature"] for f in items] for lang, items in catalogue.items()}
+    means = {}
+    for lang, chosen in latents.items():
+        if not chosen:
+            continue
+        z = sae.encode(residual_stream(model, blocks_by_lang[lang])[layer][:, 1:])[..., chosen]
+        for i, latent in enumerate(chosen):
+            values = z[..., i]
+            means[latent] = float(values.sum() / (values > 0).sum().clamp(min=1))
+    return latents, means

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from analysis.located import load_located
 from analysis.text_blocks import blocks_by_lang, prompt_blocks, texts_by_lang
-from interventions.steering import evaluate, language_units, plan
+from interventions.steering import evaluate, language_units, plan, sae_language_latents
 from training.config import RunDir, atomic_write_json, atomic_write_text, config_to_dict, parse_config
 from training.corpus.build import default_corpus_dir, load_corpus
 
@@ -37,7 +37,8 @@ class SteerConfig:
     target: str = field(default="de", metadata={"help": "language to steer to (--to)"})
     pairs: str = field(default="", metadata={"help": "'all': every ordered pair of --langs instead of --from/--to"})
     langs: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh"], metadata={"help": "languages for --pairs all"})
-    methods: list[str] = field(default_factory=lambda: ["clt", "random", "diffmean", "lape"], metadata={"help": "clt, random, diffmean, lape"})
+    methods: list[str] = field(default_factory=lambda: ["clt", "random", "diffmean", "lape"], metadata={"help": "clt, random, diffmean, lape, sae"})
+    sae: str = field(default="", metadata={"help": "residual SAE (sae-lens dir from scripts/train_sae.py) for the 'sae' method"})
     strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0], metadata={"help": "dose-response strengths"})
     n_prompts: int = field(default=100, metadata={"help": "held-out prompts per pair"})
     prompt_tokens: int = field(default=16, metadata={"help": "prompt length (tokens after BOS)"})
@@ -71,6 +72,13 @@ def main(argv=None) -> None:
     means_blocks = blocks_by_lang(tokenizer, texts_by_lang(corpus["validation"], languages), config.n_ctx, config.blocks_per_lang)
     units = language_units(model, clt, means_blocks, {l: located["features"].get(l, []) for l in languages},
                            {l: located["neurons"].get(l, []) for l in languages})
+    if "sae" in config.methods:
+        if not config.sae:
+            raise SystemExit("--methods includes sae: pass --sae DIR (train one with scripts/train_sae.py)")
+        from interventions.sae import load_sae, sae_layer
+
+        units.sae, units.sae_layer = load_sae(config.sae), sae_layer(config.sae)
+        units.sae_features, units.sae_means = sae_language_latents(model, units.sae, units.sae_layer, means_blocks)
     parallel_texts = texts_by_lang(corpus["parallel"], languages)
     prompts = {l: prompt_blocks(tokenizer, parallel_texts[l], config.prompt_tokens, config.n_prompts) for l in languages}
 

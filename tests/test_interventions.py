@@ -224,3 +224,27 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing redone
+
+
+def test_sae_lens_training_loading_and_latent_edits(setup, tmp_path):
+    """A tiny residual SAE trained by sae-lens's own runner on our model loads back in sae-lens's format;
+    an SAEEdit moves the residual by exactly Δz · W_dec at the edited positions only."""
+    from interventions.sae import SAEEdit, load_sae, sae_layer, train_residual_sae
+
+    model, _, ids = setup
+    blocks = torch.randint(2, 500, (256, 16), generator=torch.Generator().manual_seed(3))
+    blocks[:, 0] = 1
+    train_residual_sae(model, None, blocks, layer=1, out_dir=tmp_path / "sae", d_sae=64, training_tokens=4096)
+    sae = load_sae(tmp_path / "sae")
+    assert sae.cfg.d_sae == 64 and sae_layer(tmp_path / "sae") == 1
+    from analysis.residuals import residual_stream
+
+    with torch.no_grad():
+        clean = residual_stream(model, ids)[1]
+        z = sae.encode(clean)
+        latent = int(z[:, 5].abs().sum(0).argmax())  # a latent active at position 5
+        with Intervener(model, None, [SAEEdit(1, sae, [latent], "set", 3.0, Where(positions=(5,)))]):
+            edited = residual_stream(model, ids)[1]
+    expected = clean.clone()
+    expected[:, 5] += (3.0 - z[:, 5, latent])[:, None] * sae.W_dec[latent]
+    torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)

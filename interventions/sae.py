@@ -1,0 +1,115 @@
+"""A residual-stream SAE trained with sae-lens on our GPT-2 — the field's usual steering tool, used as a
+control for CLT-feature steering.
+
+Training runs sae-lens's own `LanguageModelSAETrainingRunner` on a TransformerLens copy of our model
+(`attribution.circuit_tracer_bridge.hooked_transformer`) and a pre-tokenised `datasets.Dataset` of
+`[BOS] + 63 tokens` blocks from the corpus, offline. The result is saved in sae-lens's format
+(`cfg.json` + `sae_weights.safetensors`, loadable with `sae_lens.SAE.load_from_disk`). The hook
+`blocks.{l}.hook_resid_post` is the residual after block l — our `residual_stream(model, ids)[l]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interventions.hooks import Where
+
+
+def train_residual_sae(model, tokenizer, blocks: Int[Tensor, "n pos"], layer: int, out_dir: str | Path, d_sae: int = 1024,
+                       training_tokens: int = 1_000_000, l1_coefficient: float = 5.0, lr: float = 3e-4, seed: int = 0):
+    from datasets import Dataset
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, StandardTrainingSAEConfig
+
+    from attribution.circuit_tracer_bridge import hooked_transformer
+
+    out_dir = Path(out_dir)
+    hooked = hooked_transformer(model, tokenizer)
+    dataset = Dataset.from_dict({"input_ids": blocks.tolist()})
+    config = LanguageModelSAERunnerConfig(
+        sae=StandardTrainingSAEConfig(d_in=model.config.n_embd, d_sae=d_sae, l1_coefficient=l1_coefficient,
+                                      l1_warm_up_steps=100, device="cpu", dtype="float32"),
+        model_name="multilingual-clt-gpt2", hook_name=f"blocks.{layer}.hook_resid_post", dataset_path="local",
+        is_dataset_tokenized=True, streaming=False, context_size=blocks.shape[1], prepend_bos=False,
+        training_tokens=training_tokens, train_batch_size_tokens=1024, store_batch_size_prompts=16,
+        n_batches_in_buffer=max(8, 4 * 1024 // blocks.shape[1]),  # sae-lens: buffer = this × context ≥ batch
+        lr=lr, lr_warm_up_steps=50, device="cpu", seed=seed, dtype="float32", n_checkpoints=0, checkpoint_path=None,
+        output_path=str(out_dir), logger=LoggingConfig(log_to_wandb=False), verbose=False, n_batches_for_norm_estimate=20)
+    runner = LanguageModelSAETrainingRunner(config, override_dataset=dataset, override_model=hooked)
+    return runner.run()
+
+
+def load_sae(path: str | Path):
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").exists():
+        raise FileNotFoundError(f"no sae-lens SAE at {path} (expected cfg.json + sae_weights.safetensors)")
+    return SAE.load_from_disk(str(path), device="cpu").eval()
+
+
+def sae_layer(path: str | Path) -> int:
+    """The block whose output residual the SAE reads (from its cfg.json hook name)."""
+    import json
+    import re
+
+    cfg = json.loads((Path(path) / "cfg.json").read_text())
+    hook = cfg.get("metadata", {}).get("hook_name") or cfg.get("hook_name", "")
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if not match:
+        raise ValueError(f"{path}: expected an SAE on blocks.L.hook_resid_post, found hook {hook!r}")
+    return int(match.group(1))
+
+
+@torch.no_grad()
+def sae_activation_probability(model, sae, layer: int, blocks_by_lang: dict[str, Tensor], batch_size: int = 16
+                               ) -> Float[Tensor, "1 latent lang"]:
+    """Share of (non-BOS) tokens of each language on which each SAE latent is active — the input to
+    `analysis.language_features.language_features` (one 'layer')."""
+    from analysis.residuals import residual_stream
+
+    langs = list(blocks_by_lang)
+    probs = torch.zeros(1, sae.cfg.d_sae, len(langs))
+    for k, lang in enumerate(langs):
+        blocks, tokens = blocks_by_lang[lang], 0
+        for start in range(0, len(blocks), batch_size):
+            hidden = residual_stream(model, blocks[start: start + batch_size])[layer][:, 1:]
+            probs[0, :, k] += (sae.encode(hidden) > 0).sum((0, 1)).float()
+            tokens += hidden.shape[0] * hidden.shape[1]
+        probs[0, :, k] /= tokens
+    return probs
+
+
+@dataclass
+class SAEEdit:  # applied by interventions.hooks.Intervener
+    """Set / add / scale SAE latents of the residual after block `layer`; the change Δz is written back
+    through the SAE decoder (residual += Δz · W_dec), the SAE's reconstruction error is left alone."""
+
+    layer: int
+    sae: object
+    latents: list[int]
+    mode: str = "set"
+    value: float = 0.0
+    where: Where = field(default_factory=Where)
+
+
+def sae_edit_hook(edit: SAEEdit, absolute_positions):
+    """A forward hook for block `edit.layer`; `absolute_positions(length, device)` gives the positions
+    of the current call (the Intervener tracks them across KV-cache steps)."""
+    from interventions.hooks import _apply
+
+    index = torch.tensor(list(edit.latents))
+
+    def hook(module, args, output):
+        hidden = output[0]
+        z = edit.sae.encode(hidden.to(edit.sae.W_dec.dtype))
+        current = z[..., index]
+        mask = edit.where.mask(absolute_positions(hidden.shape[1], hidden.device))[None, :, None]
+        new = torch.where(mask, _apply(edit.mode, current, edit.value), current)
+        delta = (new - current) @ edit.sae.W_dec[index]
+        return (hidden + delta.to(hidden.dtype),) + tuple(output[1:])
+    return hook
