@@ -16,7 +16,9 @@ A *plan* turns (source language, target language, strength) into a list of edits
 
 `evaluate` generates greedy continuations of held-out source-language prompts under a plan and judges
 each with CLD2: swap success (continuation in the target language, with a Wilson 95% interval),
-source retention, unknown; and the fluency cost: the unsteered model's per-token loss on the steered
+source retention, unknown, the share of distinct tokens and "fluent success" (target language *and*
+at least half the tokens distinct — CLD2 labels a repeated single token as that token's language);
+and the fluency cost: the unsteered model's per-token loss on the steered
 continuation (how natural the text is for the model) and the KL from the unsteered to the steered
 next-token distributions over the prompt.
 """
@@ -169,7 +171,7 @@ def evaluate(model, tokenizer, clt, edits: list, prompts: Int[Tensor, "n pos"], 
              new_tokens: int = 24, batch_size: int = 50) -> dict:
     """Generate greedy continuations under `edits` and judge them (see the module docstring)."""
     device = next(model.parameters()).device
-    continuations, fluency, kls = [], [], []
+    continuations, fluency, kls, distinct = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         ids = prompts[start: start + batch_size].to(device)
         clean_logits = model(input_ids=ids).logits
@@ -183,23 +185,34 @@ def evaluate(model, tokenizer, clt, edits: list, prompts: Int[Tensor, "n pos"], 
         logits = model(input_ids=output).logits[:, ids.shape[1] - 1: -1]
         loss = F.cross_entropy(logits.transpose(1, 2), output[:, ids.shape[1]:], reduction="none").mean(1)
         fluency += loss.tolist()
-        continuations += [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True) for row in output]
+        generated = output[:, ids.shape[1]:].tolist()
+        continuations += [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
+        distinct += [len(set(row)) / len(row) for row in generated]
     n = len(continuations)
-    return {**judge(continuations, source, target), "continuation_loss": float(sum(fluency) / n),
+    return {**judge(continuations, source, target, distinct), "continuation_loss": float(sum(fluency) / n),
             "prompt_kl": float(sum(kls) / n)}
 
 
-def judge(continuations: list[str], source: str, target: str) -> dict:
-    """Swap success (judged target language) with its Wilson interval, source retention, unknown."""
+def judge(continuations: list[str], source: str, target: str, distinct: list[float] | None = None,
+          min_distinct: float = 0.5) -> dict:
+    """Swap success (judged target language) with its Wilson interval, source retention, unknown.
+
+    CLD2 happily labels degenerate text ("в в в в …", "的的的…") as the language of its one token, so
+    with `distinct` (share of distinct tokens in each continuation) also: `fluent_success`, the share
+    judged the target language *and* with at least `min_distinct` distinct tokens."""
     if not continuations:
         raise ValueError("no continuations to judge")
     detected = langid.detect_many(continuations)
     n = len(detected)
     hits = sum(d == target for d in detected)
     low, high = wilson_interval(hits, n)
-    return {"n": n, "success": hits / n, "success_ci": [low, high], "retention": sum(d == source for d in detected) / n,
-            "unknown": sum(d == langid.UNKNOWN for d in detected) / n,
-            "examples": [{"continuation": c, "detected": d} for c, d in list(zip(continuations, detected))[:3]]}
+    result = {"n": n, "success": hits / n, "success_ci": [low, high], "retention": sum(d == source for d in detected) / n,
+              "unknown": sum(d == langid.UNKNOWN for d in detected) / n,
+              "examples": [{"continuation": c, "detected": d} for c, d in list(zip(continuations, detected))[:3]]}
+    if distinct is not None:
+        fluent = sum(d == target and x >= min_distinct for d, x in zip(detected, distinct))
+        result.update(distinct=sum(distinct) / n, fluent_success=fluent / n, fluent_success_ci=list(wilson_interval(fluent, n)))
+    return result
 
 
 @torch.no_grad()

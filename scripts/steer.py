@@ -111,37 +111,43 @@ def summarize(records: list[dict], pairs: list[tuple[str, str]], methods: list[s
         row = {"none": by_key.get((source, target, "none", 0.0))}
         for method in methods:
             candidates = [r for (s, t, m, _), r in by_key.items() if (s, t, m) == (source, target, method)]
-            row[method] = max(candidates, key=lambda r: (r["success"], -r["strength"])) if candidates else None
+            row[method] = max(candidates, key=lambda r: (r["fluent_success"], r["success"], -r["strength"])) if candidates else None
         table[f"{source}->{target}"] = row
     mean_success = {}
     for method in ["none"] + methods:
-        values = [row[method]["success"] for row in table.values() if row.get(method)]
-        mean_success[method] = sum(values) / len(values) if values else None
+        values = [(row[method]["success"], row[method]["fluent_success"]) for row in table.values() if row.get(method)]
+        mean_success[method] = {"success": sum(v[0] for v in values) / len(values),
+                                "fluent_success": sum(v[1] for v in values) / len(values)} if values else None
     dose = {}
     for method in methods:
         for strength in sorted({r["strength"] for r in records if r["method"] == method}):
             rows = [r for r in records if r["method"] == method and r["strength"] == strength]
             dose.setdefault(method, []).append({"strength": strength, "success": sum(r["success"] for r in rows) / len(rows),
+                                                "fluent_success": sum(r["fluent_success"] for r in rows) / len(rows),
+                                                "distinct": sum(r["distinct"] for r in rows) / len(rows),
                                                 "retention": sum(r["retention"] for r in rows) / len(rows),
                                                 "continuation_loss": sum(r["continuation_loss"] for r in rows) / len(rows),
                                                 "prompt_kl": sum(r["prompt_kl"] for r in rows) / len(rows)})
-    return {"best_per_pair": {pair: {m: ({k: r[k] for k in ("strength", "success", "success_ci", "retention", "continuation_loss", "prompt_kl")}
+    return {"best_per_pair": {pair: {m: ({k: r[k] for k in ("strength", "success", "success_ci", "fluent_success",
+                                                             "fluent_success_ci", "distinct", "retention", "continuation_loss", "prompt_kl")}
                                          if r else None) for m, r in row.items()} for pair, row in table.items()},
             "mean_best_success": mean_success, "dose_response": dose}
 
 
 def summary_markdown(summary: dict) -> str:
     methods = [m for m in next(iter(summary["best_per_pair"].values()))]
-    lines = ["Swap success at each method's best strength (95% Wilson interval), source retention in brackets:", "",
+    lines = ["Fluent swap success (target language and ≥ 50% distinct tokens) at each method's best strength, with its 95%",
+             "Wilson interval; plain CLD2 success and source retention in brackets:", "",
              "| pair | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for pair, row in summary["best_per_pair"].items():
         cells = []
         for method in methods:
             r = row.get(method)
-            cells.append("—" if r is None else f"{r['success']:.2f} [{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] "
-                                              f"@{r['strength']:g} ({r['retention']:.2f})")
+            cells.append("—" if r is None else f"{r['fluent_success']:.2f} [{r['fluent_success_ci'][0]:.2f}, "
+                                              f"{r['fluent_success_ci'][1]:.2f}] @{r['strength']:g} ({r['success']:.2f}, {r['retention']:.2f})")
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean best success over pairs: " + ", ".join(f"{m} {v:.3f}" for m, v in summary["mean_best_success"].items() if v is not None)]
+    lines += ["", "Mean over pairs (fluent success / CLD2 success): " + ", ".join(
+        f"{m} {v['fluent_success']:.3f} / {v['success']:.3f}" for m, v in summary["mean_best_success"].items() if v is not None)]
     return "\n".join(lines) + "\n"
 
 
@@ -151,17 +157,18 @@ def plot_dose_response(records: list[dict], methods: list[str], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for method in methods:
         strengths = sorted({r["strength"] for r in records if r["method"] == method})
         if not strengths:
             continue
-        for ax, key in zip(axes, ("success", "retention", "continuation_loss")):
+        for ax, key in zip(axes, ("success", "fluent_success", "retention", "continuation_loss")):
             values = [sum(r[key] for r in records if r["method"] == method and r["strength"] == s) /
                       max(1, sum(1 for r in records if r["method"] == method and r["strength"] == s)) for s in strengths]
             ax.plot(strengths, values, "-o", label=method)
             ax.set_xlabel("strength")
-            ax.set_title({"success": "swap success (target language)", "retention": "source-language retention",
+            ax.set_title({"success": "swap success (CLD2: target language)", "fluent_success": "fluent swap success (≥ 50% distinct tokens)",
+                          "retention": "source-language retention",
                           "continuation_loss": "unsteered model's loss on continuation"}[key], fontsize=9)
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

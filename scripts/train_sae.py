@@ -34,8 +34,8 @@ class SAEConfig:
     texts_per_lang: int = field(default=3000, metadata={"help": "training paragraphs per language"})
     n_ctx: int = field(default=64, metadata={"help": "block length (BOS included)"})
     d_sae: int = field(default=1024, metadata={"help": "SAE latents"})
-    training_tokens: int = field(default=1_000_000, metadata={"help": "tokens to train on"})
-    l1_coefficient: float = field(default=5.0, metadata={"help": "sparsity penalty"})
+    training_tokens: int = field(default=500_000, metadata={"help": "tokens to train on"})
+    l1_coefficient: float = field(default=2.0, metadata={"help": "sparsity penalty (on inputs normalised to norm sqrt(d))"})
     seed: int = field(default=0, metadata={"help": "seed"})
 
 

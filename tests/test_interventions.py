@@ -148,8 +148,9 @@ def test_wilson_interval_and_judging():
              "Le fichier est enregistré dans le dossier sélectionné lorsque vous cliquez sur le bouton.",
              "Die Tabelle enthält alle Daten, die Sie zuvor in das Dokument eingefügt haben.",
              "123 456"]
-    result = judge(texts, source="fr", target="de")
+    result = judge(texts, source="fr", target="de", distinct=[1.0, 1.0, 0.2, 1.0])
     assert result["success"] == 0.5 and result["retention"] == 0.25 and result["unknown"] == 0.25 and result["n"] == 4
+    assert result["fluent_success"] == 0.25  # the second German text counts as degenerate here
 
 
 @torch.no_grad()
@@ -165,6 +166,7 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
     prompts = ids[:, :8]
     clean = evaluate(model, tokenizer, clt, [], prompts, "fr", "de", new_tokens=5)
     assert clean["prompt_kl"] == pytest.approx(0.0, abs=1e-7) and clean["n"] == 2
+    assert 0 < clean["distinct"] <= 1 and clean["fluent_success"] <= clean["success"]
     output = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
                             pad_token_id=0, eos_token_id=None)
     expected = model(input_ids=output, labels=torch.cat([torch.full_like(prompts, -100), output[:, 8:]], 1)).loss
