@@ -147,7 +147,9 @@ def plan(method: str, source: str, target: str, strength: float, units: Language
         edits += [FeatureEdit(layer, [feature], "set", value) for (layer, feature), value in zip(drive, values)]
         return edits
     if method == "diffmean":
-        layer = diffmean_layer if diffmean_layer is not None else _busiest_layer(units.features.get(target, []))
+        n_layers = units.residual_means[target].shape[0]
+        layer = diffmean_layer if diffmean_layer is not None else \
+            _busiest_layer(units.features.get(target, []), default=n_layers // 2)  # no features: the middle layer
         direction = units.residual_means[target][layer] - units.residual_means[source][layer]
         return [ResidualAdd(layer, direction, strength)]
     # lape
@@ -159,7 +161,7 @@ def plan(method: str, source: str, target: str, strength: float, units: Language
     return edits
 
 
-def _busiest_layer(features: list[tuple[int, int]], default: int = -1) -> int:
+def _busiest_layer(features: list[tuple[int, int]], default: int) -> int:
     if not features:
         return default
     layers = [l for l, _ in features]

@@ -4,7 +4,8 @@
     python scripts/steer.py --pairs all --langs en,fr,de,es,ru,zh     # every ordered pair
     python scripts/steer.py --from fr --to de --methods clt,diffmean --strengths 0,1,4
 
-Language features and LAPE neurons come from `located.json` (scripts/locate_language.py). Each
+Language features and LAPE neurons come from `located.json` (scripts/locate_language.py), or are
+located on the spot with the same rules when that file does not exist. Each
 (pair, method, strength) is evaluated on --n-prompts held-out parallel-split prompts in the source
 language (greedy continuations judged by CLD2; interventions/steering.py) and appended to
 results.jsonl, so a killed run resumes. Also writes summary.json, summary.md (pairs × methods at each
@@ -14,6 +15,7 @@ method's best strength, with 95% intervals) and dose_response.png.
 import json
 from dataclasses import dataclass, field
 from itertools import permutations
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -64,11 +66,16 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     clt, meta = load_native(config.clt)
     check_matches_model(meta, model, config.model_dir)
-    located = load_located(config.located, model=model, clt=clt, model_dir=config.model_dir)
-    missing = sorted(set(languages) - set(located["langs"]))
-    if missing:
-        raise SystemExit(f"{config.located} has no units for {missing}; run locate_language.py with those languages")
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    if Path(config.located).exists():
+        located = load_located(config.located, model=model, clt=clt, model_dir=config.model_dir)
+        missing = sorted(set(languages) - set(located["langs"]))
+        if missing:
+            raise SystemExit(f"{config.located} has no units for {missing}; run locate_language.py with those languages")
+    else:
+        print(f"{config.located} not found: locating language features and LAPE neurons now "
+              "(scripts/locate_language.py does this once, with a full report)")
+        located = locate_units(model, tokenizer, clt, corpus, languages, config)
     means_blocks = blocks_by_lang(tokenizer, texts_by_lang(corpus["validation"], languages), config.n_ctx, config.blocks_per_lang)
     units = language_units(model, clt, means_blocks, {l: located["features"].get(l, []) for l in languages},
                            {l: located["neurons"].get(l, []) for l in languages})
@@ -102,6 +109,20 @@ def main(argv=None) -> None:
     atomic_write_text(run.path / "summary.md", summary_markdown(summary))
     plot_dose_response(records, config.methods, run.path / "dose_response.png")
     print(summary_markdown(summary))
+
+
+def locate_units(model, tokenizer, clt, corpus, langs: list[str], config: SteerConfig) -> dict:
+    """Language features and LAPE neurons with locate_language.py's default rules (same functions)."""
+    from analysis.lape import lape_select, neuron_activation_probability
+    from analysis.language_features import feature_activation_probability, language_features
+    from analysis.token_language import corpus_texts_by_lang
+
+    texts = corpus_texts_by_lang(config.corpus_dir, langs, "train", 3000, config.seed)
+    blocks = blocks_by_lang(tokenizer, texts, config.n_ctx, 10 ** 9)
+    catalogue = language_features(feature_activation_probability(model, clt, blocks), langs)
+    neurons = lape_select(neuron_activation_probability(model, blocks), langs, 0.01)["by_lang"]
+    return {"features": {l: [[f["layer"], f["feature"]] for f in items] for l, items in catalogue.items()},
+            "neurons": {l: [list(u) for u in units] for l, units in neurons.items()}}
 
 
 def summarize(records: list[dict], pairs: list[tuple[str, str]], methods: list[str]) -> dict:

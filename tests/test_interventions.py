@@ -250,3 +250,24 @@ def test_sae_lens_training_loading_and_latent_edits(setup, tmp_path):
     expected = clean.clone()
     expected[:, 5] += (3.0 - z[:, 5, latent])[:, None] * sae.W_dec[latent]
     torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_steer_script_locates_units_itself_without_a_located_file(setup, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+    import json
+    import subprocess
+
+    from clt.activations import model_fingerprint
+    from clt.export import save_native
+    from tests.conftest import PYTHON, REPO, script_env
+
+    _, clt, _ = setup
+    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    command = [PYTHON, str(REPO / "scripts" / "steer.py"), "--model-dir", str(tiny_model_dir), "--clt", str(clt_dir),
+               "--located", str(tmp_path / "missing.json"), "--corpus-dir", str(real_slice_corpus_dir), "--from", "de",
+               "--to", "fr", "--methods", "clt,diffmean", "--strengths", "1", "--n-prompts", "4", "--prompt-tokens", "6",
+               "--new-tokens", "3", "--n-ctx", "16", "--blocks-per-lang", "4", "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "locating language features" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"none", "clt", "diffmean"}  # clt may be recorded as an error (no features)
