@@ -12,12 +12,10 @@ results.jsonl, so a killed run resumes. Also writes summary.json, summary.md (pa
 method's best strength, with 95% intervals) and dose_response.png.
 """
 
-import json
 from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from analysis.located import load_located

@@ -17,6 +17,7 @@ from attribution.prune import graph_scores, influence, normalized_abs, prune
 from attribution.query import (
     features_by_layer,
     strongest_paths,
+    target_nodes,
     to_networkx,
     top_features_into,
 )
@@ -234,6 +235,7 @@ def test_influence_on_a_hand_made_graph():
     g = to_networkx(graph, result)
     assert set(g.nodes) == {"F0_3@0", "E5@0", "T0"}
     assert top_features_into(g, "T0") == [("F0_3@0", 3.0)]
+    assert target_nodes(g) == ["T0"]
     paths = strongest_paths(g, "E5@0", "T0", k=2)
     assert paths[0][0] == ["E5@0", "F0_3@0", "T0"] and paths[0][1] == pytest.approx(0.75)
     assert paths[1][0] == ["E5@0", "T0"] and paths[1][1] == pytest.approx(0.25)
