@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from clt.activations import ActivationStore, CollectConfig, bos_blocks, collect_activations, collection_blocks
@@ -215,13 +214,11 @@ def train_clt(config: CLTTrainConfig) -> dict:
         if stop:
             break
     progress.close()
+    ranks.shutdown()
 
     summary = {}
     if ranks.is_main:
         summary = finish(config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device)
-    ranks.barrier()
-    if ranks.world_size > 1:
-        dist.destroy_process_group()
     return summary
 
 

@@ -14,13 +14,10 @@ def main(argv=None) -> None:
     config = parse_config(CollectConfig, argv)
     ranks, _ = init_distributed(config.device)
     store = collect_activations(config, ranks.rank, ranks.world_size)
+    ranks.shutdown()
     if ranks.is_main:
         print(f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
               f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}")
-    if ranks.world_size > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

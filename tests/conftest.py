@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +47,28 @@ def script_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free rendezvous port, no collisions with other jobs) on a project script.
+
+    If it does not finish in time, every process in its session gets SIGABRT with faulthandler on, so
+    the failure shows each rank's Python stack instead of a bare timeout.
+    """
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(REPO / "scripts" / script)] + args
+    env = {**script_env(), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        stdout, stderr = process.communicate(timeout=60)
+        raise AssertionError(f"torchrun {script} hung for {timeout} s; stacks:\n{stderr[-8000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode == 0, stderr[-3000:]
+    return result
 
 
 def kill_when(process, progress, threshold: int, timeout: float = 240) -> int:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from clt.activations import ActivationStore, CollectConfig, collect_activations, mlp_activations
 from clt.loader import StoreLoader, StreamingLoader
-from tests.conftest import PYTHON, REPO, collect_args, kill_when, script_env
+from tests.conftest import PYTHON, REPO, collect_args, kill_when, script_env, run_torchrun
 
 
 def test_store_layout_and_values(tiny_store, tiny_model_dir):
@@ -139,10 +139,7 @@ def test_two_torchrun_writers_fill_disjoint_shards_identically(tiny_store, tiny_
     args = []
     for key, value in collect_args(tiny_model_dir, store_path, real_slice_corpus_dir).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    command = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
-               str(REPO / "scripts" / "collect_activations.py")] + args
-    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun("collect_activations.py", args)
     store = ActivationStore(store_path)
     assert store.is_complete()
     for name in ("mlp_in", "mlp_out", "token_id", "lang", "position"):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from clt.evaluate import ReplacementMLPs, replacement_metrics
 from clt.export import export_circuit_tracer, export_sae_lens, folded_weights, load_native, save_native
 from clt.train import CLTTrainConfig, train_clt
-from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env, run_torchrun
 
 
 def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> dict:
@@ -205,10 +205,7 @@ def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_sl
 
 def test_ddp_training_with_torchrun(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     args = train_args(tmp_path / "ddp", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=20, batch_size=64)
-    command = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-               str(REPO / "scripts" / "train_clt.py")] + as_flags(args)
-    result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun("train_clt.py", as_flags(args))
     report = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert report["tokens"] == 20 * 64 * 2  # both ranks' batches count
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]

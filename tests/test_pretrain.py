@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env, run_torchrun
 from training.config import config_to_dict
 from training.pretrain import PretrainConfig, learning_rate, pretrain
 
@@ -29,8 +29,8 @@ def micro_args(run_dir, corpus_dir, tokenizer_dir, **overrides) -> list[str]:
     return flat + MICRO_MODEL
 
 
-def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = (launcher or [PYTHON]) + [str(REPO / "scripts" / "pretrain.py")] + args
+def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [PYTHON, str(REPO / "scripts" / "pretrain.py")] + args
     result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -90,8 +90,7 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, real_slice_corp
     single = tmp_path / "single"
     run_script(micro_args(single, real_slice_corpus_dir, slice_tokenizer_dir, **common, **{"grad-accum": 2}))
     ddp = tmp_path / "ddp"
-    run_script(micro_args(ddp, real_slice_corpus_dir, slice_tokenizer_dir, **common),
-               launcher=[PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"])
+    run_torchrun("pretrain.py", micro_args(ddp, real_slice_corpus_dir, slice_tokenizer_dir, **common))
     a, b = final_weights(single), final_weights(ddp)
     for name in a:
         # Same blocks, same averaged gradients: equal up to float summation order.

@@ -20,6 +20,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -96,6 +97,17 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
+    def shutdown(self) -> None:
+        """Leave the process group as soon as the collective part of a run is over.
+
+        Called by every rank right after training, *before* rank 0's single-process evaluation and
+        export, so no rank idles inside a collective while rank 0 works and `destroy_process_group`
+        runs with all ranks at the same point (destroying at different times is a known hang).
+        """
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,7 +123,9 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
         # Processes share the machine's cores; oversubscribing threads slows everything down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A bounded timeout turns a stuck collective into an error instead of a silent 30-minute hang.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=int(os.environ.get("MLCLT_DIST_TIMEOUT_S", "600"))))
     return Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=local_rank), device
 
 
@@ -324,13 +338,11 @@ def pretrain(config: PretrainConfig) -> dict:
                 save_checkpoint(run.path, model, optimizer, state)
             ranks.barrier()
     progress.close()
+    ranks.shutdown()
 
     summary = None
     if ranks.is_main:
         summary = finish(config, run, model, tokenizer, corpus, val_blocks, meta, state, device)
-    ranks.barrier()
-    if ranks.world_size > 1:
-        dist.destroy_process_group()
     return summary if summary is not None else {}
 
 
