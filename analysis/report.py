@@ -86,7 +86,14 @@ def findings(sections: dict) -> list[dict]:
     return out
 
 
-def _image(path: Path) -> str:
+def html_page(title: str, body: list[str]) -> str:
+    """A self-contained HTML page (plots are inlined with `inline_image`)."""
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}td{vertical-align:top}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
+
+
+def inline_image(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
 
 
@@ -114,11 +121,8 @@ def write_report(run_dir: Path, sections: dict, plots: dict[str, Path], title: s
              for f in result["findings"]]
     body.append("</table>")
     for name, path in plots.items():
-        body += [f"<h2>{html.escape(name)}</h2>", _image(path)]
+        body += [f"<h2>{html.escape(name)}</h2>", inline_image(path)]
     body.append("<h2>All numbers</h2><details><summary>report.json</summary><pre>"
                 + html.escape(json.dumps(result, indent=1, default=str)[:200000]) + "</pre></details>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}td{vertical-align:top}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
-    atomic_write_text(run_dir / "report.html", page)
+    atomic_write_text(run_dir / "report.html", html_page(title, body))
     return {"json": run_dir / "report.json", "markdown": run_dir / "report.md", "html": run_dir / "report.html"}

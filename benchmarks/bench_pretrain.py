@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from training.data import micro_batch_indices
 from training.models import PRESETS, build_model, gpt2_config
-from training.pretrain import PretrainConfig, make_optimizer, pretrain
+from training.loop import make_optimizer
+from training.pretrain import PretrainConfig, pretrain
 
 
 def bare_loop(config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos: int, eos: int, steps: int) -> float:

@@ -21,7 +21,7 @@ from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CrossLayerTranscoder
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
-from training.pretrain import start_run
+from training.loop import start_run
 
 
 @dataclass

@@ -7,7 +7,7 @@
 
 from clt.activations import CollectConfig, collect_activations
 from training.config import parse_config
-from training.pretrain import init_distributed
+from training.loop import init_distributed
 
 
 def main(argv=None) -> None:

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env, run_torchrun
 from training.config import config_to_dict
-from training.pretrain import PretrainConfig, learning_rate, pretrain
+from training.loop import learning_rate
+from training.pretrain import PretrainConfig, pretrain
 
 MICRO_MODEL = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ctx", "32"]
 

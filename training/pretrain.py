@@ -15,24 +15,17 @@ runs data-parallel (gloo on CPU, NCCL on GPUs).
 from __future__ import annotations
 
 import json
-import math
-import os
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from training import evaluate
-from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from training.config import RunDir, atomic_write_json, config_to_dict
+from training.checkpoint import find_checkpoint, load_checkpoint
+from training.config import RunDir, atomic_write_json
 from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
-from training.data import micro_batch_indices, pack_by_language
+from training.data import pack_by_language
+from training.loop import make_optimizer, start_run, train_steps
 from training.mixtures import count_chars, parse_mixture, sample_mixture
 from training.models import build_model, gpt2_config
 from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
@@ -77,56 +70,6 @@ class PretrainConfig:
     gen_new_tokens: int = field(default=32, metadata={"help": "continuation length in tokens"})
     seed: int = field(default=0, metadata={"help": "seed for init, mixture sampling and data order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def shutdown(self) -> None:
-        """Leave the process group as soon as the collective part of a run is over.
-
-        Called by every rank right after training, *before* rank 0's single-process evaluation and
-        export, so no rank idles inside a collective while rank 0 works and `destroy_process_group`
-        runs with all ranks at the same point (destroying at different times is a known hang).
-        """
-        if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and world_size > 1:
-        device_name = f"cuda:{local_rank}"
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        # Processes share the machine's cores; oversubscribing threads slows everything down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    if world_size > 1 and not dist.is_initialized():
-        # A bounded timeout turns a stuck collective into an error instead of a silent 30-minute hang.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=int(os.environ.get("MLCLT_DIST_TIMEOUT_S", "600"))))
-    return Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=local_rank), device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,55 +135,11 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def learning_rate(step: int, total_steps: int, config: PretrainConfig) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio × lr` at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
-    # Decay matrices (incl. embeddings) but not biases and LayerNorm gains, as in GPT-2/nanoGPT.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
-
-
 def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
     tokens_per_step = config.micro_batch * config.grad_accum * world_size * n_ctx
     return max(1, config.train_tokens // tokens_per_step)
-
-
-def check_run_dir_config(run: RunDir, config: PretrainConfig) -> None:
-    """Refuse to resume a run directory with a different config (it would mix two experiments)."""
-    if not run.config_path.exists():
-        return
-    saved = json.loads(run.config_path.read_text())
-    current = config_to_dict(config)
-    # The device may legitimately change between a run and its resumption.
-    differing = sorted(k for k in set(saved) | set(current) if k != "device" and saved.get(k) != current.get(k))
-    if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
-        raise ValueError(f"{run.path} holds a run with a different config ({details}); use another --run-dir")
-
-
-def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
-    """Common start of every training run: distributed setup, the run directory, and either the
-    summary of a finished run (nothing to do) or a config check + save (new or resumed run)."""
-    ranks, device = init_distributed(config.device)
-    run = RunDir(config.run_dir)
-    summary_path = run.path / "summary.json"
-    if summary_path.exists():
-        return ranks, device, run, json.loads(summary_path.read_text())
-    if ranks.is_main:
-        check_run_dir_config(run, config)
-        run.save_config(config)
-    return ranks, device, run, None
 
 
 def pretrain(config: PretrainConfig) -> dict:
@@ -279,65 +178,9 @@ def pretrain(config: PretrainConfig) -> dict:
         state = load_checkpoint(checkpoint, model, optimizer)
         if ranks.is_main:
             run.truncate_metrics(lambda record: record["step"] <= state["step"])
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ranks.world_size > 1 else model
-
     total_steps = total_steps_for(config, n_ctx, ranks.world_size)
-    tokens_per_step = config.micro_batch * config.grad_accum * ranks.world_size * n_ctx
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
-    progress = tqdm(total=total_steps, initial=state["step"], desc="pretrain", disable=not ranks.is_main, unit="step")
-    window_start, window_tokens = time.perf_counter(), 0
-    segment_start = time.perf_counter()
-    model.train()
-    for step in range(state["step"], total_steps):
-        step_start = time.perf_counter()
-        lr = learning_rate(step, total_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = micro_batch_indices(step, config.micro_batch, config.grad_accum, ranks.rank, ranks.world_size,
-                                            len(train_blocks), config.seed)
-        step_loss = torch.zeros((), device=device)
-        for micro_step, indices in enumerate(micro_batches):
-            batch = train_blocks[indices].long().to(device)
-            # Skip the gradient all-reduce on all but the last micro-step of an accumulation.
-            sync = nullcontext() if (ranks.world_size == 1 or micro_step == len(micro_batches) - 1) else ddp_model.no_sync()
-            with sync:
-                with autocast:
-                    loss = ddp_model(input_ids=batch, labels=batch).loss / config.grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        state["tokens"] += tokens_per_step
-        state["train_time_s"] += time.perf_counter() - step_start
-        window_tokens += tokens_per_step
-        progress.update(1)
-
-        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
-            if ranks.world_size > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            window_start, window_tokens = time.perf_counter(), 0
-            if ranks.is_main:
-                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                run.log_metrics({"step": state["step"], "split": "train", "loss": step_loss.item(), "lr": lr,
-                                 "grad_norm": None if grad_norm is None else grad_norm.item(),
-                                 "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
-        if ranks.is_main and (state["step"] % config.eval_every == 0 or state["step"] == total_steps):
-            with autocast:
-                losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
-            run.log_metrics({"step": state["step"], "split": "validation", "tokens": state["tokens"],
-                             **{f"loss/{lang}": value for lang, value in losses.items()}})
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if state["step"] % config.ckpt_every == 0 or state["step"] == total_steps:
-            state["wall_time_s"] += time.perf_counter() - segment_start
-            segment_start = time.perf_counter()
-            if ranks.is_main:
-                save_checkpoint(run.path, model, optimizer, state)
-            ranks.barrier()
-    progress.close()
+    state = train_steps(model, optimizer, train_blocks, val_blocks, config, run, ranks, device, state, total_steps,
+                        desc="pretrain")
     ranks.shutdown()
 
     summary = None
