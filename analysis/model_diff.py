@@ -108,8 +108,9 @@ def identity_features(frequency: Float[Tensor, "layer feature lang"], langs: lis
 
 
 def brightening(before: dict, after: dict, features: dict[str, dict[int, list[int]]]) -> dict:
-    """Per language and layer: mean frequency and strength of its identity features on its own text,
-    before and after, and log2 ratios (> 0 = brighter after)."""
+    """Per language and layer: mean frequency, strength (activation when active) and mass (mean
+    activation per token) of its identity features on its own text, before and after, and log2
+    ratios (> 0 = brighter after)."""
     langs = before["langs"]
     out: dict[str, dict[str, dict]] = {}
     for lang, by_layer in features.items():
@@ -119,9 +120,13 @@ def brightening(before: dict, after: dict, features: dict[str, dict[int, list[in
             if not indices:
                 continue
             entry = {}
-            for name in ("frequency", "strength"):
-                b = before[name][layer, indices, k].mean().item()
-                a = after[name][layer, indices, k].mean().item()
+            for name in ("frequency", "strength", "mass"):
+                values = {}
+                for when, stats in (("before", before), ("after", after)):
+                    freq, strength = stats["frequency"][layer, indices, k], stats["strength"][layer, indices, k]
+                    # mass = frequency × strength: the mean activation per token, "brightness" in one number.
+                    values[when] = {"frequency": freq, "strength": strength, "mass": freq * strength}[name].mean().item()
+                b, a = values["before"], values["after"]
                 entry[f"{name}_before"], entry[f"{name}_after"] = b, a
                 entry[f"{name}_log2_ratio"] = math.log2(a / b) if a > 0 and b > 0 else None
             out[lang][str(layer)] = {**entry, "features": indices}

@@ -119,6 +119,10 @@ def feature_change(stats: dict) -> dict:
     return out
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
 def findings(result: dict, lang: str) -> list[dict]:
     """Seed 003's claims on the focus language, answered with this diff's numbers."""
     out = []
@@ -126,21 +130,28 @@ def findings(result: dict, lang: str) -> list[dict]:
         return out
     L = result["n_layers"]
     late = result["brightening"].get(lang, {}).get(str(L - 1))
-    if late and late["frequency_log2_ratio"] is not None:
-        verdict = "yes" if late["frequency_log2_ratio"] > 0 else "no"
-        out.append({"claim": f"fine-tuning brightens {lang}'s late-layer identity features",
-                    "measure": f"layer {L - 1}: log2(after/before) frequency {late['frequency_log2_ratio']:+.2f}, "
-                               f"strength {late['strength_log2_ratio'] if late['strength_log2_ratio'] is None else round(late['strength_log2_ratio'], 2)}",
-                    "verdict": verdict})
+    claim = f"fine-tuning brightens {lang}'s late-layer identity features"
+    if late and late["mass_log2_ratio"] is not None:
+        weak = " (they barely fire: frequency < 1%)" if late["frequency_before"] < 0.01 else ""
+        out.append({"claim": claim,
+                    "measure": f"layer {L - 1}: log2(after/before) of mean activation per token {late['mass_log2_ratio']:+.2f} "
+                               f"(frequency {_signed(late['frequency_log2_ratio'])}, strength {_signed(late['strength_log2_ratio'])}){weak}",
+                    "verdict": "yes" if late["mass_log2_ratio"] > 0 else "no"})
     else:
-        out.append({"claim": f"fine-tuning brightens {lang}'s late-layer identity features",
-                    "measure": f"no {lang}-specific feature in layer {L - 1} on the before model", "verdict": "not measurable"})
+        out.append({"claim": claim, "measure": f"no {lang}-specific feature in layer {L - 1} on the before model",
+                    "verdict": "not measurable"})
     graphs = result.get("graphs", {}).get("per_lang", {}).get(lang)
     if graphs:
         b, a = graphs["middle_cluster_strength_before"], graphs["middle_cluster_strength_after"]
         out.append({"claim": f"fine-tuning strengthens middle-layer cross-lingual clusters in {lang} graphs",
                     "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f}",
                     "verdict": "yes" if a > b else "no"})
+    r = result["fertility"].get("corr_fertility_layer0_l0_before")
+    if r is not None:
+        out.append({"claim": "languages the tokenizer splits more use more early-layer features",
+                    "measure": f"Pearson r(tokens per word, layer-0 active features per token) over {len(result['langs'])} "
+                               f"languages: before {r:+.2f}, after {result['fertility']['corr_fertility_layer0_l0_after']:+.2f}",
+                    "verdict": "yes" if r > 0.5 else "weak" if r > 0 else "no"})
     fvu = result["clt_fvu"]
     out.append({"claim": "the shared CLT still describes the second model",
                 "measure": f"{lang} FVU per layer before {[round(v, 3) for v in fvu['before'][lang]]}, after "
@@ -187,13 +198,13 @@ def plot_all(result: dict, out: Path) -> dict[str, Path]:
     matrix = torch.full((len(langs), L), float("nan"))
     for i, lang in enumerate(langs):
         for layer, entry in result["brightening"].get(lang, {}).items():
-            if entry["frequency_log2_ratio"] is not None:
-                matrix[i, int(layer)] = entry["frequency_log2_ratio"]
+            if entry["mass_log2_ratio"] is not None:
+                matrix[i, int(layer)] = entry["mass_log2_ratio"]
     fig, ax = plt.subplots(figsize=(1.2 * L + 3, 0.5 * len(langs) + 2))
     bound = max(0.1, float(matrix.nan_to_num(0).abs().max()))
     image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
     ax.set(xticks=layers, yticks=range(len(langs)), yticklabels=langs, xlabel="layer",
-           title="identity features: log2(after / before) frequency on own language")
+           title="identity features: log2(after / before) mean activation on own language")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     paths["Brightening / dimming of language-identity features"] = out / "brightening.png"

@@ -12,7 +12,6 @@ Writes `comparison.json`, `comparison.md` and `comparison.png` to `--out-dir`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev

@@ -61,6 +61,7 @@ def test_a_model_diffed_with_itself_shows_no_change(tiny):
     for lang, by_layer in diff.brightening(stats, stats, identity).items():
         for entry in by_layer.values():
             assert entry["frequency_log2_ratio"] == 0.0 and entry["strength_log2_ratio"] == pytest.approx(0.0, abs=1e-6)
+            assert entry["mass_log2_ratio"] == pytest.approx(0.0, abs=1e-6)
     for values in diff.lens_kl(model, model, blocks).values():
         assert max(abs(v) for v in values) < 1e-6
 
@@ -88,6 +89,17 @@ def test_identity_features_by_hand():
     features = diff.identity_features(frequency, ["en", "fr", "de"], per_layer=2)
     assert features["en"][0] == [1, 2] and features["de"][0] == [3] and features["fr"][0] == []
     assert features["en"][1] == [] and features["fr"][1] == []
+
+
+def test_brightening_by_hand():
+    shape = (1, 3, 2)  # layer, feature, lang
+    before = {"langs": ["en", "eu"], "frequency": torch.full(shape, 0.1), "strength": torch.full(shape, 2.0)}
+    after = {"langs": ["en", "eu"], "frequency": torch.full(shape, 0.1), "strength": torch.full(shape, 2.0)}
+    after["frequency"][0, 1, 1] = 0.4  # feature 1 fires 4× as often on Basque, half as strongly
+    after["strength"][0, 1, 1] = 1.0
+    entry = diff.brightening(before, after, {"eu": {0: [1]}})["eu"]["0"]
+    assert entry["frequency_log2_ratio"] == pytest.approx(2.0) and entry["strength_log2_ratio"] == pytest.approx(-1.0)
+    assert entry["mass_log2_ratio"] == pytest.approx(1.0) and entry["mass_before"] == pytest.approx(0.2)
 
 
 def hand_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:
