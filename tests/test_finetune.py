@@ -246,3 +246,32 @@ def test_finetune_script_end_to_end(tmp_path, tiny_model_dir, real_slice_corpus_
     refused = subprocess.run(command + ["--lr", "0.5"], env=script_env(), cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode != 0 and "different config" in refused.stderr
+
+
+def test_every_config_has_a_working_help():
+    """argparse %-formats help text; a stray "%" in any field's help would crash `--help`."""
+    import dataclasses
+    import importlib
+    import importlib.util
+    import sys
+
+    from training.config import build_parser
+
+    modules = []
+    for package in ("training", "clt", "attribution", "analysis", "interventions"):
+        for path in sorted((REPO / package).glob("*.py")):
+            if "@dataclass" in path.read_text():
+                modules.append(importlib.import_module(f"{package}.{path.stem}"))
+    for path in sorted((REPO / "scripts").glob("*.py")):
+        if "@dataclass" in path.read_text():
+            name = f"_help_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up here
+            spec.loader.exec_module(module)
+            modules.append(module)
+    configs = [value for module in modules for value in vars(module).values()
+               if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
+               and value.__name__.endswith("Config") and all(f.metadata.get("help") for f in dataclasses.fields(value))]
+    assert len(configs) >= 12, [c.__name__ for c in configs]
+    for config in configs:
+        assert "--" in build_parser(config).format_help(), config.__name__

@@ -79,7 +79,8 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
             dest=field.name,
             type=_parser_for(tp),
             default=argparse.SUPPRESS,
-            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})",
+            # argparse %-formats help strings: a literal "%" (e.g. "top 1%") must be doubled.
+            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})".replace("%", "%%"),
         )
     return parser
 
