@@ -275,3 +275,25 @@ def test_every_config_has_a_working_help():
     assert len(configs) >= 12, [c.__name__ for c in configs]
     for config in configs:
         assert "--" in build_parser(config).format_help(), config.__name__
+
+
+def test_comparison_table_by_hand():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("_compare", REPO / "scripts" / "compare_finetuning.py")
+    compare = sys.modules["_compare"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    row = {"scenario": "adapt-eu", "metric": "target_loss", "target_before": 6.0, "share": 0.1, "trainable": 10}
+    rows = [{**row, "variant": "full", "seed": 0, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 10.0},
+            {**row, "variant": "full", "seed": 1, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 12.0},
+            {**row, "variant": "lape", "seed": 0, "target_after": 5.0, "forgetting": 0.2, "train_time_s": 5.0},
+            {**row, "variant": "lape", "seed": 1, "target_after": 5.5, "forgetting": 0.4, "train_time_s": 7.0},
+            {"scenario": "adapt-eu", "variant": "located", "seed": 0, "skipped": "no units"}]
+    lines = {line["variant"]: line for line in compare.table(rows)}
+    assert lines["lape"]["target_after"][0] == pytest.approx(5.25)
+    assert lines["lape"]["gain_vs_full"] == pytest.approx((5.25 - 6.0) / (3.0 - 6.0))
+    assert lines["lape"]["forgetting"][0] == pytest.approx(0.3) and lines["lape"]["train_time_min_s"] == 5.0
+    assert lines["located"]["skipped"] == "no units"
+    text = compare.markdown(list(lines.values()))
+    assert "not run: no units" in text and "| adapt-eu | lape | 6.000 | 5.250 ± 0.354 | 0.25 |" in text
