@@ -12,6 +12,7 @@ Writes `comparison.json`, `comparison.md` and `comparison.png` to `--out-dir`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
@@ -23,6 +24,9 @@ from training.finetune import SCENARIOS, FinetuneConfig, finetune
 # last-k (whole blocks, LinguaMap's "random layers fail").
 VARIANTS = {
     "full": {"strategy": "full"},
+    # Every transformer block but not the (tied) embeddings: separates "train the blocks" from "train
+    # the vocabulary", which only `full` does. `last_k` is filled with the model's depth.
+    "all-blocks": {"strategy": "last-k", "last_k": None},
     "last-k": {"strategy": "last-k"},
     "outermost": {"strategy": "outermost"},
     "lape": {"strategy": "lape"},
@@ -48,6 +52,10 @@ class CompareConfig:
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
 
 
+def n_layers(model_dir: str) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["n_layer"]
+
+
 def run_all(config: CompareConfig) -> list[dict]:
     rows = []
     for scenario in config.scenarios:
@@ -57,6 +65,8 @@ def run_all(config: CompareConfig) -> list[dict]:
                              "seed": seed, "max_steps": config.max_steps, "eval_every": config.max_steps,
                              "ckpt_every": config.max_steps, **VARIANTS[variant],
                              "run_dir": str(Path(config.runs_dir) / f"{scenario}-{variant}-{seed}")}
+                if overrides.get("last_k", 0) is None:
+                    overrides["last_k"] = n_layers(config.model_dir)
                 if config.corpus_dir:
                     overrides["corpus_dir"] = config.corpus_dir
                 try:
