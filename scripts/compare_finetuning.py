@@ -27,6 +27,7 @@ VARIANTS = {
     # Every transformer block but not the (tied) embeddings: separates "train the blocks" from "train
     # the vocabulary", which only `full` does. `last_k` is filled with the model's depth.
     "all-blocks": {"strategy": "last-k", "last_k": None},
+    "embeddings": {"strategy": "embeddings"},  # the tied embedding / LM head (+ positions) alone
     "last-k": {"strategy": "last-k"},
     "outermost": {"strategy": "outermost"},
     "lape": {"strategy": "lape"},
@@ -47,6 +48,7 @@ class CompareConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"of {', '.join(VARIANTS)}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds"})
     max_steps: int = field(default=150, metadata={"help": "optimizer steps per run"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate for every run (default: FinetuneConfig's)"})
     runs_dir: str = field(default="runs/finetune", metadata={"help": "where the run directories go"})
     out_dir: str = field(default="docs/finetuning", metadata={"help": "table, JSON and plot"})
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
@@ -58,13 +60,16 @@ def n_layers(model_dir: str) -> int:
 
 def run_all(config: CompareConfig) -> list[dict]:
     rows = []
+    lr_tag = "" if config.lr is None else f"-lr{config.lr:g}"
     for scenario in config.scenarios:
         for variant in config.variants:
             for seed in config.seeds:
                 overrides = {"model_dir": config.model_dir, "located": config.located, "scenario": scenario,
                              "seed": seed, "max_steps": config.max_steps, "eval_every": config.max_steps,
                              "ckpt_every": config.max_steps, **VARIANTS[variant],
-                             "run_dir": str(Path(config.runs_dir) / f"{scenario}-{variant}-{seed}")}
+                             "run_dir": str(Path(config.runs_dir) / f"{scenario}-{variant}-{seed}{lr_tag}")}
+                if config.lr is not None:
+                    overrides["lr"] = config.lr
                 if overrides.get("last_k", 0) is None:
                     overrides["last_k"] = n_layers(config.model_dir)
                 if config.corpus_dir:

@@ -56,6 +56,7 @@ SELECTIONS = {
     "random~neurons": lambda m: select.random_like(m, select.neurons(m, [(0, 3), (2, 5)]), seed=1),
     "random~last-k": lambda m: select.random_like(m, select.last_k(m, 1), seed=1),
     "neurons+embeddings": lambda m: select.with_embeddings(m, select.neurons(m, [(1, 1)])),
+    "embeddings": lambda m: select.embeddings(m),
 }
 
 
@@ -105,6 +106,7 @@ def test_parameter_counts_by_hand():
     assert select.count(model, select.neurons(model, units))["trainable"] == len(units) * (2 * d + 1)
     assert select.count(model, select.with_embeddings(model, select.neurons(model, units)))["trainable"] == \
         len(units) * (2 * d + 1) + V * d + CTX * d
+    assert select.count(model, select.embeddings(model))["trainable"] == V * d + CTX * d
 
 
 def test_random_subsets_match_the_reference_and_avoid_it():

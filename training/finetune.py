@@ -141,6 +141,8 @@ def build_selection(config: FinetuneConfig, model, strategy: str | None = None) 
     strategy = strategy or config.strategy
     if strategy == "full":
         return select.full(model)
+    if strategy == "embeddings":
+        return select.embeddings(model)
     if strategy == "last-k":
         chosen = select.last_k(model, config.last_k)
     elif strategy == "outermost":

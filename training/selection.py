@@ -11,7 +11,8 @@ the tensor's shape (only True entries train). Strategies (METHODS.md §6):
 - `neurons`: MLP neurons — for neuron j of layer l the `c_fc` column j, `c_fc` bias j and `c_proj`
   row j (seed 004's LAPE fine-tuning; GPT-2's Conv1D stores weights as [in, out]);
 - `random`: a random subset of the same kind and size as another selection — neurons with the same count
-  per layer outside the reference neurons, or the same number of blocks outside the reference blocks.
+  per layer outside the reference neurons, or the same number of blocks outside the reference blocks;
+- `embeddings`: only the tied token embedding / LM head and the position embeddings (a control).
 
 Tied embeddings. GPT-2 shares one matrix between the token embedding and the LM head, so "train the
 head" and "train the input embeddings" cannot be separated without untying (which changes the model's
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from analysis.lape import random_matched
 
-STRATEGIES = ("full", "last-k", "outermost", "lape", "located", "lora", "random")
+STRATEGIES = ("full", "last-k", "outermost", "lape", "located", "lora", "random", "embeddings")
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 
 
@@ -129,6 +130,11 @@ def with_embeddings(model, selection: Selection) -> Selection:
     params = dict(model.named_parameters())
     return Selection(selection.strategy, {**selection.masks, **{name: None for name in EMBEDDINGS if name in params}},
                      selection.layers, selection.neurons)
+
+
+def embeddings(model) -> Selection:
+    """Only the token (= tied LM head) and position embeddings: the control for what `full` adds."""
+    return with_embeddings(model, Selection("embeddings", {}))
 
 
 def count(model, selection: Selection) -> dict:
