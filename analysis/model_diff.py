@@ -177,6 +177,14 @@ def cluster_strength(g, shared: set[tuple[int, int]]) -> float:
     return out / total if total else 0.0
 
 
+def error_share(g) -> float:
+    """Share of the graph's |edge weight| that leaves error nodes: how much the CLT fails to explain
+    (it grows when the CLT drifts off a fine-tuned model, and feature-based shares shrink with it)."""
+    total = sum(abs(d["weight"]) for _, _, d in g.edges(data=True))
+    errors = sum(abs(d["weight"]) for u, _, d in g.edges(data=True) if g.nodes[u]["kind"] == "error")
+    return errors / total if total else 0.0
+
+
 def middle_layers(n_layers: int) -> set[int]:
     """Layers strictly between the first and the last (all layers for models with < 3)."""
     return set(range(1, n_layers - 1)) or set(range(n_layers))
@@ -212,6 +220,7 @@ def graph_differences(graphs: dict[str, dict[str, list]], n_layers: int) -> dict
             "strength_by_layer_after": by_layer["after"].tolist(),
             "middle_cluster_strength_before": sum(cluster["before"][lang]) / n_prompts,
             "middle_cluster_strength_after": sum(cluster["after"][lang]) / n_prompts,
+            **{f"error_share_{m}": sum(error_share(g) for g in graphs[m][lang][:n_prompts]) / n_prompts for m in graphs},
         }
     out["n_prompts"] = n_prompts
     return out

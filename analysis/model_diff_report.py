@@ -137,14 +137,18 @@ def findings(result: dict, lang: str) -> list[dict]:
                     "measure": f"layer {L - 1}: log2(after/before) of mean activation per token {late['mass_log2_ratio']:+.2f} "
                                f"(frequency {_signed(late['frequency_log2_ratio'])}, strength {_signed(late['strength_log2_ratio'])}){weak}",
                     "verdict": "yes" if late["mass_log2_ratio"] > 0 else "no"})
+    elif late and late["mass_before"] > 0:
+        out.append({"claim": claim, "measure": f"layer {L - 1}: its {len(late['features'])} identity feature(s) fire on "
+                    f"{100 * late['frequency_before']:.2f}% of {lang} tokens before and never after", "verdict": "no (silenced)"})
     else:
-        out.append({"claim": claim, "measure": f"no {lang}-specific feature in layer {L - 1} on the before model",
+        out.append({"claim": claim, "measure": f"no {lang}-specific feature fires in layer {L - 1} on the before model",
                     "verdict": "not measurable"})
     graphs = result.get("graphs", {}).get("per_lang", {}).get(lang)
     if graphs:
         b, a = graphs["middle_cluster_strength_before"], graphs["middle_cluster_strength_after"]
         out.append({"claim": f"fine-tuning strengthens middle-layer cross-lingual clusters in {lang} graphs",
-                    "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f}",
+                    "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f} "
+                               f"(error nodes' share {graphs['error_share_before']:.3f} → {graphs['error_share_after']:.3f})",
                     "verdict": "yes" if a > b else "no"})
     r = result["fertility"].get("corr_fertility_layer0_l0_before")
     if r is not None:

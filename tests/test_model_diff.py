@@ -108,6 +108,8 @@ def hand_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:
         if node.startswith("F"):
             layer, feature = map(int, node[1:].split("@")[0].split("_"))
             g.add_node(node, kind="feature", layer=layer, feature=feature)
+        elif node.startswith("X"):
+            g.add_node(node, kind="error", layer=int(node[1:].split("@")[0]))
         elif node.startswith("E"):
             g.add_node(node, kind="token", layer=-1)
         else:
@@ -124,6 +126,8 @@ def test_edge_change_and_cluster_strength_by_hand():
     # Target edges are left out; |3−2| + |0−1| + |1−0| over Σ|before| = 3.
     assert change["relative_change"] == pytest.approx(3 / 3) and change["edge_jaccard"] == pytest.approx(1 / 3)
     assert diff.cluster_strength(before, {(1, 7)}) == pytest.approx(1.0 / 4.0)
+    with_error = hand_graph([("E5@0", "X1@0", 1.0), ("X1@0", "F2_3@1", 3.0)])
+    assert diff.error_share(with_error) == pytest.approx(3.0 / 4.0) and diff.error_share(before) == 0.0
     assert diff.cluster_strength(after, {(1, 7), (2, 9)}) == pytest.approx(5.0 / 8.0)
     strength = diff.edge_strength_by_layer(before, n_layers=3)
     assert strength[0, 1] == 2.0 and strength[2, 2] == 1.0 and strength[3, 3] == 1.0 and strength.sum() == 4.0
