@@ -31,7 +31,7 @@ from training.checkpoint import find_checkpoint, load_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus
 from training.lora import add_lora, lora_count, merge_lora
-from training.loop import make_optimizer, start_run, train_steps
+from training.loop import OptimizerConfig, make_optimizer, start_run, train_steps
 from training.pretrain import prepare_data
 
 
@@ -50,7 +50,7 @@ SCENARIOS = {
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimizerConfig):
     """Fine-tune a pretrained model on a scenario with a parameter-selection strategy."""
 
     model_dir: str = field(default="runs/pretrain-tiny-en-heavy/model", metadata={"help": "pretrained HF model directory"})
@@ -73,15 +73,7 @@ class FinetuneConfig:
     max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
     micro_batch: int = field(default=8, metadata={"help": "blocks per forward pass per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
     warmup_steps: int = field(default=15, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only; masked entries exempt)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    log_every: int = field(default=10, metadata={"help": "steps between train-loss records"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation-loss evaluations"})
     eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language"})
     ckpt_every: int = field(default=50, metadata={"help": "steps between checkpoints"})

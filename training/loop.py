@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -28,6 +28,22 @@ from training import evaluate
 from training.checkpoint import save_checkpoint
 from training.config import RunDir, config_to_dict
 from training.data import micro_batch_indices
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimisation settings shared by every run config that uses `train_steps` (PretrainConfig,
+    FinetuneConfig). Batch size, warm-up and evaluation/checkpoint cadence differ between them and are
+    declared by each, with its own defaults."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only; masked entries exempt)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    log_every: int = field(default=10, metadata={"help": "steps between train-loss records"})
 
 
 @dataclass

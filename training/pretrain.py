@@ -25,14 +25,14 @@ from training.checkpoint import find_checkpoint, load_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
 from training.data import pack_by_language
-from training.loop import make_optimizer, start_run, train_steps
+from training.loop import OptimizerConfig, make_optimizer, start_run, train_steps
 from training.mixtures import count_chars, parse_mixture, sample_mixture
 from training.models import build_model, gpt2_config
 from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(OptimizerConfig):
     """Pretrain a GPT-2-style model on a language mixture of the project's corpus."""
 
     run_dir: str = field(default="runs/pretrain-tiny-en-heavy", metadata={"help": "run directory (resumed if it holds a checkpoint)"})
@@ -53,15 +53,7 @@ class PretrainConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout (GPT-2 used 0.1; 0 is usual for short runs)"})
     micro_batch: int = field(default=16, metadata={"help": "blocks per forward pass per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    log_every: int = field(default=10, metadata={"help": "steps between train-loss records"})
     eval_every: int = field(default=200, metadata={"help": "steps between validation-loss evaluations"})
     eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
