@@ -299,3 +299,29 @@ def test_comparison_table_by_hand():
     assert lines["located"]["skipped"] == "no units"
     text = compare.markdown(list(lines.values()))
     assert "not run: no units" in text and "| adapt-eu | lape | 6.000 | 5.250 ± 0.354 | 0.25 |" in text
+
+
+def test_masked_finetuning_under_torchrun(tmp_path, tiny_model_dir, real_slice_corpus_dir):
+    """Two gloo ranks: the neuron masks hold on every rank and both ranks' batches count."""
+    from tests.conftest import run_torchrun
+    from training.finetune import load_pretrained
+
+    model, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
+    path = located_file(tmp_path, tiny_model_dir, model, neurons={"fr": [[0, 1], [1, 7]], "de": [], "en": []},
+                        features_neurons={"fr": [], "de": [], "en": []})
+    run_dir = tmp_path / "ddp"
+    run_torchrun("finetune.py", [
+        "--model-dir", str(tiny_model_dir), "--corpus-dir", str(real_slice_corpus_dir), "--run-dir", str(run_dir),
+        "--located", path, "--scenario", "consistency", "--mixture", "fr=1", "--target-langs", "fr", "--strategy", "lape",
+        "--token-budget", "3000", "--max-steps", "4", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "0.01",
+        "--eval-every", "4", "--ckpt-every", "2", "--eval-blocks", "2", "--gen-prompts", "2", "--gen-new-tokens", "4",
+        "--device", "cpu"])
+    from transformers import GPT2LMHeadModel
+
+    base, tuned = GPT2LMHeadModel.from_pretrained(tiny_model_dir), GPT2LMHeadModel.from_pretrained(run_dir / "model")
+    allowed = select.neurons(base, [(0, 1), (1, 7)]).masks
+    for (name, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()):
+        moved = a.detach() != b.detach()
+        assert not (moved & ~allowed.get(name, torch.zeros_like(moved))).any(), f"{name}: a frozen entry moved under DDP"
+    assert any((a != b).any() for a, b in zip(base.parameters(), tuned.parameters()))
+    assert json.loads((run_dir / "summary.json").read_text())["tokens_trained"] == 4 * 2 * 2 * base.config.n_positions
