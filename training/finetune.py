@@ -23,16 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from training import evaluate
 from training import selection as select
-from training.checkpoint import find_checkpoint, load_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus
 from training.lora import add_lora, lora_count, merge_lora
-from training.loop import OptimizerConfig, make_optimizer, start_run, train_steps
-from training.pretrain import prepare_data
+from training.loop import OptimizerConfig, make_optimizer, resume, start_run, train_steps
+from training.pretrain import load_data
 
 
 @dataclass(frozen=True)
@@ -204,14 +202,7 @@ def finetune(config: FinetuneConfig) -> dict:
     selection = None if config.strategy == "lora" else build_selection(config, model)
     corpus = load_corpus(config.corpus_dir)
     n_ctx = model.config.n_positions
-    if ranks.is_main:
-        meta = prepare_data(config, corpus, tokenizer, n_ctx, run)
-    ranks.barrier()
-    if not ranks.is_main:
-        meta = json.loads((run.path / "data" / "meta.json").read_text())
-    tensors = load_file(str(run.path / "data" / "blocks.safetensors"))
-    train_blocks = tensors.pop("train")
-    val_blocks = {name.split("/", 1)[1]: blocks for name, blocks in tensors.items()}
+    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, ranks)
 
     before_path = run.path / "before.json"
     if ranks.is_main and not before_path.exists():
@@ -225,12 +216,7 @@ def finetune(config: FinetuneConfig) -> dict:
         masked = select.MaskedTraining(model, selection)
         counts, chosen = select.count(model, selection), selection.describe()
     optimizer = make_optimizer(model, config)
-    state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
-    checkpoint = find_checkpoint(run.path)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        if ranks.is_main:
-            run.truncate_metrics(lambda record: record["step"] <= state["step"])
+    state = resume(run, model, optimizer, ranks)
     state = train_steps(model, optimizer, train_blocks, val_blocks, config, run, ranks, device, state, config.max_steps,
                         desc=f"finetune {config.strategy}", after_step=masked.restore if masked else None)
     ranks.shutdown()

@@ -25,7 +25,7 @@ from jaxtyping import Int
 from tqdm import tqdm
 
 from training import evaluate
-from training.checkpoint import save_checkpoint
+from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir, config_to_dict
 from training.data import micro_batch_indices
 
@@ -135,6 +135,17 @@ def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
     if ranks.is_main:
         run.save_config(config)
     return ranks, device, run, None
+
+
+def resume(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Dist) -> dict:
+    """The loop state of a new run, or the checkpoint's (model and optimizer restored, metrics past it dropped)."""
+    checkpoint = find_checkpoint(run.path)
+    if checkpoint is None:
+        return {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+    state = load_checkpoint(checkpoint, model, optimizer)
+    if ranks.is_main:
+        run.truncate_metrics(lambda record: record["step"] <= state["step"])
+    return state
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_blocks: Int[torch.Tensor, "blocks ctx"],

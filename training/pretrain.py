@@ -18,14 +18,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from training import evaluate
-from training.checkpoint import find_checkpoint, load_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
 from training.data import pack_by_language
-from training.loop import OptimizerConfig, make_optimizer, start_run, train_steps
+from training.loop import Dist, OptimizerConfig, make_optimizer, resume, start_run, train_steps
 from training.mixtures import count_chars, parse_mixture, sample_mixture
 from training.models import build_model, gpt2_config
 from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
@@ -123,6 +123,19 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
     return meta
 
 
+def load_data(config, corpus, tokenizer, n_ctx: int, run: RunDir, ranks: Dist) -> tuple[dict, torch.Tensor, dict]:
+    """Rank 0 prepares (or finds) the run's packed data, every rank then reads it:
+    returns (meta, train blocks, validation blocks by language)."""
+    if ranks.is_main:
+        meta = prepare_data(config, corpus, tokenizer, n_ctx, run)
+    ranks.barrier()
+    if not ranks.is_main:
+        meta = json.loads((run.path / "data" / "meta.json").read_text())
+    tensors = load_file(str(run.path / "data" / "blocks.safetensors"))
+    train_blocks = tensors.pop("train")
+    return meta, train_blocks, {name.split("/", 1)[1]: blocks for name, blocks in tensors.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -153,23 +166,11 @@ def pretrain(config: PretrainConfig) -> dict:
                                eos_token_id=tokenizer.eos_token_id, dropout=config.dropout, n_layer=config.n_layer,
                                n_embd=config.n_embd, n_head=config.n_head, n_ctx=config.n_ctx)
     n_ctx = model_config.n_positions
-    if ranks.is_main:
-        meta = prepare_data(config, corpus, tokenizer, n_ctx, run)
-    ranks.barrier()
-    if not ranks.is_main:
-        meta = json.loads((run.path / "data" / "meta.json").read_text())
-    tensors = load_file(str(run.path / "data" / "blocks.safetensors"))
-    train_blocks = tensors.pop("train")
-    val_blocks = {name.split("/", 1)[1]: blocks for name, blocks in tensors.items()}
+    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, ranks)
 
     model = build_model(model_config, config.seed).to(device)
     optimizer = make_optimizer(model, config)
-    state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
-    checkpoint = find_checkpoint(run.path)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
-        if ranks.is_main:
-            run.truncate_metrics(lambda record: record["step"] <= state["step"])
+    state = resume(run, model, optimizer, ranks)
     total_steps = total_steps_for(config, n_ctx, ranks.world_size)
     state = train_steps(model, optimizer, train_blocks, val_blocks, config, run, ranks, device, state, total_steps,
                         desc="pretrain")
