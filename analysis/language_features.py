@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from analysis.firing import firing_share
 from analysis.lape import entropy
 from clt.activations import MLPActivationRecorder
 from clt.export import folded_weights
@@ -31,24 +32,11 @@ def clt_features(model, clt: CrossLayerTranscoder, input_ids: Int[Tensor, "batch
                         for layer in range(clt.config.n_layers)])
 
 
-@torch.no_grad()
 def feature_activation_probability(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
                                    batch_size: int = 16) -> Float[Tensor, "layer feature lang"]:
+    """Share of (non-BOS) tokens of each language on which each CLT feature fires."""
     device = next(model.parameters()).device
-    langs = list(blocks_by_lang)
-    counts = torch.zeros(clt.config.n_layers, clt.config.n_features, len(langs), dtype=torch.float64)
-    for k, lang in enumerate(langs):
-        blocks = blocks_by_lang[lang]
-        if len(blocks) == 0:
-            raise ValueError(f"no text for language {lang!r}")
-        tokens = 0
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start: start + batch_size].to(device)
-            acts = clt_features(model, clt, batch)[:, :, 1:]  # BOS excluded
-            counts[:, :, k] += (acts > 0).sum((1, 2)).double().cpu()
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
-        counts[:, :, k] /= tokens
-    return counts.float()
+    return firing_share(lambda ids: clt_features(model, clt, ids), blocks_by_lang, batch_size, device)
 
 
 def entropy_bits(probabilities: Float[Tensor, "... lang"]) -> Float[Tensor, "..."]:

@@ -20,40 +20,29 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from analysis.firing import firing_share
+from training import hook_points
 from training.evaluate import mean_loss
+from training.selection import random_matched
 
 
 @torch.no_grad()
+def neuron_activations(model, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos neuron"]:
+    """Every layer's MLP neurons after the nonlinearity (`blocks.l.mlp.hook_post`)."""
+    n_layers = hook_points.adapter(model).n_layers
+    seen: dict[int, Tensor] = {}
+    named = [(f"blocks.{layer}.mlp.hook_post", lambda post, layer=layer: seen.__setitem__(layer, post))
+             for layer in range(n_layers)]
+    with hook_points.hooks(model, named):
+        model.transformer(input_ids=input_ids)
+    return torch.stack([seen[layer] for layer in range(n_layers)])
+
+
 def neuron_activation_probability(model, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
                                   ) -> Float[Tensor, "layer neuron lang"]:
     """Share of (non-BOS) tokens of each language on which each MLP neuron's post-GELU value is > 0."""
     device = next(model.parameters()).device
-    blocks_mlp = [block.mlp for block in model.transformer.h]
-    langs = list(blocks_by_lang)
-    counts = torch.zeros(len(blocks_mlp), blocks_mlp[0].c_fc.nf, len(langs), dtype=torch.float64)
-    current = {}
-
-    def hook(layer):
-        def fn(module, args, output):
-            counts[layer, :, current["k"]] += (output[:, 1:] > 0).sum((0, 1)).double().cpu()
-        return fn
-
-    handles = [mlp.act.register_forward_hook(hook(layer)) for layer, mlp in enumerate(blocks_mlp)]
-    tokens = torch.zeros(len(langs), dtype=torch.float64)
-    try:
-        for k, lang in enumerate(langs):
-            current["k"] = k
-            blocks = blocks_by_lang[lang]
-            if len(blocks) == 0:
-                raise ValueError(f"no text for language {lang!r}")
-            for start in range(0, len(blocks), batch_size):
-                batch = blocks[start: start + batch_size].to(device)
-                model.transformer(input_ids=batch)
-                tokens[k] += batch.shape[0] * (batch.shape[1] - 1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return (counts / tokens).float()
+    return firing_share(lambda ids: neuron_activations(model, ids), blocks_by_lang, batch_size, device)
 
 
 def entropy(probabilities: Float[Tensor, "... lang"]) -> Float[Tensor, "..."]:
@@ -90,51 +79,15 @@ def lape_select(probabilities: Float[Tensor, "layer unit lang"], langs: list[str
             "selected_per_layer": np.bincount([l for l, _ in selected], minlength=n_layers).tolist()}
 
 
-class DeactivateNeurons:
-    """Context manager: the given (layer, neuron) MLP units output 0 after the activation function."""
+def deactivate_neurons(model, neurons: list[tuple[int, int]]):
+    """Context manager: the given (layer, neuron) MLP units output 0 after the activation function
+    (LAPE's deactivation, as `NeuronEdit`s of the one intervention layer)."""
+    from interventions.hooks import Intervener, NeuronEdit
 
-    def __init__(self, model, neurons: list[tuple[int, int]]):
-        self.mlps = [block.mlp for block in model.transformer.h]
-        self.by_layer: dict[int, list[int]] = {}
-        for layer, unit in neurons:
-            if not (0 <= layer < len(self.mlps) and 0 <= unit < self.mlps[layer].c_fc.nf):
-                raise ValueError(f"neuron ({layer}, {unit}) does not exist in this model")
-            self.by_layer.setdefault(layer, []).append(unit)
-        self._handles = []
-
-    def __enter__(self):
-        for layer, units in self.by_layer.items():
-            index = torch.tensor(units)
-
-            def zero(module, args, output, index=index):
-                output = output.clone()
-                output[..., index.to(output.device)] = 0
-                return output
-            self._handles.append(self.mlps[layer].act.register_forward_hook(zero))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-def random_matched(neurons: list[tuple[int, int]], n_units: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
-    """Random neurons with the same count per layer (excluding `exclude`)."""
-    generator = np.random.default_rng(seed)
-    exclude = exclude or set()
-    out = []
-    for layer, count in _counts(neurons).items():
-        pool = [u for u in range(n_units) if (layer, u) not in exclude]
-        out += [(layer, int(u)) for u in generator.choice(pool, size=count, replace=False)]
-    return out
-
-
-def _counts(neurons: list[tuple[int, int]]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for layer, _ in neurons:
-        counts[layer] = counts.get(layer, 0) + 1
-    return dict(sorted(counts.items()))
+    by_layer: dict[int, list[int]] = {}
+    for layer, unit in neurons:
+        by_layer.setdefault(layer, []).append(unit)
+    return Intervener(model, None, [NeuronEdit(layer, units, "set", 0.0) for layer, units in sorted(by_layer.items())])
 
 
 def deactivation_matrix(model, neurons_by_lang: dict[str, list[tuple[int, int]]], eval_blocks: dict[str, Tensor],
@@ -142,7 +95,7 @@ def deactivation_matrix(model, neurons_by_lang: dict[str, list[tuple[int, int]]]
     """Perplexity on each evaluated language with each language's neurons zeroed (and with random
     neurons of matched count per layer), as absolute and relative change from the intact model."""
     device = next(model.parameters()).device
-    n_units = model.transformer.h[0].mlp.c_fc.nf
+    n_units = hook_points.adapter(model).d_mlp
     eval_langs = list(eval_blocks)
     base = {lang: math.exp(mean_loss(model, eval_blocks[lang], batch_size, device)) for lang in eval_langs}
     all_selected = {unit for units in neurons_by_lang.values() for unit in units}
@@ -150,7 +103,7 @@ def deactivation_matrix(model, neurons_by_lang: dict[str, list[tuple[int, int]]]
     for lang, neurons in neurons_by_lang.items():
         result["n_neurons"][lang] = len(neurons)
         for kind, units in (("lape", neurons), ("random", random_matched(neurons, n_units, seed, exclude=all_selected))):
-            with DeactivateNeurons(model, units):
+            with deactivate_neurons(model, units):
                 ppl = {e: math.exp(mean_loss(model, eval_blocks[e], batch_size, device)) for e in eval_langs}
             result[kind][lang] = {e: {"ppl": ppl[e], "delta": ppl[e] - base[e], "relative": ppl[e] / base[e] - 1} for e in eval_langs}
     # diagonal dominance: for each deactivated language, is its own perplexity the one that rises most (relative)?

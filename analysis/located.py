@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from training import hook_points
 from training.config import atomic_write_json
 
 FORMAT = "multilingual-clt/located-units"
@@ -47,7 +48,7 @@ def validate_located(doc: dict, model=None, clt=None) -> dict:
     if model is not None:
         if model.config.n_layer != doc["n_layers"]:
             raise ValueError(f"located units are for {doc['n_layers']} layers, the model has {model.config.n_layer}")
-        n_neurons = model.transformer.h[0].mlp.c_fc.nf
+        n_neurons = hook_points.adapter(model).d_mlp
         for key in ("neurons", "neurons_5pct", "feature_aligned_neurons"):
             for lang, items in doc.get(key, {}).items():
                 bad = [item for item in items if not 0 <= item[1] < n_neurons]

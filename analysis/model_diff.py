@@ -24,9 +24,11 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from analysis.firing import FiringCounter
 from analysis.residuals import lens_logits, residual_stream
 from clt.activations import MLPActivationRecorder
 from clt.model import CrossLayerTranscoder
@@ -53,8 +55,7 @@ def clt_statistics(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, I
     device = next(model.parameters()).device
     langs = list(blocks_by_lang)
     L, n_feat = clt.config.n_layers, clt.config.n_features
-    fired = torch.zeros(L, n_feat, len(langs), dtype=torch.float64)
-    total_act = torch.zeros(L, n_feat, len(langs), dtype=torch.float64)
+    counter = FiringCounter(L, n_feat, langs)
     fvu, l0 = {}, {}
     for k, lang in enumerate(langs):
         blocks = blocks_by_lang[lang]
@@ -74,22 +75,15 @@ def clt_statistics(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, I
             x = x * clt.input_scale[None, :, None]
             y = (y * clt.output_scale[None, :, None]).double()
             y_hat, acts, _ = clt(x)
-            active = acts > 0  # [tokens, layer, feature]
-            fired[:, :, k] += active.sum(0).double().cpu()
-            total_act[:, :, k] += acts.sum(0).double().cpu()
+            counter.add(lang, rearrange(acts, "t l f -> l t f"))
             sq_err += (y - y_hat.double()).pow(2).sum((0, 2)).cpu()
             sum_y += y.sum(0).cpu()
             sum_y2 += y.pow(2).sum((0, 2)).cpu()
             tokens += x.shape[0]
         variance = sum_y2 - sum_y.pow(2).sum(-1) / tokens
         fvu[lang] = (sq_err / variance.clamp_min(1e-12)).tolist()
-        l0[lang] = (fired[:, :, k].sum(1) / tokens).tolist()
-        fired[:, :, k] /= tokens
-        total_act[:, :, k] /= tokens
-    frequency = fired.float()
-    # Mean activation when active: total / (frequency × tokens) = mean_act / frequency.
-    strength = torch.where(frequency > 0, total_act.float() / frequency.clamp_min(1e-12), torch.zeros_like(frequency))
-    return {"langs": langs, "frequency": frequency, "strength": strength, "fvu": fvu, "l0": l0}
+        l0[lang] = (counter.fired[:, :, k].sum(1) / tokens).tolist()
+    return {"langs": langs, "frequency": counter.frequency(), "strength": counter.strength(), "fvu": fvu, "l0": l0}
 
 
 def identity_features(frequency: Float[Tensor, "layer feature lang"], langs: list[str], per_layer: int = 5

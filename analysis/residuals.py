@@ -14,20 +14,21 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from training import hook_points
+from training.errors import UserError
+
 
 @torch.no_grad()
 def residual_stream(model, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None
                     ) -> Float[Tensor, "layer batch pos d"]:
-    """Residual after each of the L blocks (layer l = output of block l)."""
+    """Residual after each of the L blocks (layer l = `blocks.l.hook_resid_post`)."""
+    n_layers = hook_points.adapter(model).n_layers
     outputs: dict[int, Tensor] = {}
-    handles = [block.register_forward_hook(lambda module, args, output, layer=layer: outputs.__setitem__(layer, output[0]))
-               for layer, block in enumerate(model.transformer.h)]
-    try:
+    named = [(f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: outputs.__setitem__(layer, resid))
+             for layer in range(n_layers)]
+    with hook_points.hooks(model, named):
         model.transformer(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.stack([outputs[layer] for layer in range(len(model.transformer.h))])
+    return torch.stack([outputs[layer] for layer in range(n_layers)])
 
 
 def lens_logits(model, residual: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:
@@ -39,26 +40,25 @@ class SkipLayers:
     """Context manager: the given blocks return their input residual unchanged."""
 
     def __init__(self, model, layers: Iterable[int]):
-        self.blocks = model.transformer.h
+        self.model = model
+        n_layers = hook_points.adapter(model).n_layers
         self.layers = sorted(set(layers))
-        if any(not 0 <= layer < len(self.blocks) for layer in self.layers):
-            raise ValueError(f"layers {self.layers} out of range for a {len(self.blocks)}-layer model")
-        self._handles = []
+        if any(not 0 <= layer < n_layers for layer in self.layers):
+            raise UserError(f"layers {self.layers} out of range for a {n_layers}-layer model")
+        self._inputs: dict[int, Tensor] = {}
 
     def __enter__(self):
+        named = []
         for layer in self.layers:
-            self._handles.append(self.blocks[layer].register_forward_hook(_pass_through, with_kwargs=True))
+            named.append((f"blocks.{layer}.hook_resid_pre", lambda resid, layer=layer: self._inputs.__setitem__(layer, resid)))
+            named.append((f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: self._inputs.pop(layer)))
+        self._context = hook_points.hooks(self.model, named)
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-def _pass_through(module, args, kwargs, output):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden,) + tuple(output[1:])
+        self._inputs.clear()
+        return self._context.__exit__(*exc)
 
 
 def mean_pool(hidden: Float[Tensor, "layer batch pos d"], mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch d"]:

@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from clt.activations import MLPActivationRecorder
+from training import hook_points
 
 
 @dataclass
@@ -81,20 +82,16 @@ class FrozenGPT2:
         tokens = tokens.to(device)
         eps = model.config.layer_norm_epsilon
         ln_inputs: dict[str, Tensor] = {}
-        handles = []
-        for layer, block in enumerate(transformer.h):
-            for name in ("ln_1", "ln_2"):
-                handles.append(getattr(block, name).register_forward_pre_hook(
-                    lambda module, args, key=f"{name}.{layer}": ln_inputs.__setitem__(key, args[0][0])))
-        handles.append(transformer.ln_f.register_forward_pre_hook(
-            lambda module, args: ln_inputs.__setitem__("ln_f", args[0][0])))
-        try:
-            with MLPActivationRecorder(model) as recorder:  # the project's one definition of MLP in/out
-                logits = model(input_ids=tokens[None]).logits[0]
-                mlp_in, mlp_out = recorder.stacked()
-        finally:
-            for handle in handles:
-                handle.remove()
+
+        def keep(key: str):
+            return lambda tensor: ln_inputs.__setitem__(key, tensor[0])
+
+        named = [(f"blocks.{l}.hook_resid_pre", keep(f"ln_1.{l}")) for l in range(len(transformer.h))]
+        named += [(f"blocks.{l}.hook_resid_mid", keep(f"ln_2.{l}")) for l in range(len(transformer.h))]
+        named.append(("ln_final.hook_input", keep("ln_f")))
+        with hook_points.hooks(model, named), MLPActivationRecorder(model) as recorder:
+            logits = model(input_ids=tokens[None]).logits[0]
+            mlp_in, mlp_out = recorder.stacked()
 
         def scale(x: Tensor) -> Tensor:
             return (x.double().var(-1, unbiased=False) + eps).sqrt()

@@ -1,8 +1,8 @@
 """Collect per-layer MLP inputs and outputs of an HF GPT-2 model into a Zarr v3 store.
 
-Hook convention, used everywhere in the project: the CLT input of layer l is the output of
-`transformer.h[l].ln_2` (the MLP's input, i.e. normalised `resid_mid`), its target is the output of
-`transformer.h[l].mlp`. Position 0 of every block is the BOS token (`<|endoftext|>`) and is not stored:
+Hook convention, used everywhere in the project: the CLT input of layer l is
+`blocks.l.ln2.hook_normalized` (the MLP's input, i.e. normalised `resid_mid`), its target is
+`blocks.l.hook_mlp_out` (training/hook_points.py maps the names to the model's modules). Position 0 of every block is the BOS token (`<|endoftext|>`) and is not stored:
 its activations are outliers that attribution ignores anyway.
 
 Store layout (a Zarr v3 group; any fsspec URL works, local by default):
@@ -34,9 +34,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from training import hook_points
+
 STORE_FORMAT_VERSION = 1
-INPUT_HOOK = "transformer.h.{layer}.ln_2"  # module output = MLP input
-OUTPUT_HOOK = "transformer.h.{layer}.mlp"  # module output = MLP output
+INPUT_HOOK = "blocks.{layer}.ln2.hook_normalized"  # MLP input
+OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"  # MLP output
 
 
 @dataclass
@@ -79,40 +81,41 @@ def model_fingerprint(model_dir: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 class MLPActivationRecorder:
-    """Forward hooks on every layer's MLP input (ln_2 output) and MLP output — the project's one
-    definition of where CLT activations are read.
+    """Every layer's MLP input (`blocks.l.ln2.hook_normalized`) and MLP output (`blocks.l.hook_mlp_out`) —
+    the project's one definition of where CLT activations are read (training/hook_points.py).
 
     By default the tensors are kept in `inputs` / `outputs`; `sink(kind, layer, tensor)` (kind is
     "mlp_in" or "mlp_out") receives them instead, e.g. to copy them straight into a shard buffer."""
 
     def __init__(self, model, sink=None):
-        self.blocks = model.transformer.h
+        self.model = model
+        self.n_layers = hook_points.adapter(model).n_layers
         self.inputs: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
         self.sink = sink or self._keep
-        self._handles = []
 
     def __enter__(self):
-        for layer, block in enumerate(self.blocks):
-            self._handles.append(block.ln_2.register_forward_hook(self._hook("mlp_in", layer)))
-            self._handles.append(block.mlp.register_forward_hook(self._hook("mlp_out", layer)))
+        named = []
+        for layer in range(self.n_layers):
+            named.append((INPUT_HOOK.format(layer=layer), self._hook("mlp_in", layer)))
+            named.append((OUTPUT_HOOK.format(layer=layer), self._hook("mlp_out", layer)))
+        self._context = hook_points.hooks(self.model, named)
+        self._context.__enter__()
         return self
 
     def _hook(self, kind: str, layer: int):
-        def hook(module, args, output):
-            self.sink(kind, layer, output.detach())
+        def hook(tensor):
+            self.sink(kind, layer, tensor.detach())
         return hook
 
     def _keep(self, kind: str, layer: int, tensor: Tensor) -> None:
         (self.inputs if kind == "mlp_in" else self.outputs)[layer] = tensor
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._context.__exit__(*exc)
 
     def stacked(self) -> tuple[Float[Tensor, "batch pos layer d"], Float[Tensor, "batch pos layer d"]]:
-        layers = range(len(self.blocks))
+        layers = range(self.n_layers)
         return (torch.stack([self.inputs[l] for l in layers], dim=2), torch.stack([self.outputs[l] for l in layers], dim=2))
 
 

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from clt.activations import ActivationStore
+from clt.activations import INPUT_HOOK, OUTPUT_HOOK, ActivationStore
 from clt.model import CrossLayerTranscoder
+from training import hook_points
+from training.errors import ModelMismatch
 
 
 class ReplacementMLPs:
@@ -26,23 +28,32 @@ class ReplacementMLPs:
 
     def __init__(self, model, clt: CrossLayerTranscoder):
         self.model, self.clt = model, clt
-        self.blocks = model.transformer.h
-        if len(self.blocks) != clt.config.n_layers or model.config.n_embd != clt.config.d_model:
-            raise ValueError(f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, model has "
-                             f"{len(self.blocks)} × {model.config.n_embd}")
-        self._handles = []
+        points = hook_points.adapter(model)
+        if points.n_layers != clt.config.n_layers or points.d_model != clt.config.d_model:
+            raise ModelMismatch(f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, model has "
+                                f"{points.n_layers} × {points.d_model}")
         self.acts: list[Tensor] = []
         self.inputs: list[Tensor] = []
+        self._mlp_in: dict[int, Tensor] = {}
 
     def __enter__(self):
         self.acts, self.inputs = [], []
-        for layer, block in enumerate(self.blocks):
-            self._handles.append(block.mlp.register_forward_hook(self._replace(layer)))
+        named = []
+        for layer in range(self.clt.config.n_layers):
+            named.append((INPUT_HOOK.format(layer=layer), self._read_input(layer)))
+            named.append((OUTPUT_HOOK.format(layer=layer), self._replace(layer)))
+        self._context = hook_points.hooks(self.model, named)
+        self._context.__enter__()
         return self
 
+    def _read_input(self, layer: int):
+        def hook(mlp_in):
+            self._mlp_in[layer] = mlp_in
+        return hook
+
     def _replace(self, layer: int):
-        def hook(module, args, output):
-            x = args[0] * self.clt.input_scale[layer]
+        def hook(output):
+            x = self._mlp_in.pop(layer) * self.clt.input_scale[layer]
             if layer == 0:
                 self.acts, self.inputs = [], []
             self.inputs.append(x)
@@ -51,9 +62,8 @@ class ReplacementMLPs:
         return hook
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._mlp_in.clear()
+        return self._context.__exit__(*exc)
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ model is unchanged afterwards.
   or patching with values recorded from another input: a [position, neuron] tensor).
 - `ResidualAdd`: add a vector to the residual stream after a block (difference-of-means steering).
 - `interventions.sae.SAEEdit`: set / add / multiply latents of a residual SAE (sae-lens) after a block.
+  Every edit but `FeatureEdit` implements the small `Edit` protocol (check + hook-point callbacks), so
+  new edit kinds plug in without this module knowing them.
 - `freeze_attention`: replay attention patterns recorded on a clean run (for a forward pass over the
   same tokens), so an edit's effect travels only through the residual / value paths.
 """
@@ -30,6 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from training import hook_points
+from training.errors import UserError
 
 MODES = ("set", "add", "scale")
 
@@ -69,6 +74,24 @@ def _value_at(value, absolute: Tensor, n_units: int, dtype, device):
     return value
 
 
+class Edit:
+    """The protocol every edit but `FeatureEdit` implements (SAEEdit in interventions/sae.py too):
+    `check` refuses an edit the model cannot take, `named_hooks` returns the hook-point callbacks that
+    apply it. `positions(length, device)` gives the absolute positions of the current call."""
+
+    layer: int
+
+    def check(self, points: hook_points.GPT2Adapter) -> None:
+        if not 0 <= self.layer < points.n_layers:
+            raise UserError(f"{type(self).__name__} at layer {self.layer}: the model has {points.n_layers} layers")
+        mode = getattr(self, "mode", "set")
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def named_hooks(self, positions) -> list[tuple[str, hook_points.HookFn]]:
+        raise NotImplementedError
+
+
 @dataclass
 class FeatureEdit:
     layer: int
@@ -79,61 +102,90 @@ class FeatureEdit:
 
 
 @dataclass
-class NeuronEdit:
+class NeuronEdit(Edit):
     layer: int
     neurons: Sequence[int]
     mode: str = "set"
     value: float | Tensor = 0.0
     where: Where = field(default_factory=Where)
 
+    def check(self, points) -> None:
+        super().check(points)
+        bad = [u for u in self.neurons if not 0 <= u < points.d_mlp]
+        if bad:
+            raise UserError(f"neurons {bad} do not exist (layer {self.layer} has {points.d_mlp})")
+
+    def named_hooks(self, positions):
+        index = torch.tensor(list(self.neurons))
+
+        def hook(post: Tensor) -> Tensor:
+            absolute = positions(post.shape[1], post.device)
+            mask = self.where.mask(absolute)[None, :, None]
+            value = _value_at(self.value, absolute, len(index), post.dtype, post.device)
+            post = post.clone()
+            current = post[..., index.to(post.device)]
+            post[..., index.to(post.device)] = torch.where(mask, _apply(self.mode, current, value), current)
+            return post
+        return [(f"blocks.{self.layer}.mlp.hook_post", hook)]
+
 
 @dataclass
-class ResidualAdd:
+class ResidualAdd(Edit):
     layer: int  # added to the residual after this block
     vector: Float[Tensor, "d"]
     scale: float = 1.0
     where: Where = field(default_factory=Where)
 
+    def check(self, points) -> None:
+        super().check(points)
+        if self.vector.shape != (points.d_model,):
+            raise UserError(f"residual vector must have shape ({points.d_model},), got {tuple(self.vector.shape)}")
+
+    def named_hooks(self, positions):
+        def hook(hidden: Tensor) -> Tensor:
+            mask = self.where.mask(positions(hidden.shape[1], hidden.device))[None, :, None].to(hidden.dtype)
+            return hidden + mask * (self.scale * self.vector.to(hidden))
+        return [(f"blocks.{self.layer}.hook_resid_post", hook)]
+
 
 class Intervener:
-    """Context manager installing a list of edits as forward hooks (see the module docstring).
+    """Context manager installing a list of edits as hook-point callbacks (see the module docstring).
 
     After a forward pass, `feature_values[(layer, feature)]` holds the edited features' values at the
     last call's positions [batch, pos] (what the replacement saw), for inspection and tests."""
 
     def __init__(self, model, clt=None, edits: Sequence = ()):
         self.model, self.clt, self.edits = model, clt, list(edits)
-        self.blocks = model.transformer.h
-        n_layers = len(self.blocks)
+        self.points = hook_points.adapter(model)
         for edit in self.edits:
-            if not 0 <= edit.layer < n_layers:
-                raise ValueError(f"{type(edit).__name__} at layer {edit.layer}: the model has {n_layers} layers")
-            mode = getattr(edit, "mode", "set")
-            if mode not in MODES:
-                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
             if isinstance(edit, FeatureEdit):
-                if clt is None:
-                    raise ValueError("FeatureEdit needs the CLT: Intervener(model, clt, edits)")
-                if (clt.config.n_layers, clt.config.d_model) != (n_layers, model.config.n_embd):
-                    raise ValueError("the CLT does not match the model's layers / width")
-                bad = [f for f in edit.features if not 0 <= f < clt.config.n_features]
-                if bad:
-                    raise ValueError(f"features {bad} do not exist (the CLT has {clt.config.n_features} per layer)")
-            if isinstance(edit, NeuronEdit):
-                n = self.blocks[edit.layer].mlp.c_fc.nf
-                bad = [u for u in edit.neurons if not 0 <= u < n]
-                if bad:
-                    raise ValueError(f"neurons {bad} do not exist (layer {edit.layer} has {n})")
-            if isinstance(edit, ResidualAdd) and edit.vector.shape != (model.config.n_embd,):
-                raise ValueError(f"residual vector must have shape ({model.config.n_embd},), got {tuple(edit.vector.shape)}")
-        self._handles = []
+                self._check_feature_edit(edit)
+            else:
+                edit.check(self.points)
+        self._context = None
         self._offset = 0
         self._pending: dict[int, Tensor] = {}
+        self._mlp_in: dict[int, Tensor] = {}
         self.feature_values: dict[tuple[int, int], Tensor] = {}
+
+    def _check_feature_edit(self, edit: FeatureEdit) -> None:
+        n_layers = self.points.n_layers
+        if not 0 <= edit.layer < n_layers:
+            raise UserError(f"FeatureEdit at layer {edit.layer}: the model has {n_layers} layers")
+        if edit.mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}, got {edit.mode!r}")
+        clt = self.clt
+        if clt is None:
+            raise UserError("FeatureEdit needs the CLT: Intervener(model, clt, edits)")
+        if (clt.config.n_layers, clt.config.d_model) != (n_layers, self.points.d_model):
+            raise UserError("the CLT does not match the model's layers / width")
+        bad = [f for f in edit.features if not 0 <= f < clt.config.n_features]
+        if bad:
+            raise UserError(f"features {bad} do not exist (the CLT has {clt.config.n_features} per layer)")
 
     # --- positions ------------------------------------------------------------------------------
 
-    def _track_positions(self, module, args, kwargs):
+    def _track_positions(self, kwargs: dict) -> None:
         past = kwargs.get("past_key_values")
         cache_position = kwargs.get("cache_position")
         if cache_position is not None:
@@ -149,37 +201,40 @@ class Intervener:
 
     # --- hooks ----------------------------------------------------------------------------------
 
-    def __enter__(self):
-        transformer = self.model.transformer
-        self._handles.append(transformer.register_forward_pre_hook(self._track_positions, with_kwargs=True))
-        for layer, block in enumerate(self.blocks):
+    def named_hooks(self) -> list[tuple[str, hook_points.HookFn]]:
+        named = [("hook_forward_kwargs", self._track_positions)]
+        for layer in range(self.points.n_layers):
             feature_edits = [e for e in self.edits if isinstance(e, FeatureEdit) and e.layer == layer]
-            self._handles.append(block.mlp.register_forward_hook(self._mlp_hook(layer, feature_edits)))
-            neuron_edits = [e for e in self.edits if isinstance(e, NeuronEdit) and e.layer == layer]
-            if neuron_edits:
-                self._handles.append(block.mlp.act.register_forward_hook(self._neuron_hook(neuron_edits)))
-            residual_edits = [e for e in self.edits if isinstance(e, ResidualAdd) and e.layer == layer]
-            if residual_edits:
-                self._handles.append(block.register_forward_hook(self._residual_hook(residual_edits)))
-            for edit in self.edits:
-                if type(edit).__name__ == "SAEEdit" and edit.layer == layer:
-                    from interventions.sae import sae_edit_hook
+            if feature_edits:
+                named.append((f"blocks.{layer}.ln2.hook_normalized", self._keep_mlp_in(layer)))
+            # Every layer: earlier layers' feature edits write into later layers' MLP outputs.
+            named.append((f"blocks.{layer}.hook_mlp_out", self._mlp_out_hook(layer, feature_edits)))
+        for edit in self.edits:
+            if not isinstance(edit, FeatureEdit):
+                named += edit.named_hooks(self._absolute)
+        return named
 
-                    self._handles.append(block.register_forward_hook(sae_edit_hook(edit, self._absolute)))
+    def __enter__(self):
+        self._context = hook_points.hooks(self.model, self.named_hooks())
+        self._context.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         self._pending.clear()
+        self._mlp_in.clear()
+        return self._context.__exit__(*exc)
 
-    def _mlp_hook(self, layer: int, edits: list[FeatureEdit]):
-        def hook(module, args, output):
+    def _keep_mlp_in(self, layer: int):
+        def hook(mlp_in: Tensor) -> None:
+            self._mlp_in[layer] = mlp_in
+        return hook
+
+    def _mlp_out_hook(self, layer: int, edits: list[FeatureEdit]):
+        def hook(output: Tensor) -> Tensor | None:
             if edits:
-                self._edit_features(layer, edits, args[0])
+                self._edit_features(layer, edits, self._mlp_in.pop(layer))
             delta = self._pending.pop(layer, None)
-            return output if delta is None else output + delta.to(output.dtype)
+            return None if delta is None else output + delta.to(output.dtype)
         return hook
 
     @torch.no_grad()
@@ -207,29 +262,6 @@ class Intervener:
             target = layer + t
             contribution = (delta[..., features] @ decoders[:, t]) / clt.output_scale[target]
             self._pending[target] = self._pending.get(target, 0) + contribution
-
-    def _neuron_hook(self, edits: list[NeuronEdit]):
-        def hook(module, args, output):
-            absolute = self._absolute(output.shape[1], output.device)
-            output = output.clone()
-            for edit in edits:
-                index = torch.tensor(list(edit.neurons), device=output.device)
-                mask = edit.where.mask(absolute)[None, :, None]
-                value = _value_at(edit.value, absolute, len(index), output.dtype, output.device)
-                current = output[..., index]
-                output[..., index] = torch.where(mask, _apply(edit.mode, current, value), current)
-            return output
-        return hook
-
-    def _residual_hook(self, edits: list[ResidualAdd]):
-        def hook(module, args, output):
-            hidden = output[0]
-            absolute = self._absolute(hidden.shape[1], hidden.device)
-            for edit in edits:
-                mask = edit.where.mask(absolute)[None, :, None].to(hidden.dtype)
-                hidden = hidden + mask * (edit.scale * edit.vector.to(hidden))
-            return (hidden,) + tuple(output[1:])
-        return hook
 
 
 # --- frozen attention ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interventions.hooks import Where
+from interventions.hooks import Edit, Where, _apply
 
 
 def train_residual_sae(model, tokenizer, blocks: Int[Tensor, "n pos"], layer: int, out_dir: str | Path, d_sae: int = 1024,
@@ -69,27 +69,21 @@ def sae_layer(path: str | Path) -> int:
     return int(match.group(1))
 
 
-@torch.no_grad()
 def sae_activation_probability(model, sae, layer: int, blocks_by_lang: dict[str, Tensor], batch_size: int = 16
                                ) -> Float[Tensor, "1 latent lang"]:
     """Share of (non-BOS) tokens of each language on which each SAE latent is active — the input to
     `analysis.language_features.language_features` (one 'layer')."""
+    from analysis.firing import firing_share
     from analysis.residuals import residual_stream
 
-    langs = list(blocks_by_lang)
-    probs = torch.zeros(1, sae.cfg.d_sae, len(langs))
-    for k, lang in enumerate(langs):
-        blocks, tokens = blocks_by_lang[lang], 0
-        for start in range(0, len(blocks), batch_size):
-            hidden = residual_stream(model, blocks[start: start + batch_size])[layer][:, 1:]
-            probs[0, :, k] += (sae.encode(hidden) > 0).sum((0, 1)).float()
-            tokens += hidden.shape[0] * hidden.shape[1]
-        probs[0, :, k] /= tokens
-    return probs
+    def latents(ids: Tensor) -> Tensor:
+        return sae.encode(residual_stream(model, ids)[layer])[None]
+
+    return firing_share(latents, blocks_by_lang, batch_size, next(model.parameters()).device)
 
 
 @dataclass
-class SAEEdit:  # applied by interventions.hooks.Intervener
+class SAEEdit(Edit):
     """Set / add / scale SAE latents of the residual after block `layer`; the change Δz is written back
     through the SAE decoder (residual += Δz · W_dec), the SAE's reconstruction error is left alone."""
 
@@ -100,20 +94,14 @@ class SAEEdit:  # applied by interventions.hooks.Intervener
     value: float = 0.0
     where: Where = field(default_factory=Where)
 
+    def named_hooks(self, positions):
+        index = torch.tensor(list(self.latents))
 
-def sae_edit_hook(edit: SAEEdit, absolute_positions):
-    """A forward hook for block `edit.layer`; `absolute_positions(length, device)` gives the positions
-    of the current call (the Intervener tracks them across KV-cache steps)."""
-    from interventions.hooks import _apply
-
-    index = torch.tensor(list(edit.latents))
-
-    def hook(module, args, output):
-        hidden = output[0]
-        z = edit.sae.encode(hidden.to(edit.sae.W_dec.dtype))
-        current = z[..., index]
-        mask = edit.where.mask(absolute_positions(hidden.shape[1], hidden.device))[None, :, None]
-        new = torch.where(mask, _apply(edit.mode, current, edit.value), current)
-        delta = (new - current) @ edit.sae.W_dec[index]
-        return (hidden + delta.to(hidden.dtype),) + tuple(output[1:])
-    return hook
+        def hook(hidden: Tensor) -> Tensor:
+            z = self.sae.encode(hidden.to(self.sae.W_dec.dtype))
+            current = z[..., index]
+            mask = self.where.mask(positions(hidden.shape[1], hidden.device))[None, :, None]
+            new = torch.where(mask, _apply(self.mode, current, self.value), current)
+            delta = (new - current) @ self.sae.W_dec[index]
+            return hidden + delta.to(hidden.dtype)
+        return [(f"blocks.{self.layer}.hook_resid_post", hook)]

@@ -67,6 +67,8 @@ class LanguageUnits:
 @torch.no_grad()
 def language_units(model, clt, blocks_by_lang: dict[str, Tensor], features: dict[str, list], neurons: dict[str, list],
                    batch_size: int = 16) -> LanguageUnits:
+    from analysis.firing import firing_counts
+    from analysis.lape import neuron_activations
     from analysis.language_features import clt_features
     from analysis.residuals import residual_stream
 
@@ -75,36 +77,16 @@ def language_units(model, clt, blocks_by_lang: dict[str, Tensor], features: dict
     neurons = {lang: [tuple(unit) for unit in units] for lang, units in neurons.items()}
     feature_means, neuron_means, residual_means = {}, {}, {}
     for lang, blocks in blocks_by_lang.items():
-        sums, counts = {}, {}
-        neuron_sums = {unit: 0.0 for unit in neurons.get(lang, [])}
-        residual_sum, n_tokens = None, 0
-        acts_seen = {}
-        hooks = []
-        for layer in {l for l, _ in neurons.get(lang, [])}:
-            hooks.append(model.transformer.h[layer].mlp.act.register_forward_hook(
-                lambda m, a, out, layer=layer: acts_seen.__setitem__(layer, out[:, 1:])))
-        try:
-            for start in range(0, len(blocks), batch_size):
-                ids = blocks[start: start + batch_size].to(device)
-                hidden = residual_stream(model, ids)[:, :, 1:]  # also fills acts_seen via the hooks
-                residual_sum = hidden.sum((1, 2)) if residual_sum is None else residual_sum + hidden.sum((1, 2))
-                n_tokens += hidden.shape[1] * hidden.shape[2]
-                for unit in neuron_sums:
-                    neuron_sums[unit] += float(acts_seen[unit[0]][..., unit[1]].sum())
-                if clt is not None and features.get(lang):
-                    acts = clt_features(model, clt, ids)[:, :, 1:]
-                    for layer, feature in features[lang]:
-                        values = acts[layer, ..., feature]
-                        sums[(layer, feature)] = sums.get((layer, feature), 0.0) + float(values.sum())
-                        counts[(layer, feature)] = counts.get((layer, feature), 0) + int((values > 0).sum())
-        finally:
-            for handle in hooks:
-                handle.remove()
-        residual_means[lang] = (residual_sum / n_tokens).cpu()
-        for unit, total in neuron_sums.items():
-            neuron_means[unit] = total / n_tokens
-        for key, total in sums.items():
-            feature_means[key] = total / max(counts[key], 1)
+        own = {lang: blocks}
+        # The mean residual per token after each layer: a [layer, d, 1] "mean activation".
+        residual = firing_counts(lambda ids: residual_stream(model, ids), own, batch_size, device)
+        residual_means[lang] = residual.mean_activation()[..., 0].cpu()
+        if neurons.get(lang):
+            mean = firing_counts(lambda ids: neuron_activations(model, ids), own, batch_size, device).mean_activation()
+            neuron_means.update({unit: float(mean[unit[0], unit[1], 0]) for unit in neurons[lang]})
+        if clt is not None and features.get(lang):
+            strength = firing_counts(lambda ids: clt_features(model, clt, ids), own, batch_size, device).strength()
+            feature_means.update({unit: float(strength[unit[0], unit[1], 0]) for unit in features[lang]})
     return LanguageUnits(features, feature_means, neurons, neuron_means, residual_means)
 
 

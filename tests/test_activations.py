@@ -20,7 +20,7 @@ def test_store_layout_and_values(tiny_store, tiny_model_dir):
     assert (store.n_layers, store.d_model) == (2, 32)
     assert store.tokens_per_shard == 16 * 15
     assert store.mlp_in.shape == (store.n_shards * store.tokens_per_shard, 2, 32)
-    assert store.attrs["input_hook"] == "transformer.h.{layer}.ln_2" and store.langs == ["de", "en", "fr"]
+    assert store.attrs["input_hook"] == "blocks.{layer}.ln2.hook_normalized" and store.langs == ["de", "en", "fr"]
     # Sharding codec in the array metadata (Zarr v3).
     codecs = json.dumps(store.group["mlp_in"].metadata.to_dict()["codecs"])
     assert "sharding_indexed" in codecs

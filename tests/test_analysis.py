@@ -16,6 +16,7 @@ from analysis.lens import lens_language_probabilities, lens_report
 from analysis.located import load_located, save_located, validate_located
 from analysis.residuals import lens_logits, residual_stream
 from analysis.token_language import language_table, token_counts
+from training.selection import random_matched
 from tests.conftest import PYTHON, REPO, script_env
 
 
@@ -156,7 +157,7 @@ def test_deactivating_neurons_zeroes_exactly_them(tiny):
     reference = seen["act"]
     handle.remove()
     captured = {}
-    with lape.DeactivateNeurons(model, [(1, 3), (1, 7)]):  # hooks run in order: h2 sees the zeroed output
+    with lape.deactivate_neurons(model, [(1, 3), (1, 7)]):  # hooks run in order: h2 sees the zeroed output
         h2 = model.transformer.h[1].mlp.act.register_forward_hook(lambda m, a, out: captured.__setitem__("act", out.clone()))
         changed_logits = model(ids).logits
         h2.remove()
@@ -165,9 +166,9 @@ def test_deactivating_neurons_zeroes_exactly_them(tiny):
     torch.testing.assert_close(captured["act"][..., keep], reference[..., keep])
     assert not torch.allclose(changed_logits, reference_logits)
     torch.testing.assert_close(model(ids).logits, reference_logits)  # removed cleanly
-    with pytest.raises(ValueError, match="does not exist"):
-        lape.DeactivateNeurons(model, [(0, 10 ** 6)])
-    matched = lape.random_matched([(0, 1), (0, 2), (1, 5)], n_units=128, seed=0, exclude={(0, 1), (0, 2), (1, 5)})
+    with pytest.raises(ValueError, match="do not exist"):
+        lape.deactivate_neurons(model, [(0, 10 ** 6)])
+    matched = random_matched([(0, 1), (0, 2), (1, 5)], n_units=128, seed=0, exclude={(0, 1), (0, 2), (1, 5)})
     assert sorted(l for l, _ in matched) == [0, 0, 1] and not {(0, 1), (0, 2), (1, 5)} & set(matched)
 
 

@@ -69,6 +69,8 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
     )
     parser.add_argument("--config", type=str, default=None,
                         help="JSON file with a saved config (e.g. a run directory's config.json); flags override it")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an input error instead of one line")
     defaults = config_cls()
     for field in dataclasses.fields(config_cls):
         if not field.init:
@@ -98,11 +100,29 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None, description
     parser = build_parser(config_cls, description)
     namespace = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
+    namespace.pop("debug", None)  # consumed by run_main
     config_path = namespace.pop("config")
     if config_path is not None:
         values.update(json.loads(Path(config_path).read_text()))
     values.update(namespace)
     return config_from_dict(config_cls, values)
+
+
+def run_main(main: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run a script's `main(argv)`: a `UserError` becomes one line on stderr and exit code 2
+    (with `--debug`, the traceback); every other exception is a bug and keeps its traceback."""
+    import sys
+
+    from training.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except UserError as error:
+        if "--debug" in argv:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -135,11 +155,46 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 class RunDir:
-    """A run directory: `config.json`, `metrics.jsonl` and whatever outputs the run writes."""
+    """A run directory: `config.json`, `metrics.jsonl` and whatever outputs the run writes.
+
+    The one contract every script and benchmark follows: `RunDir.open(path, config, may_change=...)`
+    refuses a directory holding a run with another config (naming the differing fields; only the
+    fields listed in `may_change` — e.g. the device, or which sections to run — may differ), then saves
+    the config. Results are appended as JSON records; `keyed(fields)` reads them back by key so a
+    re-run skips what is done. Every file is written atomically.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, config: Any, may_change: typing.Iterable[str] = ("device",),
+             save: bool = True) -> "RunDir":
+        run = cls(path)
+        run.check_config(config, may_change)
+        if save:
+            run.save_config(config)
+        return run
+
+    def check_config(self, config: Any, may_change: typing.Iterable[str] = ("device",)) -> None:
+        """Refuse a directory whose saved config differs from `config` outside `may_change`."""
+        from training.errors import ConfigMismatch
+
+        if not self.config_path.exists():
+            return
+        saved = json.loads(self.config_path.read_text())
+        current = json.loads(json.dumps(config_to_dict(config), default=str))  # as it would be saved
+        allowed = set(may_change)
+        differing = sorted(k for k in set(saved) | set(current) if k not in allowed and saved.get(k) != current.get(k))
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
+            raise ConfigMismatch(f"{self.path} holds a run with a different config ({details}); "
+                                 "use another --run-dir or delete that one")
+
+    def keyed(self, fields: typing.Sequence[str]) -> dict[tuple, dict[str, Any]]:
+        """Records that carry every key field, by their key (a later record replaces an earlier one)."""
+        return {tuple(r[f] for f in fields): r for r in self.read_metrics() if all(f in r for f in fields)}
 
     @property
     def config_path(self) -> Path:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from training import evaluate
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from training.config import RunDir, config_to_dict
+from training.config import RunDir
 from training.data import micro_batch_indices
 
 
@@ -110,26 +110,13 @@ def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
 
 
-def check_run_dir_config(run: RunDir, config) -> None:
-    """Refuse to resume a run directory with a different config (it would mix two experiments)."""
-    if not run.config_path.exists():
-        return
-    saved = json.loads(run.config_path.read_text())
-    current = config_to_dict(config)
-    # The device may legitimately change between a run and its resumption.
-    differing = sorted(k for k in set(saved) | set(current) if k != "device" and saved.get(k) != current.get(k))
-    if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
-        raise ValueError(f"{run.path} holds a run with a different config ({details}); use another --run-dir")
-
-
 def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
     """Common start of every training run: distributed setup, the run directory, and either the
     summary of a finished run (nothing to do) or a config check + save (new or resumed run)."""
     ranks, device = init_distributed(config.device)
-    run = RunDir(config.run_dir)
+    # The config is checked also for a finished run: its summary would answer another config.
+    run = RunDir.open(config.run_dir, config, save=False)
     summary_path = run.path / "summary.json"
-    check_run_dir_config(run, config)  # also for a finished run: its summary answers another config
     if summary_path.exists():
         return ranks, device, run, json.loads(summary_path.read_text())
     if ranks.is_main:

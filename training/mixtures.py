@@ -11,6 +11,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from training.errors import UserError
+
 MAJOR_LANGS = ["en", "fr", "de", "es", "ru", "zh"]
 LOW_RESOURCE_LANG = "eu"
 
@@ -27,8 +29,8 @@ PRESETS: dict[str, dict[str, float]] = {
 _SUM_TOLERANCE = 1e-3
 
 
-class MixtureError(ValueError):
-    pass
+class MixtureError(UserError):
+    """A mixture spec the corpus cannot serve (unknown preset or language, bad shares, too little text)."""
 
 
 def parse_mixture(spec: str) -> dict[str, float]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.lape import random_matched
+from training import hook_points
 
 STRATEGIES = ("full", "last-k", "outermost", "lape", "located", "lora", "random", "embeddings")
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
@@ -60,7 +60,21 @@ def n_layers(model) -> int:
 
 
 def n_neurons(model) -> int:
-    return model.transformer.h[0].mlp.c_fc.nf
+    return hook_points.adapter(model).d_mlp
+
+
+def random_matched(neurons: list[tuple[int, int]], n_units: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
+    """Random neurons with the same count per layer (excluding `exclude`): the control for any neuron set."""
+    generator = np.random.default_rng(seed)
+    exclude = exclude or set()
+    counts: dict[int, int] = {}
+    for layer, _ in neurons:
+        counts[layer] = counts.get(layer, 0) + 1
+    out = []
+    for layer, count in sorted(counts.items()):
+        pool = [u for u in range(n_units) if (layer, u) not in exclude]
+        out += [(layer, int(u)) for u in generator.choice(pool, size=count, replace=False)]
+    return out
 
 
 def full(model) -> Selection:
