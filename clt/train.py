@@ -214,6 +214,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
         if stop:
             break
     progress.close()
+    del trained  # the DDP wrapper must die before the process group (see training.loop.release_data_parallel)
     ranks.shutdown()
 
     summary = {}

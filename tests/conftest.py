@@ -49,26 +49,84 @@ def script_env() -> dict:
 PYTHON = sys.executable
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc). torchrun starts each rank in a session of its own,
+    so signalling torchrun's process group does not reach the ranks: the tree must be walked."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        found += kids
+        frontier += kids
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free rendezvous port, no collisions with other jobs) on a project script.
 
-    If it does not finish in time, every process in its session gets SIGABRT with faulthandler on, so
-    the failure shows each rank's Python stack instead of a bare timeout.
+    If it does not finish in time, every rank (and torchrun) gets SIGABRT with faulthandler on, so the
+    failure shows each rank's Python stack; then the whole tree is killed, so nothing outlives the test.
+    After a normal exit no process of the tree may survive either.
     """
+    import time
+
+    import tempfile
+    import time
+
     command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                str(REPO / "scripts" / script)] + args
     env = {**script_env(), "PYTHONFAULTHANDLER": "1"}
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
-        stdout, stderr = process.communicate(timeout=60)
-        raise AssertionError(f"torchrun {script} hung for {timeout} s; stacks:\n{stderr[-8000:]}")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True)
+        # Ranks that outlive torchrun are re-parented away from it: remember every process seen in the tree.
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            seen.update(descendants(process.pid))
+            time.sleep(0.2)
+        hung = process.poll() is None
+        if hung:
+            tree = descendants(process.pid)
+            _signal_all(tree, signal.SIGABRT)  # ranks first: faulthandler prints their stacks to torchrun's stderr
+            time.sleep(5)
+            _signal_all(tree + [process.pid], signal.SIGKILL)
+            process.wait(timeout=60)
+        survivors = [pid for pid in seen if Path(f"/proc/{pid}").exists() and _is_ours(pid, script)]
+        _signal_all(survivors, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if hung:
+        raise AssertionError(f"torchrun {script} hung for {timeout} s; every rank's stack:\n{stderr[-12000:]}")
+    assert not survivors, f"torchrun {script} exited but left processes behind: {survivors}\n{stderr[-3000:]}"
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, stderr[-3000:]
     return result
+
+
+def _is_ours(pid: int, script: str) -> bool:
+    """Whether `pid` still runs our script (a pid may have been reused by an unrelated process)."""
+    try:
+        return script in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
 
 
 def kill_when(process, progress, threshold: int, timeout: float = 240) -> int:

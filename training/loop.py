@@ -10,6 +10,7 @@ hooks) and may pass `after_step`, which runs after every optimizer step (fine-tu
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -68,8 +69,25 @@ class Dist:
         runs with all ranks at the same point (destroying at different times is a known hang).
         """
         if self.world_size > 1 and dist.is_initialized():
+            release_data_parallel()
             dist.barrier()
             dist.destroy_process_group()
+
+
+def release_data_parallel() -> None:
+    """Make sure no DistributedDataParallel wrapper outlives the process group.
+
+    A DDP wrapper's reducer owns a reference to the gloo process group. If the wrapper is still alive
+    when `destroy_process_group()` runs, the group's last reference dies later with the wrapper, and
+    gloo's destructor joins worker threads that never finish: the rank hangs at exit (seen in CI, stack
+    `~Reducer → ~ProcessGroupGloo → std::thread::join`). Callers drop their wrappers before shutdown;
+    this collects reference cycles and refuses to go on if one is still referenced.
+    """
+    gc.collect()
+    alive = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.parallel.DistributedDataParallel)]
+    if alive:
+        raise RuntimeError(f"{len(alive)} DistributedDataParallel wrapper(s) still referenced at shutdown: "
+                           "release them (del) before leaving the process group, or the rank hangs at exit")
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
