@@ -38,7 +38,7 @@ def scored_loss(model, sequences: list[list[int]], scored_from: list[int], batch
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
-        chunk, first = sequences[start: start + batch_size], scored_from[start: start + batch_size]
+        chunk, first = sequences[start : start + batch_size], scored_from[start : start + batch_size]
         width = max(len(s) for s in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -46,10 +46,15 @@ def scored_loss(model, sequences: list[list[int]], scored_from: list[int], batch
         for i, (seq, f) in enumerate(zip(chunk, first)):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-            labels[i, f: len(seq)] = torch.tensor(seq[f:])
+            labels[i, f : len(seq)] = torch.tensor(seq[f:])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
         target = labels[:, 1:].to(device)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         total += loss.item()
         count += int((target != -100).sum())
     if count == 0:
@@ -57,7 +62,9 @@ def scored_loss(model, sequences: list[list[int]], scored_from: list[int], batch
     return total / count
 
 
-def comprehension_sequences(tokenizer, pairs: list[tuple[str, str]], max_tokens: int = 128) -> tuple[list[list[int]], list[int]]:
+def comprehension_sequences(
+    tokenizer, pairs: list[tuple[str, str]], max_tokens: int = 128
+) -> tuple[list[list[int]], list[int]]:
     """`[BOS] source \\n known` token lists and the index where the scored (known-language) part starts."""
     sequences, starts = [], []
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -72,9 +79,18 @@ def comprehension_sequences(tokenizer, pairs: list[tuple[str, str]], max_tokens:
     return sequences, starts
 
 
-def ablation_sweep(model, tokenizer, langs: list[str], production_blocks: dict[str, Int[Tensor, "n pos"]],
-                   parallel: dict[str, dict[str, str]], prompts: dict[str, list[str]], known_lang: str = "en",
-                   prompt_tokens: int = 16, new_tokens: int = 24, max_tokens: int = 128) -> dict:
+def ablation_sweep(
+    model,
+    tokenizer,
+    langs: list[str],
+    production_blocks: dict[str, Int[Tensor, "n pos"]],
+    parallel: dict[str, dict[str, str]],
+    prompts: dict[str, list[str]],
+    known_lang: str = "en",
+    prompt_tokens: int = 16,
+    new_tokens: int = 24,
+    max_tokens: int = 128,
+) -> dict:
     """Every ablation setting × language: production loss, comprehension-type loss (X → known), and
     greedy language consistency. `parallel` is {parallel_id: {lang: text}}; `prompts[lang]` are texts
     whose first `prompt_tokens` tokens are continued."""
@@ -87,12 +103,24 @@ def ablation_sweep(model, tokenizer, langs: list[str], production_blocks: dict[s
         with SkipLayers(model, setting["layers"]):
             for lang in langs:
                 blocks = production_blocks[lang]
-                row["production_loss"][lang] = scored_loss(model, [b.tolist() for b in blocks], [1] * len(blocks))
+                row["production_loss"][lang] = scored_loss(
+                    model, [b.tolist() for b in blocks], [1] * len(blocks)
+                )
                 if lang != known_lang:
-                    seqs, starts = comprehension_sequences(tokenizer, [(parallel[i][lang], parallel[i][known_lang]) for i in ids], max_tokens)
+                    seqs, starts = comprehension_sequences(
+                        tokenizer, [(parallel[i][lang], parallel[i][known_lang]) for i in ids], max_tokens
+                    )
                     row["comprehension_loss"][lang] = scored_loss(model, seqs, starts)
-                report, _ = continuation_consistency(model, tokenizer, prompts[lang], [lang] * len(prompts[lang]),
-                                                     prompt_tokens, new_tokens, greedy=True, device=device)
+                report, _ = continuation_consistency(
+                    model,
+                    tokenizer,
+                    prompts[lang],
+                    [lang] * len(prompts[lang]),
+                    prompt_tokens,
+                    new_tokens,
+                    greedy=True,
+                    device=device,
+                )
                 row["consistency"][lang] = report[lang]["consistent"]
         results.append(row)
     return {"known_lang": known_lang, "n_layers": n_layers, "settings": results}
@@ -104,8 +132,11 @@ def plot_ablation(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("production_loss", "production loss (nats)"), ("comprehension_loss", "comprehension-type loss (nats)"),
-               ("consistency", "greedy language consistency"))
+    metrics = (
+        ("production_loss", "production loss (nats)"),
+        ("comprehension_loss", "comprehension-type loss (nats)"),
+        ("consistency", "greedy language consistency"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, label) in zip(axes, metrics):
         for side, style in (("input", "-o"), ("output", "--s")):
@@ -113,7 +144,9 @@ def plot_ablation(report: dict, path) -> None:
             ks = [r["k"] for r in rows]
             langs = sorted(rows[0][key])
             mean = [sum(r[key][l] for l in langs) / len(langs) for r in rows]
-            ax.plot(ks, mean, style, label=f"skip first k ({side})" if side == "input" else "skip last k (output)")
+            ax.plot(
+                ks, mean, style, label=f"skip first k ({side})" if side == "input" else "skip last k (output)"
+            )
         ax.set_xlabel("k layers skipped")
         ax.set_title(label + " — mean over languages", fontsize=9)
         ax.grid(alpha=0.3)

@@ -48,12 +48,18 @@ class FiringCounter:
 
     def strength(self) -> Float[Tensor, "layer unit lang"]:
         """Mean activation on the tokens where the unit fired (0 where it never fired)."""
-        return torch.where(self.fired > 0, self.total / self.fired.clamp_min(1), torch.zeros_like(self.total)).float()
+        return torch.where(
+            self.fired > 0, self.total / self.fired.clamp_min(1), torch.zeros_like(self.total)
+        ).float()
 
 
 @torch.no_grad()
-def firing_counts(unit_activations: Callable[[Tensor], Tensor], blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
-                  batch_size: int = 16, device: torch.device | str = "cpu") -> FiringCounter:
+def firing_counts(
+    unit_activations: Callable[[Tensor], Tensor],
+    blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> FiringCounter:
     """Run `unit_activations(ids) -> [layer, batch, pos, unit]` (BOS at position 0, dropped here) over
     every language's blocks and count."""
     counter = None
@@ -61,7 +67,7 @@ def firing_counts(unit_activations: Callable[[Tensor], Tensor], blocks_by_lang: 
         if len(blocks) == 0:
             raise ValueError(f"no text for language {lang!r}")
         for start in range(0, len(blocks), batch_size):
-            acts = unit_activations(blocks[start: start + batch_size].to(device))[:, :, 1:]
+            acts = unit_activations(blocks[start : start + batch_size].to(device))[:, :, 1:]
             if counter is None:
                 counter = FiringCounter(acts.shape[0], acts.shape[-1], list(blocks_by_lang))
             counter.add(lang, acts.flatten(1, 2))
@@ -70,6 +76,10 @@ def firing_counts(unit_activations: Callable[[Tensor], Tensor], blocks_by_lang: 
     return counter
 
 
-def firing_share(unit_activations: Callable[[Tensor], Tensor], blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
-                 batch_size: int = 16, device: torch.device | str = "cpu") -> Float[Tensor, "layer unit lang"]:
+def firing_share(
+    unit_activations: Callable[[Tensor], Tensor],
+    blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> Float[Tensor, "layer unit lang"]:
     return firing_counts(unit_activations, blocks_by_lang, batch_size, device).frequency()

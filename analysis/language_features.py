@@ -24,16 +24,23 @@ from clt.model import CrossLayerTranscoder
 
 
 @torch.no_grad()
-def clt_features(model, clt: CrossLayerTranscoder, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos feature"]:
+def clt_features(
+    model, clt: CrossLayerTranscoder, input_ids: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "layer batch pos feature"]:
     """CLT feature activations of every layer on the model's own MLP inputs."""
     with MLPActivationRecorder(model) as recorder:
         model.transformer(input_ids=input_ids)
-    return torch.stack([clt.encode_layer(recorder.inputs[layer] * clt.input_scale[layer], layer)
-                        for layer in range(clt.config.n_layers)])
+    return torch.stack(
+        [
+            clt.encode_layer(recorder.inputs[layer] * clt.input_scale[layer], layer)
+            for layer in range(clt.config.n_layers)
+        ]
+    )
 
 
-def feature_activation_probability(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
-                                   batch_size: int = 16) -> Float[Tensor, "layer feature lang"]:
+def feature_activation_probability(
+    model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
+) -> Float[Tensor, "layer feature lang"]:
     """Share of (non-BOS) tokens of each language on which each CLT feature fires."""
     device = next(model.parameters()).device
     return firing_share(lambda ids: clt_features(model, clt, ids), blocks_by_lang, batch_size, device)
@@ -43,8 +50,13 @@ def entropy_bits(probabilities: Float[Tensor, "... lang"]) -> Float[Tensor, "...
     return entropy(probabilities) / math.log(2)
 
 
-def language_features(probabilities: Float[Tensor, "layer feature lang"], langs: list[str], max_entropy_bits: float = 0.8,
-                      min_frequency: float = 0.01, per_lang: int = 10) -> dict[str, list[dict]]:
+def language_features(
+    probabilities: Float[Tensor, "layer feature lang"],
+    langs: list[str],
+    max_entropy_bits: float = 0.8,
+    min_frequency: float = 0.01,
+    per_lang: int = 10,
+) -> dict[str, list[dict]]:
     """Per language: features whose language mix has at most `max_entropy_bits` and that fire on at
     least `min_frequency` of that language's tokens, most frequent first (the seed's high-frequency
     language features), at most `per_lang`."""
@@ -56,23 +68,43 @@ def language_features(probabilities: Float[Tensor, "layer feature lang"], langs:
         mask = (dominant == k) & (h <= max_entropy_bits) & (probabilities[..., k] >= min_frequency)
         layers, feats = mask.nonzero(as_tuple=True)
         order = torch.argsort(probabilities[layers, feats, k], descending=True)[:per_lang]
-        catalogue[lang] = [{
-            "layer": int(layers[i]), "feature": int(feats[i]), "frequency": float(probabilities[layers[i], feats[i], k]),
-            "max_other_frequency": float(torch.cat([probabilities[layers[i], feats[i], :k], probabilities[layers[i], feats[i], k + 1:]]).max())
-            if len(langs) > 1 else 0.0,
-            "entropy_bits": float(h[layers[i], feats[i]]), "share": float(share[layers[i], feats[i], k])} for i in order]
+        catalogue[lang] = [
+            {
+                "layer": int(layers[i]),
+                "feature": int(feats[i]),
+                "frequency": float(probabilities[layers[i], feats[i], k]),
+                "max_other_frequency": float(
+                    torch.cat(
+                        [probabilities[layers[i], feats[i], :k], probabilities[layers[i], feats[i], k + 1 :]]
+                    ).max()
+                )
+                if len(langs) > 1
+                else 0.0,
+                "entropy_bits": float(h[layers[i], feats[i]]),
+                "share": float(share[layers[i], feats[i], k]),
+            }
+            for i in order
+        ]
     return catalogue
 
 
 @torch.no_grad()
-def top_contexts(model, clt: CrossLayerTranscoder, tokenizer, blocks: Int[Tensor, "n pos"], features: list[tuple[int, int]],
-                 k: int = 3, window: int = 8, batch_size: int = 16) -> dict[tuple[int, int], list[dict]]:
+def top_contexts(
+    model,
+    clt: CrossLayerTranscoder,
+    tokenizer,
+    blocks: Int[Tensor, "n pos"],
+    features: list[tuple[int, int]],
+    k: int = 3,
+    window: int = 8,
+    batch_size: int = 16,
+) -> dict[tuple[int, int], list[dict]]:
     """The k highest activations of each (layer, feature) over `blocks`, with the preceding `window`
     tokens and the token itself marked [[like this]]."""
     device = next(model.parameters()).device
     best: dict[tuple[int, int], list[tuple[float, int, int]]] = {f: [] for f in features}
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start: start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device)
         acts = clt_features(model, clt, batch)
         for layer, feature in features:
             values = acts[layer, :, 1:, feature].flatten()
@@ -84,15 +116,23 @@ def top_contexts(model, clt: CrossLayerTranscoder, tokenizer, blocks: Int[Tensor
     out = {}
     for key, items in best.items():
         items = sorted(items, reverse=True)[:k]
-        out[key] = [{"activation": value,
-                     "context": tokenizer.decode(blocks[b, max(1, p - window): p].tolist()) + "[[" + tokenizer.decode([int(blocks[b, p])]) + "]]"}
-                    for value, b, p in items]
+        out[key] = [
+            {
+                "activation": value,
+                "context": tokenizer.decode(blocks[b, max(1, p - window) : p].tolist())
+                + "[["
+                + tokenizer.decode([int(blocks[b, p])])
+                + "]]",
+            }
+            for value, b, p in items
+        ]
     return out
 
 
 @torch.no_grad()
-def promoted_tokens(model, clt: CrossLayerTranscoder, tokenizer, features: list[tuple[int, int]], k: int = 8
-                    ) -> dict[tuple[int, int], list[str]]:
+def promoted_tokens(
+    model, clt: CrossLayerTranscoder, tokenizer, features: list[tuple[int, int]], k: int = 8
+) -> dict[tuple[int, int], list[str]]:
     """Tokens whose logits a feature's decoders raise most directly: centre(Σ_targets W_dec) ⊙ ln_f.weight · W_U
     (ln_f's centring and weight are linear and kept; its scale is a positive per-position factor that
     does not change the ranking)."""

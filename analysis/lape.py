@@ -31,15 +31,18 @@ def neuron_activations(model, input_ids: Int[Tensor, "batch pos"]) -> Float[Tens
     """Every layer's MLP neurons after the nonlinearity (`blocks.l.mlp.hook_post`)."""
     n_layers = hook_points.adapter(model).n_layers
     seen: dict[int, Tensor] = {}
-    named = [(f"blocks.{layer}.mlp.hook_post", lambda post, layer=layer: seen.__setitem__(layer, post))
-             for layer in range(n_layers)]
+    named = [
+        (f"blocks.{layer}.mlp.hook_post", lambda post, layer=layer: seen.__setitem__(layer, post))
+        for layer in range(n_layers)
+    ]
     with hook_points.hooks(model, named):
         model.transformer(input_ids=input_ids)
     return torch.stack([seen[layer] for layer in range(n_layers)])
 
 
-def neuron_activation_probability(model, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
-                                  ) -> Float[Tensor, "layer neuron lang"]:
+def neuron_activation_probability(
+    model, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
+) -> Float[Tensor, "layer neuron lang"]:
     """Share of (non-BOS) tokens of each language on which each MLP neuron's post-GELU value is > 0."""
     device = next(model.parameters()).device
     return firing_share(lambda ids: neuron_activations(model, ids), blocks_by_lang, batch_size, device)
@@ -53,8 +56,12 @@ def entropy(probabilities: Float[Tensor, "... lang"]) -> Float[Tensor, "..."]:
     return torch.where(total[..., 0] > 0, h, torch.full_like(h, float("nan")))
 
 
-def lape_select(probabilities: Float[Tensor, "layer unit lang"], langs: list[str], top_fraction: float = 0.01,
-                percentile: float = 0.95) -> dict:
+def lape_select(
+    probabilities: Float[Tensor, "layer unit lang"],
+    langs: list[str],
+    top_fraction: float = 0.01,
+    percentile: float = 0.95,
+) -> dict:
     """The paper's selection on a [layer, unit, lang] activation-probability array."""
     if probabilities.shape[-1] != len(langs):
         raise ValueError(f"{probabilities.shape[-1]} languages in the probabilities, {len(langs)} names")
@@ -72,11 +79,20 @@ def lape_select(probabilities: Float[Tensor, "layer unit lang"], langs: list[str
         for k, lang in enumerate(langs):
             if probabilities[layer, unit, k] > threshold:
                 by_lang[lang].append((layer, unit))
-    per_layer = {lang: np.bincount([l for l, _ in units], minlength=n_layers).tolist() for lang, units in by_lang.items()}
-    return {"threshold": threshold, "top_fraction": top_fraction, "n_selected": len(selected),
-            "selected": selected, "entropy": [float(h[l, u]) for l, u in selected],
-            "by_lang": by_lang, "per_layer": per_layer,
-            "selected_per_layer": np.bincount([l for l, _ in selected], minlength=n_layers).tolist()}
+    per_layer = {
+        lang: np.bincount([l for l, _ in units], minlength=n_layers).tolist()
+        for lang, units in by_lang.items()
+    }
+    return {
+        "threshold": threshold,
+        "top_fraction": top_fraction,
+        "n_selected": len(selected),
+        "selected": selected,
+        "entropy": [float(h[l, u]) for l, u in selected],
+        "by_lang": by_lang,
+        "per_layer": per_layer,
+        "selected_per_layer": np.bincount([l for l, _ in selected], minlength=n_layers).tolist(),
+    }
 
 
 def deactivate_neurons(model, neurons: list[tuple[int, int]]):
@@ -87,11 +103,18 @@ def deactivate_neurons(model, neurons: list[tuple[int, int]]):
     by_layer: dict[int, list[int]] = {}
     for layer, unit in neurons:
         by_layer.setdefault(layer, []).append(unit)
-    return Intervener(model, None, [NeuronEdit(layer, units, "set", 0.0) for layer, units in sorted(by_layer.items())])
+    return Intervener(
+        model, None, [NeuronEdit(layer, units, "set", 0.0) for layer, units in sorted(by_layer.items())]
+    )
 
 
-def deactivation_matrix(model, neurons_by_lang: dict[str, list[tuple[int, int]]], eval_blocks: dict[str, Tensor],
-                        seed: int = 0, batch_size: int = 16) -> dict:
+def deactivation_matrix(
+    model,
+    neurons_by_lang: dict[str, list[tuple[int, int]]],
+    eval_blocks: dict[str, Tensor],
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
     """Perplexity on each evaluated language with each language's neurons zeroed (and with random
     neurons of matched count per layer), as absolute and relative change from the intact model."""
     device = next(model.parameters()).device
@@ -102,14 +125,22 @@ def deactivation_matrix(model, neurons_by_lang: dict[str, list[tuple[int, int]]]
     result = {"base_ppl": base, "eval_langs": eval_langs, "lape": {}, "random": {}, "n_neurons": {}}
     for lang, neurons in neurons_by_lang.items():
         result["n_neurons"][lang] = len(neurons)
-        for kind, units in (("lape", neurons), ("random", random_matched(neurons, n_units, seed, exclude=all_selected))):
+        for kind, units in (
+            ("lape", neurons),
+            ("random", random_matched(neurons, n_units, seed, exclude=all_selected)),
+        ):
             with deactivate_neurons(model, units):
                 ppl = {e: math.exp(mean_loss(model, eval_blocks[e], batch_size, device)) for e in eval_langs}
-            result[kind][lang] = {e: {"ppl": ppl[e], "delta": ppl[e] - base[e], "relative": ppl[e] / base[e] - 1} for e in eval_langs}
+            result[kind][lang] = {
+                e: {"ppl": ppl[e], "delta": ppl[e] - base[e], "relative": ppl[e] / base[e] - 1}
+                for e in eval_langs
+            }
     # diagonal dominance: for each deactivated language, is its own perplexity the one that rises most (relative)?
     result["diagonal_dominant"] = {
         lang: max(eval_langs, key=lambda e: result["lape"][lang][e]["relative"]) == lang
-        for lang in neurons_by_lang if lang in eval_langs and neurons_by_lang[lang]}
+        for lang in neurons_by_lang
+        if lang in eval_langs and neurons_by_lang[lang]
+    }
     return result
 
 

@@ -21,15 +21,20 @@ from training import langid
 
 
 @torch.no_grad()
-def lens_language_probabilities(model, blocks: Int[Tensor, "blocks pos"], table: Float[Tensor, "vocab lang"],
-                                tokenizer=None, batch_size: int = 16) -> tuple[Float[Tensor, "blocks layer lang"], list[list[str]]]:
+def lens_language_probabilities(
+    model,
+    blocks: Int[Tensor, "blocks pos"],
+    table: Float[Tensor, "vocab lang"],
+    tokenizer=None,
+    batch_size: int = 16,
+) -> tuple[Float[Tensor, "blocks layer lang"], list[list[str]]]:
     """Soft lens probabilities per block and layer (mean over positions 1…), and, if a tokenizer is
     given, the decoded top-1 lens string of every block at every layer ([block][layer])."""
     device = next(model.parameters()).device
     table = table.to(device)
     probs, strings = [], []
     for start in range(0, len(blocks), batch_size):
-        ids = blocks[start: start + batch_size].to(device)
+        ids = blocks[start : start + batch_size].to(device)
         hidden = residual_stream(model, ids)  # [L, B, P, d]
         logits = lens_logits(model, hidden[:, :, 1:])  # BOS position predicts the first token: excluded
         p_token = logits.float().softmax(-1)
@@ -41,8 +46,12 @@ def lens_language_probabilities(model, blocks: Int[Tensor, "blocks pos"], table:
     return torch.cat(probs), strings
 
 
-def lens_report(probabilities: Float[Tensor, "blocks layer lang"], strings: list[list[str]], block_langs: list[str],
-                langs: list[str]) -> dict:
+def lens_report(
+    probabilities: Float[Tensor, "blocks layer lang"],
+    strings: list[list[str]],
+    block_langs: list[str],
+    langs: list[str],
+) -> dict:
     """Per prompt language: soft P^l(lang) for every lang (mean over blocks), the word-level detected
     shares per layer, and the first layer at which the prompt's own language leads (soft)."""
     report = {"langs": langs, "n_layers": probabilities.shape[1], "by_prompt_lang": {}}
@@ -56,12 +65,22 @@ def lens_report(probabilities: Float[Tensor, "blocks layer lang"], strings: list
         own = langs.index(lang)
         # First layer from which the prompt's language leads in every later layer (None: never).
         entry["own_language_leads_from_layer"] = next(
-            (layer for layer in range(len(leader)) if all(leader[later] == own for later in range(layer, len(leader)))), None)
+            (
+                layer
+                for layer in range(len(leader))
+                if all(leader[later] == own for later in range(layer, len(leader)))
+            ),
+            None,
+        )
         entry["leader_per_layer"] = [langs[k] for k in leader]
         if strings:
-            detected = [[langid.detect(strings[i][layer]) for i in rows] for layer in range(probabilities.shape[1])]
-            entry["word"] = {other: [float(np.mean([d == other for d in per_layer])) for per_layer in detected]
-                             for other in langs + [langid.UNKNOWN]}
+            detected = [
+                [langid.detect(strings[i][layer]) for i in rows] for layer in range(probabilities.shape[1])
+            ]
+            entry["word"] = {
+                other: [float(np.mean([d == other for d in per_layer])) for per_layer in detected]
+                for other in langs + [langid.UNKNOWN]
+            }
         report["by_prompt_lang"][lang] = entry
     return report
 
@@ -73,7 +92,9 @@ def plot_lens(report: dict, path, title: str = "Logit-lens language probability 
     import matplotlib.pyplot as plt
 
     prompt_langs = list(report["by_prompt_lang"])
-    fig, axes = plt.subplots(1, len(prompt_langs), figsize=(3.2 * len(prompt_langs), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(prompt_langs), figsize=(3.2 * len(prompt_langs), 3.2), sharey=True, squeeze=False
+    )
     layers = np.arange(report["n_layers"])
     for ax, lang in zip(axes[0], prompt_langs):
         entry = report["by_prompt_lang"][lang]

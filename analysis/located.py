@@ -33,8 +33,10 @@ UNIT_KEYS = ("neurons", "neurons_5pct", "features", "feature_aligned_neurons")
 
 def validate_located(doc: dict, model=None, clt=None) -> dict:
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise ValueError(f"not a located-units file (format {doc.get('format')!r}, version {doc.get('version')!r}); "
-                         f"expected {FORMAT!r} version {VERSION}")
+        raise ValueError(
+            f"not a located-units file (format {doc.get('format')!r}, version {doc.get('version')!r}); "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
     langs = doc["langs"]
     for key in UNIT_KEYS:
         units = doc.get(key, {})
@@ -43,11 +45,19 @@ def validate_located(doc: dict, model=None, clt=None) -> dict:
             raise ValueError(f"{key} has languages {extra} that are not in langs {langs}")
         for lang, items in units.items():
             for item in items:
-                if len(item) != 2 or not all(isinstance(v, int) for v in item) or not 0 <= item[0] < doc["n_layers"]:
-                    raise ValueError(f"{key}[{lang}] holds {item!r}: expected [layer, index] with 0 ≤ layer < {doc['n_layers']}")
+                if (
+                    len(item) != 2
+                    or not all(isinstance(v, int) for v in item)
+                    or not 0 <= item[0] < doc["n_layers"]
+                ):
+                    raise ValueError(
+                        f"{key}[{lang}] holds {item!r}: expected [layer, index] with 0 ≤ layer < {doc['n_layers']}"
+                    )
     if model is not None:
         if model.config.n_layer != doc["n_layers"]:
-            raise ValueError(f"located units are for {doc['n_layers']} layers, the model has {model.config.n_layer}")
+            raise ValueError(
+                f"located units are for {doc['n_layers']} layers, the model has {model.config.n_layer}"
+            )
         n_neurons = hook_points.adapter(model).d_mlp
         for key in ("neurons", "neurons_5pct", "feature_aligned_neurons"):
             for lang, items in doc.get(key, {}).items():
@@ -58,7 +68,9 @@ def validate_located(doc: dict, model=None, clt=None) -> dict:
         for lang, items in doc.get("features", {}).items():
             bad = [item for item in items if not 0 <= item[1] < clt.config.n_features]
             if bad:
-                raise ValueError(f"features[{lang}] names features {bad[:3]} outside 0…{clt.config.n_features - 1}")
+                raise ValueError(
+                    f"features[{lang}] names features {bad[:3]} outside 0…{clt.config.n_features - 1}"
+                )
     return doc
 
 
@@ -78,12 +90,16 @@ def load_located(path: str | Path, model=None, clt=None, model_dir: str | Path |
         from clt.activations import model_fingerprint
 
         if model_fingerprint(model_dir) != doc["model_sha256"]:
-            raise ValueError(f"{path} was located on {doc['model_dir']}, whose weights differ from {model_dir}'s")
+            raise ValueError(
+                f"{path} was located on {doc['model_dir']}, whose weights differ from {model_dir}'s"
+            )
     return doc
 
 
 @torch.no_grad()
-def feature_aligned_neurons(model, clt, features: list[tuple[int, int]], per_lang: int = 32) -> list[list[int]]:
+def feature_aligned_neurons(
+    model, clt, features: list[tuple[int, int]], per_lang: int = 32
+) -> list[list[int]]:
     """MLP neurons (layer k, j) whose output row c_proj[j] is most aligned (|cosine|, summed over the
     given features) with what the features' decoders write into layer k's MLP output."""
     from clt.export import folded_weights
@@ -113,3 +129,39 @@ def layers_by_count(units: list[list[int]]) -> list[int]:
     for layer, _ in units:
         counts[layer] = counts.get(layer, 0) + 1
     return [layer for layer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+
+def located_from_sections(
+    model_dir: str, clt_dir: str | None, langs: list[str], model, sections: dict
+) -> dict:
+    """The located-units contract built from a location report's sections (analysis/locate.py)."""
+    from clt.activations import model_fingerprint
+
+    lape_section = sections.get("lape", {}).get("selections", {})
+    names = list(lape_section)
+    neurons = {l: [list(u) for u in lape_section[names[0]]["by_lang"][l]] for l in langs} if names else {}
+    neurons5 = (
+        {l: [list(u) for u in lape_section[names[1]]["by_lang"][l]] for l in langs} if len(names) > 1 else {}
+    )
+    features = {
+        l: [[f["layer"], f["feature"]] for f in items]
+        for l, items in sections.get("features", {}).get("catalogue", {}).items()
+    }
+    aligned = sections.get("features", {}).get("aligned_neurons", {})
+    lens_section = sections.get("lens", {}).get("by_prompt_lang", {})
+    return {
+        "model_dir": model_dir,
+        "model_sha256": model_fingerprint(model_dir),
+        "clt_dir": clt_dir,
+        "langs": langs,
+        "n_layers": model.config.n_layer,
+        "layers": {
+            "decision": {l: e["own_language_leads_from_layer"] for l, e in lens_section.items()},
+            "language_features": {l: layers_by_count(units) for l, units in features.items()},
+            "lape_neurons": {l: layers_by_count(units) for l, units in neurons.items()},
+        },
+        "neurons": neurons,
+        "neurons_5pct": neurons5,
+        "features": features,
+        "feature_aligned_neurons": aligned,
+    }

@@ -32,25 +32,32 @@ from analysis.firing import FiringCounter
 from analysis.residuals import lens_logits, residual_stream
 from clt.activations import MLPActivationRecorder
 from clt.model import CrossLayerTranscoder
+from training.errors import ModelMismatch
 
 
 def check_same_architecture(before, after, clt: CrossLayerTranscoder) -> None:
     keys = ("n_layer", "n_embd", "n_inner", "vocab_size", "n_positions")
     differing = [k for k in keys if getattr(before.config, k) != getattr(after.config, k)]
     if differing:
-        raise ValueError(f"the models differ in {differing}: a diff through one CLT needs the same architecture")
+        raise ModelMismatch(
+            f"the models differ in {differing}: a diff through one CLT needs the same architecture"
+        )
     if clt.config.n_layers != before.config.n_layer or clt.config.d_model != before.config.n_embd:
-        raise ValueError(f"the CLT is for {clt.config.n_layers} layers × {clt.config.d_model}, the models have "
-                         f"{before.config.n_layer} × {before.config.n_embd}")
+        raise ModelMismatch(
+            f"the CLT is for {clt.config.n_layers} layers × {clt.config.d_model}, the models have "
+            f"{before.config.n_layer} × {before.config.n_embd}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # CLT features on each model
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def clt_statistics(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
-                   batch_size: int = 16) -> dict:
+def clt_statistics(
+    model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
+) -> dict:
     """Feature frequency and strength per [layer, feature, lang], FVU per layer and language, L0."""
     device = next(model.parameters()).device
     langs = list(blocks_by_lang)
@@ -66,7 +73,7 @@ def clt_statistics(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, I
         sum_y = torch.zeros(L, clt.config.d_model, dtype=torch.float64)
         sum_y2 = torch.zeros(L, dtype=torch.float64)
         for start in range(0, len(blocks), batch_size):
-            batch = blocks[start: start + batch_size].to(device)
+            batch = blocks[start : start + batch_size].to(device)
             with MLPActivationRecorder(model) as recorder:
                 model.transformer(input_ids=batch)
             # BOS excluded everywhere, as in training and location.
@@ -83,16 +90,23 @@ def clt_statistics(model, clt: CrossLayerTranscoder, blocks_by_lang: dict[str, I
         variance = sum_y2 - sum_y.pow(2).sum(-1) / tokens
         fvu[lang] = (sq_err / variance.clamp_min(1e-12)).tolist()
         l0[lang] = (counter.fired[:, :, k].sum(1) / tokens).tolist()
-    return {"langs": langs, "frequency": counter.frequency(), "strength": counter.strength(), "fvu": fvu, "l0": l0}
+    return {
+        "langs": langs,
+        "frequency": counter.frequency(),
+        "strength": counter.strength(),
+        "fvu": fvu,
+        "l0": l0,
+    }
 
 
-def identity_features(frequency: Float[Tensor, "layer feature lang"], langs: list[str], per_layer: int = 5
-                      ) -> dict[str, dict[int, list[int]]]:
+def identity_features(
+    frequency: Float[Tensor, "layer feature lang"], langs: list[str], per_layer: int = 5
+) -> dict[str, dict[int, list[int]]]:
     """Per language and layer: the `per_layer` features with the largest positive specificity
     (frequency on the language minus the largest frequency on any other language)."""
     out: dict[str, dict[int, list[int]]] = {}
     for k, lang in enumerate(langs):
-        others = torch.cat([frequency[..., :k], frequency[..., k + 1:]], dim=-1)
+        others = torch.cat([frequency[..., :k], frequency[..., k + 1 :]], dim=-1)
         specificity = frequency[..., k] - (others.max(-1).values if others.shape[-1] else 0)
         out[lang] = {}
         for layer in range(frequency.shape[0]):
@@ -117,9 +131,14 @@ def brightening(before: dict, after: dict, features: dict[str, dict[int, list[in
             for name in ("frequency", "strength", "mass"):
                 values = {}
                 for when, stats in (("before", before), ("after", after)):
-                    freq, strength = stats["frequency"][layer, indices, k], stats["strength"][layer, indices, k]
+                    freq, strength = (
+                        stats["frequency"][layer, indices, k],
+                        stats["strength"][layer, indices, k],
+                    )
                     # mass = frequency × strength: the mean activation per token, "brightness" in one number.
-                    values[when] = {"frequency": freq, "strength": strength, "mass": freq * strength}[name].mean().item()
+                    values[when] = (
+                        {"frequency": freq, "strength": strength, "mass": freq * strength}[name].mean().item()
+                    )
                 b, a = values["before"], values["after"]
                 entry[f"{name}_before"], entry[f"{name}_after"] = b, a
                 entry[f"{name}_log2_ratio"] = math.log2(a / b) if a > 0 and b > 0 else None
@@ -130,6 +149,7 @@ def brightening(before: dict, after: dict, features: dict[str, dict[int, list[in
 # ---------------------------------------------------------------------------------------------
 # Attribution graphs
 # ---------------------------------------------------------------------------------------------
+
 
 def edge_strength_by_layer(g, n_layers: int) -> Float[Tensor, "source target"]:
     """Σ |weight| of the graph's edges by (source layer, target layer); tokens are source row 0,
@@ -148,26 +168,45 @@ def edge_change(before_graph, after_graph) -> dict:
     layer, feature and position, so an edge is "the same" when both its ends are)."""
     # Edges into targets are left out: each model's salient targets are its own top logits, so `T0`
     # need not be the same token in both graphs.
-    b = {(u, v): d["weight"] for u, v, d in before_graph.edges(data=True) if before_graph.nodes[v]["kind"] != "target"}
-    a = {(u, v): d["weight"] for u, v, d in after_graph.edges(data=True) if after_graph.nodes[v]["kind"] != "target"}
+    b = {
+        (u, v): d["weight"]
+        for u, v, d in before_graph.edges(data=True)
+        if before_graph.nodes[v]["kind"] != "target"
+    }
+    a = {
+        (u, v): d["weight"]
+        for u, v, d in after_graph.edges(data=True)
+        if after_graph.nodes[v]["kind"] != "target"
+    }
     union, shared = set(a) | set(b), set(a) & set(b)
     change = sum(abs(a.get(key, 0.0) - b.get(key, 0.0)) for key in union)
     base = sum(abs(w) for w in b.values())
-    return {"edges_before": len(b), "edges_after": len(a), "edge_jaccard": len(shared) / max(1, len(union)),
-            "relative_change": change / base if base else None,
-            "shared_edge_strength_before": sum(abs(b[key]) for key in shared),
-            "shared_edge_strength_after": sum(abs(a[key]) for key in shared)}
+    return {
+        "edges_before": len(b),
+        "edges_after": len(a),
+        "edge_jaccard": len(shared) / max(1, len(union)),
+        "relative_change": change / base if base else None,
+        "shared_edge_strength_before": sum(abs(b[key]) for key in shared),
+        "shared_edge_strength_after": sum(abs(a[key]) for key in shared),
+    }
 
 
 def feature_keys(g, layers: set[int]) -> set[tuple[int, int]]:
-    return {(d["layer"], d["feature"]) for _, d in g.nodes(data=True) if d["kind"] == "feature" and d["layer"] in layers}
+    return {
+        (d["layer"], d["feature"])
+        for _, d in g.nodes(data=True)
+        if d["kind"] == "feature" and d["layer"] in layers
+    }
 
 
 def cluster_strength(g, shared: set[tuple[int, int]]) -> float:
     """Share of the graph's |edge weight| that leaves features in `shared` (a cross-lingual cluster)."""
     total = sum(abs(d["weight"]) for _, _, d in g.edges(data=True))
-    out = sum(abs(d["weight"]) for u, _, d in g.edges(data=True)
-              if g.nodes[u]["kind"] == "feature" and (g.nodes[u]["layer"], g.nodes[u]["feature"]) in shared)
+    out = sum(
+        abs(d["weight"])
+        for u, _, d in g.edges(data=True)
+        if g.nodes[u]["kind"] == "feature" and (g.nodes[u]["layer"], g.nodes[u]["feature"]) in shared
+    )
     return out / total if total else 0.0
 
 
@@ -199,11 +238,15 @@ def graph_differences(graphs: dict[str, dict[str, list]], n_layers: int) -> dict
             keys = {lang: feature_keys(graphs[model_name][lang][i], middle) for lang in langs}
             for lang in langs:
                 others = set().union(*(keys[o] for o in langs if o != lang)) if len(langs) > 1 else set()
-                cluster[model_name][lang].append(cluster_strength(graphs[model_name][lang][i], keys[lang] & others))
+                cluster[model_name][lang].append(
+                    cluster_strength(graphs[model_name][lang][i], keys[lang] & others)
+                )
     for lang in langs:
         changes = [edge_change(graphs["before"][lang][i], graphs["after"][lang][i]) for i in range(n_prompts)]
-        by_layer = {m: sum(edge_strength_by_layer(graphs[m][lang][i], n_layers) for i in range(n_prompts)) / n_prompts
-                    for m in graphs}
+        by_layer = {
+            m: sum(edge_strength_by_layer(graphs[m][lang][i], n_layers) for i in range(n_prompts)) / n_prompts
+            for m in graphs
+        }
         relative = [c["relative_change"] for c in changes if c["relative_change"] is not None]
         out["per_lang"][lang] = {
             "edge_relative_change": sum(relative) / len(relative) if relative else None,
@@ -214,7 +257,10 @@ def graph_differences(graphs: dict[str, dict[str, list]], n_layers: int) -> dict
             "strength_by_layer_after": by_layer["after"].tolist(),
             "middle_cluster_strength_before": sum(cluster["before"][lang]) / n_prompts,
             "middle_cluster_strength_after": sum(cluster["after"][lang]) / n_prompts,
-            **{f"error_share_{m}": sum(error_share(g) for g in graphs[m][lang][:n_prompts]) / n_prompts for m in graphs},
+            **{
+                f"error_share_{m}": sum(error_share(g) for g in graphs[m][lang][:n_prompts]) / n_prompts
+                for m in graphs
+            },
         }
     out["n_prompts"] = n_prompts
     return out
@@ -223,6 +269,7 @@ def graph_differences(graphs: dict[str, dict[str, list]], n_layers: int) -> dict
 # ---------------------------------------------------------------------------------------------
 # Tokenisation and early layers; logit lens
 # ---------------------------------------------------------------------------------------------
+
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     if len(xs) < 3:
@@ -249,19 +296,23 @@ def fertility_and_early_features(fertility: dict[str, dict], stats: dict[str, di
         rows[lang] = row
     for name in stats:
         xs = [rows[lang]["tokens_per_word"] for lang in langs]
-        out[f"corr_fertility_layer0_l0_{name}"] = pearson(xs, [rows[lang][f"layer0_l0_{name}"] for lang in langs])
+        out[f"corr_fertility_layer0_l0_{name}"] = pearson(
+            xs, [rows[lang][f"layer0_l0_{name}"] for lang in langs]
+        )
     return {"per_lang": rows, **out}
 
 
 @torch.no_grad()
-def lens_kl(before, after, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16) -> dict[str, list[float]]:
+def lens_kl(
+    before, after, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
+) -> dict[str, list[float]]:
     """Mean KL(before ‖ after) of the logit-lens next-token distributions after each block (BOS excluded)."""
     device = next(before.parameters()).device
     out = {}
     for lang, blocks in blocks_by_lang.items():
         total, count = None, 0
         for start in range(0, len(blocks), batch_size):
-            batch = blocks[start: start + batch_size].to(device)
+            batch = blocks[start : start + batch_size].to(device)
             log_p = F.log_softmax(lens_logits(before, residual_stream(before, batch))[:, :, 1:].float(), -1)
             log_q = F.log_softmax(lens_logits(after, residual_stream(after, batch))[:, :, 1:].float(), -1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [layer, batch, pos]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,52 +11,63 @@ import torch
 from tqdm import tqdm
 
 from analysis import model_diff as diff
-from analysis.report import html_page, inline_image
+from analysis.render import Report
 from analysis.text_blocks import blocks_by_lang, texts_by_lang
-from training.config import RunDir, atomic_write_json, atomic_write_text
+from training import paths
+from training.config import RunDir
+from training.errors import ModelMismatch, UserError
 
 
 @dataclass
 class ModelDiffConfig:
     """Compare two models (e.g. before/after fine-tuning) through one CLT; HTML + JSON report."""
 
-    before: str = field(default="runs/pretrain-tiny-en-heavy/model", metadata={"help": "first model (the CLT's own)"})
+    before: str = field(default=paths.MODEL_DIR, metadata={"help": "first model (the CLT's own)"})
     after: str = field(default="runs/finetune/adapt-eu-full-0/model", metadata={"help": "second model"})
-    clt: str = field(default="runs/clt-tiny-en-heavy/clt", metadata={"help": "CLT directory (trained on --before)"})
-    out_dir: str = field(default="runs/model-diff", metadata={"help": "output run directory"})
+    clt: str = field(default=paths.CLT_DIR, metadata={"help": "CLT directory (trained on --before)"})
+    run_dir: str = field(default="runs/model-diff", metadata={"help": "output run directory"})
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
-    langs: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh", "eu"], metadata={"help": "languages"})
-    focus_lang: str = field(default="eu", metadata={"help": "the language the fine-tuning targeted (findings)"})
+    langs: list[str] = field(
+        default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh", "eu"], metadata={"help": "languages"}
+    )
+    focus_lang: str = field(
+        default="eu", metadata={"help": "the language the fine-tuning targeted (findings)"}
+    )
     n_ctx: int = field(default=64, metadata={"help": "block length (BOS included)"})
     blocks_per_lang: int = field(default=32, metadata={"help": "validation blocks per language"})
     identity_per_layer: int = field(default=5, metadata={"help": "identity features per language and layer"})
-    graph_prompts: int = field(default=4, metadata={"help": "parallel prompts per language for attribution graphs (0 = skip)"})
+    graph_prompts: int = field(
+        default=4, metadata={"help": "parallel prompts per language for attribution graphs (0 = skip)"}
+    )
     graph_tokens: int = field(default=12, metadata={"help": "prompt length for attribution graphs"})
-    allow_clt_mismatch: bool = field(default=False, metadata={"help": "accept a CLT trained on neither model"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    allow_clt_mismatch: bool = field(
+        default=False, metadata={"help": "accept a CLT trained on neither model"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 
 
 def load_pair(config: ModelDiffConfig):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     from clt.activations import model_fingerprint
     from clt.export import check_matches_model, load_native
+    from training.models import load_model
 
-    for path in (config.before, config.after):
-        if not (Path(path) / "model.safetensors").exists():
-            raise FileNotFoundError(f"{path} holds no model.safetensors (expected a save_pretrained directory)")
-    before = GPT2LMHeadModel.from_pretrained(config.before, use_safetensors=True).to(config.device).eval()
-    after = GPT2LMHeadModel.from_pretrained(config.after, use_safetensors=True).to(config.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.before)
-    if tokenizer.get_vocab() != AutoTokenizer.from_pretrained(config.after).get_vocab():
-        raise ValueError("the two models use different tokenizers: their features and graphs cannot be compared token by token")
-    clt, meta = load_native(config.clt, device=config.device)
+    before, tokenizer = load_model(config.before, config.device)
+    after, after_tokenizer = load_model(config.after, before.device)
+    if tokenizer.get_vocab() != after_tokenizer.get_vocab():
+        raise UserError(
+            "the two models use different tokenizers: their features and graphs cannot be compared token by token"
+        )
+    clt, meta = load_native(config.clt, device=before.device)
     diff.check_same_architecture(before, after, clt)
     check_matches_model(meta, before, None)  # shapes
-    trained_on = {name: meta.get("model_sha256") == model_fingerprint(path)
-                  for name, path in (("before", config.before), ("after", config.after))}
+    trained_on = {
+        name: meta.get("model_sha256") == model_fingerprint(path)
+        for name, path in (("before", config.before), ("after", config.after))
+    }
     if meta.get("model_sha256") and not any(trained_on.values()) and not config.allow_clt_mismatch:
-        raise ValueError(f"{config.clt} was trained on neither model (pass --allow-clt-mismatch to diff anyway)")
+        raise ModelMismatch(
+            f"{config.clt} was trained on neither model (pass --allow-clt-mismatch to diff anyway)"
+        )
     return before, after, tokenizer, clt, trained_on
 
 
@@ -68,28 +78,40 @@ def run_model_diff(config: ModelDiffConfig) -> dict:
     from training.tokenizer import fertility
 
     started = time.perf_counter()
-    run = RunDir(config.out_dir)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.save_config(config)
+    run = RunDir.open(config.run_dir, config)
+    if (run.path / "report.json").exists():  # finished with this very config: nothing to redo
+        return json.loads((run.path / "report.json").read_text())
     before, after, tokenizer, clt, trained_on = load_pair(config)
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
     validation = texts_by_lang(corpus["validation"], config.langs)
     blocks = blocks_by_lang(tokenizer, validation, config.n_ctx, config.blocks_per_lang)
 
-    stats = {name: diff.clt_statistics(model, clt, blocks) for name, model in tqdm(
-        (("before", before), ("after", after)), desc="CLT statistics", total=2)}
+    stats = {
+        name: diff.clt_statistics(model, clt, blocks)
+        for name, model in tqdm((("before", before), ("after", after)), desc="CLT statistics", total=2)
+    }
     identity = diff.identity_features(stats["before"]["frequency"], config.langs, config.identity_per_layer)
     result = {
-        "before": config.before, "after": config.after, "clt": config.clt, "clt_trained_on": trained_on,
-        "langs": config.langs, "n_layers": clt.config.n_layers, "blocks_per_lang": config.blocks_per_lang,
+        "before": config.before,
+        "after": config.after,
+        "clt": config.clt,
+        "clt_trained_on": trained_on,
+        "langs": config.langs,
+        "n_layers": clt.config.n_layers,
+        "blocks_per_lang": config.blocks_per_lang,
         "clt_fvu": {name: s["fvu"] for name, s in stats.items()},
         "clt_l0": {name: s["l0"] for name, s in stats.items()},
         "feature_change": feature_change(stats),
         "identity_features": identity,
         "brightening": diff.brightening(stats["before"], stats["after"], identity),
         "fertility": diff.fertility_and_early_features(
-            fertility(tokenizer, [t for lang in config.langs for t in validation[lang]],
-                      [lang for lang in config.langs for _ in validation[lang]]), stats),
+            fertility(
+                tokenizer,
+                [t for lang in config.langs for t in validation[lang]],
+                [lang for lang in config.langs for _ in validation[lang]],
+            ),
+            stats,
+        ),
         "lens_kl": diff.lens_kl(before, after, blocks),
     }
     if config.graph_prompts > 0:
@@ -98,7 +120,9 @@ def run_model_diff(config: ModelDiffConfig) -> dict:
         for texts in tqdm(sets, desc="attribution graphs"):
             for lang in config.langs:
                 for name, model in (("before", before), ("after", after)):
-                    graph, pruned = build_graph(model, tokenizer, clt, texts[lang], lang=lang, max_tokens=config.graph_tokens)
+                    graph, pruned = build_graph(
+                        model, tokenizer, clt, texts[lang], lang=lang, max_tokens=config.graph_tokens
+                    )
                     graphs[name][lang].append(to_networkx(graph, pruned))
         result["graphs"] = diff.graph_differences(graphs, clt.config.n_layers)
     result["findings"] = findings(result, config.focus_lang)
@@ -133,40 +157,70 @@ def findings(result: dict, lang: str) -> list[dict]:
     claim = f"fine-tuning brightens {lang}'s late-layer identity features"
     if late and late["mass_log2_ratio"] is not None:
         weak = " (they barely fire: frequency < 1%)" if late["frequency_before"] < 0.01 else ""
-        out.append({"claim": claim,
-                    "measure": f"layer {L - 1}: log2(after/before) of mean activation per token {late['mass_log2_ratio']:+.2f} "
-                               f"(frequency {_signed(late['frequency_log2_ratio'])}, strength {_signed(late['strength_log2_ratio'])}){weak}",
-                    "verdict": "yes" if late["mass_log2_ratio"] > 0 else "no"})
+        out.append(
+            {
+                "claim": claim,
+                "measure": f"layer {L - 1}: log2(after/before) of mean activation per token {late['mass_log2_ratio']:+.2f} "
+                f"(frequency {_signed(late['frequency_log2_ratio'])}, strength {_signed(late['strength_log2_ratio'])}){weak}",
+                "verdict": "yes" if late["mass_log2_ratio"] > 0 else "no",
+            }
+        )
     elif late and late["mass_before"] > 0:
-        out.append({"claim": claim, "measure": f"layer {L - 1}: its {len(late['features'])} identity feature(s) fire on "
-                    f"{100 * late['frequency_before']:.2f}% of {lang} tokens before and never after", "verdict": "no (silenced)"})
+        out.append(
+            {
+                "claim": claim,
+                "measure": f"layer {L - 1}: its {len(late['features'])} identity feature(s) fire on "
+                f"{100 * late['frequency_before']:.2f}% of {lang} tokens before and never after",
+                "verdict": "no (silenced)",
+            }
+        )
     else:
-        out.append({"claim": claim, "measure": f"no {lang}-specific feature fires in layer {L - 1} on the before model",
-                    "verdict": "not measurable"})
+        out.append(
+            {
+                "claim": claim,
+                "measure": f"no {lang}-specific feature fires in layer {L - 1} on the before model",
+                "verdict": "not measurable",
+            }
+        )
     graphs = result.get("graphs", {}).get("per_lang", {}).get(lang)
     if graphs:
         b, a = graphs["middle_cluster_strength_before"], graphs["middle_cluster_strength_after"]
-        out.append({"claim": f"fine-tuning strengthens middle-layer cross-lingual clusters in {lang} graphs",
-                    "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f} "
-                               f"(error nodes' share {graphs['error_share_before']:.3f} → {graphs['error_share_after']:.3f})",
-                    "verdict": "yes" if a > b else "no"})
+        out.append(
+            {
+                "claim": f"fine-tuning strengthens middle-layer cross-lingual clusters in {lang} graphs",
+                "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f} "
+                f"(error nodes' share {graphs['error_share_before']:.3f} → {graphs['error_share_after']:.3f})",
+                "verdict": "yes" if a > b else "no",
+            }
+        )
     r = result["fertility"].get("corr_fertility_layer0_l0_before")
     if r is not None:
-        out.append({"claim": "languages the tokenizer splits more use more early-layer features",
-                    "measure": f"Pearson r(tokens per word, layer-0 active features per token) over {len(result['langs'])} "
-                               f"languages: before {r:+.2f}, after {result['fertility']['corr_fertility_layer0_l0_after']:+.2f}",
-                    "verdict": "yes" if r > 0.5 else "weak" if r > 0 else "no"})
+        out.append(
+            {
+                "claim": "languages the tokenizer splits more use more early-layer features",
+                "measure": f"Pearson r(tokens per word, layer-0 active features per token) over {len(result['langs'])} "
+                f"languages: before {r:+.2f}, after {result['fertility']['corr_fertility_layer0_l0_after']:+.2f}",
+                "verdict": "yes" if r > 0.5 else "weak" if r > 0 else "no",
+            }
+        )
     fvu = result["clt_fvu"]
-    out.append({"claim": "the shared CLT still describes the second model",
-                "measure": f"{lang} FVU per layer before {[round(v, 3) for v in fvu['before'][lang]]}, after "
-                           f"{[round(v, 3) for v in fvu['after'][lang]]}",
-                "verdict": "caution: CLT drifted" if max(fvu["after"][lang]) > 2 * max(fvu["before"][lang]) + 0.05 else "yes"})
+    out.append(
+        {
+            "claim": "the shared CLT still describes the second model",
+            "measure": f"{lang} FVU per layer before {[round(v, 3) for v in fvu['before'][lang]]}, after "
+            f"{[round(v, 3) for v in fvu['after'][lang]]}",
+            "verdict": "caution: CLT drifted"
+            if max(fvu["after"][lang]) > 2 * max(fvu["before"][lang]) + 0.05
+            else "yes",
+        }
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots and pages
 # ---------------------------------------------------------------------------------------------
+
 
 def plot_all(result: dict, out: Path) -> dict[str, Path]:
     import matplotlib
@@ -180,15 +234,21 @@ def plot_all(result: dict, out: Path) -> dict[str, Path]:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for lang in langs:
-        line, = axes[0].plot(layers, result["clt_fvu"]["before"][lang], marker="o", label=lang)
+        (line,) = axes[0].plot(layers, result["clt_fvu"]["before"][lang], marker="o", label=lang)
         axes[0].plot(layers, result["clt_fvu"]["after"][lang], ls="--", marker="x", color=line.get_color())
         change = result["feature_change"][lang]
-        axes[1].plot(layers, [a / b if b else float("nan") for a, b in zip(change["l0_after"], change["l0_before"])],
-                     marker="o", label=lang)
+        axes[1].plot(
+            layers,
+            [a / b if b else float("nan") for a, b in zip(change["l0_after"], change["l0_before"])],
+            marker="o",
+            label=lang,
+        )
         axes[2].plot(layers, result["lens_kl"][lang], marker="o", label=lang)
     for ax in axes:
         ax.set_xticks(layers)
-    axes[0].set(title="CLT FVU per layer (solid before, dashed after)", xlabel="layer", ylabel="FVU", yscale="log")
+    axes[0].set(
+        title="CLT FVU per layer (solid before, dashed after)", xlabel="layer", ylabel="FVU", yscale="log"
+    )
     axes[1].set(title="active CLT features per token, after / before", xlabel="layer", ylabel="ratio")
     axes[1].axhline(1, color="grey", lw=1)
     axes[2].set(title="logit-lens KL(before ‖ after)", xlabel="layer", ylabel="nats", yscale="log")
@@ -207,8 +267,13 @@ def plot_all(result: dict, out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(1.2 * L + 3, 0.5 * len(langs) + 2))
     bound = max(0.1, float(matrix.nan_to_num(0).abs().max()))
     image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
-    ax.set(xticks=layers, yticks=range(len(langs)), yticklabels=langs, xlabel="layer",
-           title="identity features: log2(after / before) mean activation on own language")
+    ax.set(
+        xticks=layers,
+        yticks=range(len(langs)),
+        yticklabels=langs,
+        xlabel="layer",
+        title="identity features: log2(after / before) mean activation on own language",
+    )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     paths["Brightening / dimming of language-identity features"] = out / "brightening.png"
@@ -220,8 +285,14 @@ def plot_all(result: dict, out: Path) -> dict[str, Path]:
     for lang, row in rows.items():
         ax.scatter(row["tokens_per_word"], row["layer0_l0_before"], color="C0")
         ax.scatter(row["tokens_per_word"], row["layer0_l0_after"], color="C1", marker="x")
-        ax.annotate(lang, (row["tokens_per_word"], row["layer0_l0_before"]), xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="tokens per word", ylabel="layer-0 active features per token", title="fertility vs early features (o before, x after)")
+        ax.annotate(
+            lang, (row["tokens_per_word"], row["layer0_l0_before"]), xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set(
+        xlabel="tokens per word",
+        ylabel="layer-0 active features per token",
+        title="fertility vs early features (o before, x after)",
+    )
     fig.tight_layout()
     paths["Tokenizer fertility and layer-0 features"] = out / "fertility.png"
     fig.savefig(paths["Tokenizer fertility and layer-0 features"], dpi=110)
@@ -231,10 +302,21 @@ def plot_all(result: dict, out: Path) -> dict[str, Path]:
         per_lang = result["graphs"]["per_lang"]
         fig, ax = plt.subplots(figsize=(7, 4))
         xs = torch.arange(len(langs)).float()
-        ax.bar(xs - 0.2, [per_lang[lang]["middle_cluster_strength_before"] for lang in langs], 0.4, label="before")
-        ax.bar(xs + 0.2, [per_lang[lang]["middle_cluster_strength_after"] for lang in langs], 0.4, label="after")
-        ax.set(xticks=xs.tolist(), xticklabels=langs, ylabel="share of |edge weight|",
-               title="middle-layer cross-lingual cluster strength")
+        ax.bar(
+            xs - 0.2,
+            [per_lang[lang]["middle_cluster_strength_before"] for lang in langs],
+            0.4,
+            label="before",
+        )
+        ax.bar(
+            xs + 0.2, [per_lang[lang]["middle_cluster_strength_after"] for lang in langs], 0.4, label="after"
+        )
+        ax.set(
+            xticks=xs.tolist(),
+            xticklabels=langs,
+            ylabel="share of |edge weight|",
+            title="middle-layer cross-lingual cluster strength",
+        )
         ax.legend()
         fig.tight_layout()
         paths["Attribution graphs: cross-lingual clusters"] = out / "clusters.png"
@@ -248,40 +330,46 @@ def summary_rows(result: dict) -> list[list[str]]:
     for lang in result["langs"]:
         fvu_b, fvu_a = result["clt_fvu"]["before"][lang], result["clt_fvu"]["after"][lang]
         g = result.get("graphs", {}).get("per_lang", {}).get(lang, {})
-        rows.append([lang, f"{sum(fvu_b) / len(fvu_b):.3f} → {sum(fvu_a) / len(fvu_a):.3f}",
-                     " / ".join(f"{v:.3f}" for v in result["lens_kl"][lang]),
-                     f"{result['fertility']['per_lang'][lang]['tokens_per_word']:.2f}",
-                     "" if not g else f"{g['edge_relative_change']:.2f}" if g["edge_relative_change"] is not None else "",
-                     "" if not g else f"{g['middle_cluster_strength_before']:.3f} → {g['middle_cluster_strength_after']:.3f}"])
+        rows.append(
+            [
+                lang,
+                f"{sum(fvu_b) / len(fvu_b):.3f} → {sum(fvu_a) / len(fvu_a):.3f}",
+                " / ".join(f"{v:.3f}" for v in result["lens_kl"][lang]),
+                f"{result['fertility']['per_lang'][lang]['tokens_per_word']:.2f}",
+                ""
+                if not g
+                else f"{g['edge_relative_change']:.2f}"
+                if g["edge_relative_change"] is not None
+                else "",
+                ""
+                if not g
+                else f"{g['middle_cluster_strength_before']:.3f} → {g['middle_cluster_strength_after']:.3f}",
+            ]
+        )
     return rows
 
 
 def write_report(out: Path, result: dict) -> None:
-    atomic_write_json(out / "report.json", result)
     plots = plot_all(result, out)
-    header = ["lang", "mean CLT FVU before → after", "lens KL per layer", "tokens/word", "graph edge change",
-              "middle cluster strength"]
-    rows = summary_rows(result)
-    title = f"Model diff: {result['before']} → {result['after']}"
-    md = [f"# {title}", "", f"CLT `{result['clt']}` (trained on: {result['clt_trained_on']})", "", "## Findings", "",
-          "| claim | measure | result |", "|---|---|---|"]
-    md += [f"| {f['claim']} | {f['measure']} | {f['verdict']} |" for f in result["findings"]]
-    md += ["", "## Per language", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
+    report = Report(f"Model diff: {result['before']} → {result['after']}")
+    report.text(f"CLT `{result['clt']}` (trained on: {result['clt_trained_on']})")
+    report.table(
+        "Findings",
+        ["claim", "measure", "result"],
+        [[f["claim"], f["measure"], f["verdict"]] for f in result["findings"]],
+    )
+    report.table(
+        "Per language",
+        [
+            "lang",
+            "mean CLT FVU before → after",
+            "lens KL per layer",
+            "tokens/word",
+            "graph edge change",
+            "middle cluster strength",
+        ],
+        summary_rows(result),
+    )
     for name, path in plots.items():
-        md += ["", f"## {name}", "", f"![{name}]({path.name})"]
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>CLT <code>{html.escape(result['clt'])}</code>, trained on: "
-            f"{html.escape(str(result['clt_trained_on']))}</p>", "<h2>Findings</h2><table border=1 cellpadding=4>"
-            "<tr><th>claim</th><th>measure</th><th>result</th></tr>"]
-    body += [f"<tr><td>{html.escape(f['claim'])}</td><td>{html.escape(f['measure'])}</td><td>{html.escape(f['verdict'])}</td></tr>"
-             for f in result["findings"]]
-    body += ["</table><h2>Per language</h2><table border=1 cellpadding=4><tr>"
-             + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
-    body.append("</table>")
-    for name, path in plots.items():
-        body += [f"<h2>{html.escape(name)}</h2>", inline_image(path)]
-    body.append("<h2>All numbers</h2><details><summary>report.json</summary><pre>"
-                + html.escape(json.dumps(result, indent=1)[:300000]) + "</pre></details>")
-    atomic_write_text(out / "report.html", html_page(title, body))
+        report.image(name, path)
+    report.write(out, result)

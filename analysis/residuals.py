@@ -19,13 +19,16 @@ from training.errors import UserError
 
 
 @torch.no_grad()
-def residual_stream(model, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None
-                    ) -> Float[Tensor, "layer batch pos d"]:
+def residual_stream(
+    model, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None
+) -> Float[Tensor, "layer batch pos d"]:
     """Residual after each of the L blocks (layer l = `blocks.l.hook_resid_post`)."""
     n_layers = hook_points.adapter(model).n_layers
     outputs: dict[int, Tensor] = {}
-    named = [(f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: outputs.__setitem__(layer, resid))
-             for layer in range(n_layers)]
+    named = [
+        (f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: outputs.__setitem__(layer, resid))
+        for layer in range(n_layers)
+    ]
     with hook_points.hooks(model, named):
         model.transformer(input_ids=input_ids, attention_mask=attention_mask)
     return torch.stack([outputs[layer] for layer in range(n_layers)])
@@ -50,8 +53,15 @@ class SkipLayers:
     def __enter__(self):
         named = []
         for layer in self.layers:
-            named.append((f"blocks.{layer}.hook_resid_pre", lambda resid, layer=layer: self._inputs.__setitem__(layer, resid)))
-            named.append((f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: self._inputs.pop(layer)))
+            named.append(
+                (
+                    f"blocks.{layer}.hook_resid_pre",
+                    lambda resid, layer=layer: self._inputs.__setitem__(layer, resid),
+                )
+            )
+            named.append(
+                (f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: self._inputs.pop(layer))
+            )
         self._context = hook_points.hooks(self.model, named)
         self._context.__enter__()
         return self
@@ -61,7 +71,9 @@ class SkipLayers:
         return self._context.__exit__(*exc)
 
 
-def mean_pool(hidden: Float[Tensor, "layer batch pos d"], mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch d"]:
+def mean_pool(
+    hidden: Float[Tensor, "layer batch pos d"], mask: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "layer batch d"]:
     """Mean over the positions where mask is 1 (padding and BOS excluded by the caller's mask)."""
     weights = rearrange(mask.to(hidden.dtype), "b p -> 1 b p 1")
     return (hidden * weights).sum(2) / weights.sum(2).clamp(min=1)

@@ -23,14 +23,18 @@ from analysis.residuals import mean_pool, residual_stream
 
 
 @torch.no_grad()
-def pooled_states(model, tokenizer, texts: list[str], max_tokens: int = 64, batch_size: int = 16
-                  ) -> Float[Tensor, "layer text d"]:
+def pooled_states(
+    model, tokenizer, texts: list[str], max_tokens: int = 64, batch_size: int = 16
+) -> Float[Tensor, "layer text d"]:
     """Mean-pooled residual after every layer for each text (BOS + at most max_tokens−1 tokens)."""
     device = next(model.parameters()).device
-    encoded = [[tokenizer.bos_token_id] + ids[: max_tokens - 1] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    encoded = [
+        [tokenizer.bos_token_id] + ids[: max_tokens - 1]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
     pooled = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
+        chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -53,7 +57,11 @@ def pair_similarities(a: Float[Tensor, "layer n d"], b: Float[Tensor, "layer n d
     eye = torch.eye(n, dtype=torch.bool)
     parallel = cos[:, eye].mean(1)
     non_parallel = cos[:, ~eye].mean(1)
-    return {"parallel": parallel.tolist(), "non_parallel": non_parallel.tolist(), "gap": (parallel - non_parallel).tolist()}
+    return {
+        "parallel": parallel.tolist(),
+        "non_parallel": non_parallel.tolist(),
+        "gap": (parallel - non_parallel).tolist(),
+    }
 
 
 def similarity_report(states: dict[str, Float[Tensor, "layer n d"]]) -> dict:

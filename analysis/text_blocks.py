@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from clt.activations import bos_blocks
+from training.corpus.build import unknown_language_message
+from training.errors import UnknownLanguage
 
 
 def texts_by_lang(split, langs: list[str]) -> dict[str, list[str]]:
@@ -15,11 +17,16 @@ def texts_by_lang(split, langs: list[str]) -> dict[str, list[str]]:
             out[lang].append(text)
     missing = [lang for lang, texts in out.items() if not texts]
     if missing:
-        raise ValueError(f"no text in {missing} in this split")
+        present = sorted(set(split["lang"]))
+        raise UnknownLanguage(
+            unknown_language_message(missing, present, getattr(split, "split", None) or "given")
+        )
     return out
 
 
-def blocks_by_lang(tokenizer, texts: dict[str, list[str]], n_ctx: int, per_lang: int) -> dict[str, torch.Tensor]:
+def blocks_by_lang(
+    tokenizer, texts: dict[str, list[str]], n_ctx: int, per_lang: int
+) -> dict[str, torch.Tensor]:
     """Each language's texts packed into `[BOS] + n_ctx−1 tokens` blocks, at most `per_lang` of them."""
     out = {}
     for lang, lang_texts in texts.items():

@@ -24,11 +24,15 @@ def token_counts(tokenizer, texts_by_lang: dict[str, list[str]]) -> Float[Tensor
         if not texts:
             raise ValueError(f"no text for language {lang!r}")
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            counts[:, k] += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(tokenizer)).double()
+            counts[:, k] += torch.bincount(
+                torch.tensor(ids, dtype=torch.long), minlength=len(tokenizer)
+            ).double()
     return counts
 
 
-def language_table(counts: Float[Tensor, "vocab lang"], smoothing: float = 1.0) -> Float[Tensor, "vocab lang"]:
+def language_table(
+    counts: Float[Tensor, "vocab lang"], smoothing: float = 1.0
+) -> Float[Tensor, "vocab lang"]:
     totals = counts.sum(0)
     if (totals == 0).any():
         raise ValueError("a language has no tokens at all: cannot normalise its counts")
@@ -36,8 +40,9 @@ def language_table(counts: Float[Tensor, "vocab lang"], smoothing: float = 1.0) 
     return (rates / rates.sum(1, keepdim=True)).float()
 
 
-def corpus_texts_by_lang(corpus_dir, langs: list[str], split: str = "train", max_texts: int = 4000, seed: int = 0
-                         ) -> dict[str, list[str]]:
+def corpus_texts_by_lang(
+    corpus_dir, langs: list[str], split: str = "train", max_texts: int = 4000, seed: int = 0
+) -> dict[str, list[str]]:
     """Up to `max_texts` paragraphs per language from the corpus (seeded sample)."""
     import random
 

@@ -50,13 +50,19 @@ class ReplacementState:
 
 
 @torch.no_grad()
-def replacement_state(frozen: FrozenGPT2, clt: CrossLayerTranscoder, zero_positions: int = 1) -> ReplacementState:
+def replacement_state(
+    frozen: FrozenGPT2, clt: CrossLayerTranscoder, zero_positions: int = 1
+) -> ReplacementState:
     if (clt.config.n_layers, clt.config.d_model) != (frozen.n_layers, frozen.W_U.shape[0]):
-        raise ValueError(f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, the model has "
-                         f"{frozen.n_layers} × {frozen.W_U.shape[0]}")
+        raise ValueError(
+            f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, the model has "
+            f"{frozen.n_layers} × {frozen.W_U.shape[0]}"
+        )
     if clt.W_skip is not None:
-        raise ValueError("attribution through a transcoder's skip connection is not implemented; "
-                         "use a transcoder trained without --skip")
+        raise ValueError(
+            "attribution through a transcoder's skip connection is not implemented; "
+            "use a transcoder trained without --skip"
+        )
     dtype, device = frozen.W_U.dtype, frozen.W_U.device
     clt = copy.deepcopy(clt).to(device=device, dtype=dtype).eval()
     acts = []
@@ -64,15 +70,20 @@ def replacement_state(frozen: FrozenGPT2, clt: CrossLayerTranscoder, zero_positi
         a = clt.encode_layer(frozen.mlp_in[layer] * clt.input_scale[layer], layer)
         a[:zero_positions] = 0
         acts.append(a)
-    reconstruction = torch.stack([clt.decode_layer(acts, layer) / clt.output_scale[layer]
-                                  for layer in range(frozen.n_layers)])
+    reconstruction = torch.stack(
+        [clt.decode_layer(acts, layer) / clt.output_scale[layer] for layer in range(frozen.n_layers)]
+    )
     errors = frozen.mlp_out - reconstruction
     errors[:, :zero_positions] = 0
     folded = folded_weights(clt)
     return ReplacementState(
-        activations=torch.stack(acts), reconstruction=reconstruction, errors=errors,
-        W_enc=folded["W_enc"].to(device, dtype), b_enc=folded["b_enc"].to(device, dtype),
-        W_dec=[w.to(device, dtype) for w in folded["W_dec"]])
+        activations=torch.stack(acts),
+        reconstruction=reconstruction,
+        errors=errors,
+        W_enc=folded["W_enc"].to(device, dtype),
+        b_enc=folded["b_enc"].to(device, dtype),
+        W_dec=[w.to(device, dtype) for w in folded["W_dec"]],
+    )
 
 
 class SourceBlock:
@@ -80,7 +91,13 @@ class SourceBlock:
     position into a padded [pos, slots, d] block so that contracting them with a batch of gradients
     [batch, pos, d] is one batched matmul."""
 
-    def __init__(self, vectors: Float[Tensor, "n d"], positions: Int[Tensor, "n"], columns: Int[Tensor, "n"], n_pos: int):
+    def __init__(
+        self,
+        vectors: Float[Tensor, "n d"],
+        positions: Int[Tensor, " n"],
+        columns: Int[Tensor, " n"],
+        n_pos: int,
+    ):
         order = torch.argsort(positions, stable=True)
         vectors, positions, columns = vectors[order], positions[order], columns[order]
         counts = torch.bincount(positions, minlength=n_pos)
@@ -96,15 +113,28 @@ class SourceBlock:
         n_pos = grad.shape[1]
         if self.vectors.shape[1] == 0:
             return
-        scores = torch.bmm(rearrange(grad, "b p d -> p b d"), rearrange(self.vectors[:n_pos], "p s d -> p d s"))
+        scores = torch.bmm(
+            rearrange(grad, "b p d -> p b d"), rearrange(self.vectors[:n_pos], "p s d -> p d s")
+        )
         columns = self.columns[:n_pos]
         valid = columns >= 0
         out[:, columns[valid]] += rearrange(scores, "p b s -> b p s")[:, valid]
 
 
-def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targets: list[Target] | None = None,
-              tokenizer=None, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95, batch_size: int = 64,
-              dtype: torch.dtype = torch.float32, progress: bool = False, metadata: dict | None = None) -> AttributionGraph:
+def attribute(
+    model,
+    clt: CrossLayerTranscoder,
+    tokens: Int[Tensor, " pos"],
+    targets: list[Target] | None = None,
+    tokenizer=None,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    metadata: dict | None = None,
+) -> AttributionGraph:
     """The full (unpruned) attribution graph of `tokens` (which should start with BOS).
 
     targets: read-out directions at the last position; None = salient logits (cumulative probability
@@ -117,7 +147,9 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
 
     start = time.perf_counter()
     if targets is None:
-        targets = salient_logit_targets(frozen.logits[-1], frozen.W_U, tokenizer, max_n_logits, desired_logit_prob)
+        targets = salient_logit_targets(
+            frozen.logits[-1], frozen.W_U, tokenizer, max_n_logits, desired_logit_prob
+        )
     if not targets:
         raise ValueError("no attribution targets")
     L, n = frozen.n_layers, frozen.n_pos
@@ -131,12 +163,21 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
 
     start = time.perf_counter()
     # Rows are written straight into the adjacency (features first, targets last; sources are columns).
-    adjacency = torch.zeros(n_sources + len(targets), n_sources + len(targets), dtype=dtype, device=frozen.W_U.device)
+    adjacency = torch.zeros(
+        n_sources + len(targets), n_sources + len(targets), dtype=dtype, device=frozen.W_U.device
+    )
     feature_rows, target_rows = adjacency[:n_feat, :n_sources], adjacency[n_sources:, :n_sources]
     target_vectors = torch.stack([t.vector.to(frozen.W_U) for t in targets])
     # Logit rows first: one batch (there are at most a handful).
-    _attribute_batch(frozen, blocks, target_rows, [(L, torch.arange(len(targets)), torch.full((len(targets),), n - 1), target_vectors)],
-                     n_pos=n, top_layer=L, timings=timings)
+    _attribute_batch(
+        frozen,
+        blocks,
+        target_rows,
+        [(L, torch.arange(len(targets)), torch.full((len(targets),), n - 1), target_vectors)],
+        n_pos=n,
+        top_layer=L,
+        timings=timings,
+    )
     feature_encoders = state.W_enc[active[:, 0], :, active[:, 2]]  # [n_feat, d]
     for begin in tqdm(range(0, n_feat, batch_size), desc="attribution", disable=not progress, unit="batch"):
         batch = slice(begin, min(begin + batch_size, n_feat))
@@ -145,21 +186,50 @@ def attribute(model, clt: CrossLayerTranscoder, tokens: Int[Tensor, "pos"], targ
         for layer in layers.unique().tolist():
             mask = layers == layer
             reads.append((layer, mask.nonzero()[:, 0], positions[mask], feature_encoders[batch][mask]))
-        _attribute_batch(frozen, blocks, feature_rows[batch], reads, n_pos=int(positions.max()) + 1, top_layer=int(layers.max()),
-                         timings=timings)
+        _attribute_batch(
+            frozen,
+            blocks,
+            feature_rows[batch],
+            reads,
+            n_pos=int(positions.max()) + 1,
+            top_layer=int(layers.max()),
+            timings=timings,
+        )
     timings["edges_s"] = time.perf_counter() - start
 
-    token_strings = [tokenizer.decode([t]) for t in tokens.tolist()] if tokenizer is not None else [str(t) for t in tokens.tolist()]
+    token_strings = (
+        [tokenizer.decode([t]) for t in tokens.tolist()]
+        if tokenizer is not None
+        else [str(t) for t in tokens.tolist()]
+    )
     return AttributionGraph(
-        tokens=tokens.cpu(), token_strings=token_strings, active_features=active.cpu(), activations=values.cpu(),
-        adjacency=adjacency.cpu(), target_labels=[t.label for t in targets], target_vocab_ids=[t.vocab_idx for t in targets],
-        target_weights=torch.tensor([t.weight for t in targets], dtype=dtype), n_layers=L,
-        metadata={**(metadata or {}), "timings": timings, "vocab_size": frozen.W_U.shape[1], "dtype": str(dtype).removeprefix("torch."),
-                  "n_active_features": n_feat})
+        tokens=tokens.cpu(),
+        token_strings=token_strings,
+        active_features=active.cpu(),
+        activations=values.cpu(),
+        adjacency=adjacency.cpu(),
+        target_labels=[t.label for t in targets],
+        target_vocab_ids=[t.vocab_idx for t in targets],
+        target_weights=torch.tensor([t.weight for t in targets], dtype=dtype),
+        n_layers=L,
+        metadata={
+            **(metadata or {}),
+            "timings": timings,
+            "vocab_size": frozen.W_U.shape[1],
+            "dtype": str(dtype).removeprefix("torch."),
+            "n_active_features": n_feat,
+        },
+    )
 
 
-def _source_blocks(frozen: FrozenGPT2, state: ReplacementState, active: Int[Tensor, "n 3"], values: Float[Tensor, "n"],
-                   error_start: int, token_start: int) -> list[SourceBlock]:
+def _source_blocks(
+    frozen: FrozenGPT2,
+    state: ReplacementState,
+    active: Int[Tensor, "n 3"],
+    values: Float[Tensor, " n"],
+    error_start: int,
+    token_start: int,
+) -> list[SourceBlock]:
     """One block per MLP-output layer k (features of layers ≤ k decoding into k, and k's error nodes)
     and, last, the embeddings (token nodes)."""
     L, n = frozen.n_layers, frozen.n_pos
@@ -185,12 +255,21 @@ def _source_blocks(frozen: FrozenGPT2, state: ReplacementState, active: Int[Tens
     return blocks
 
 
-def _attribute_batch(frozen: FrozenGPT2, blocks: list[SourceBlock], out: Float[Tensor, "batch sources"], reads: list,
-                     n_pos: int, top_layer: int, timings: dict) -> None:
+def _attribute_batch(
+    frozen: FrozenGPT2,
+    blocks: list[SourceBlock],
+    out: Float[Tensor, "batch sources"],
+    reads: list,
+    n_pos: int,
+    top_layer: int,
+    timings: dict,
+) -> None:
     start = time.perf_counter()
     grad_mlp_out, grad_embed = frozen.backward(reads, batch=out.shape[0], n_pos=n_pos, top_layer=top_layer)
     middle = time.perf_counter()
-    for k in range(min(top_layer, frozen.n_layers)):  # MLP outputs at or above the top read layer get no gradient
+    for k in range(
+        min(top_layer, frozen.n_layers)
+    ):  # MLP outputs at or above the top read layer get no gradient
         blocks[k].contract(grad_mlp_out[k], out)
     blocks[-1].contract(grad_embed, out)
     timings["backward_s"] = timings.get("backward_s", 0.0) + middle - start

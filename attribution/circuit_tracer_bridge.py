@@ -17,11 +17,22 @@ def hooked_transformer_config(hf_config, dtype: torch.dtype = torch.float32, dev
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=hf_config.n_layer, d_model=hf_config.n_embd, n_heads=hf_config.n_head,
-        d_head=hf_config.n_embd // hf_config.n_head, d_mlp=hf_config.n_inner or 4 * hf_config.n_embd,
-        n_ctx=hf_config.n_positions, d_vocab=hf_config.vocab_size, act_fn=hf_config.activation_function,
-        normalization_type="LN", positional_embedding_type="standard", eps=hf_config.layer_norm_epsilon,
-        default_prepend_bos=False, model_name="multilingual-clt-gpt2", dtype=dtype, device=device)
+        n_layers=hf_config.n_layer,
+        d_model=hf_config.n_embd,
+        n_heads=hf_config.n_head,
+        d_head=hf_config.n_embd // hf_config.n_head,
+        d_mlp=hf_config.n_inner or 4 * hf_config.n_embd,
+        n_ctx=hf_config.n_positions,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.activation_function,
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        eps=hf_config.layer_norm_epsilon,
+        default_prepend_bos=False,
+        model_name="multilingual-clt-gpt2",
+        dtype=dtype,
+        device=device,
+    )
 
 
 def hooked_transformer(model, tokenizer=None, dtype: torch.dtype = torch.float32, cls=None):
@@ -37,20 +48,31 @@ def hooked_transformer(model, tokenizer=None, dtype: torch.dtype = torch.float32
     missing, unexpected = converted.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith((".IGNORE", ".mask"))]
     if missing or unexpected:
-        raise ValueError(f"TransformerLens conversion did not match: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"TransformerLens conversion did not match: missing {missing}, unexpected {unexpected}"
+        )
     return converted.eval()
 
 
 def circuit_tracer_model(model, tokenizer, clt_export_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A circuit-tracer `TransformerLensReplacementModel` with `model`'s weights and the CLT exported by
     `clt.export.export_circuit_tracer` (a cross-layer transcoder directory)."""
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
     replacement = hooked_transformer(model, tokenizer, dtype, cls=TransformerLensReplacementModel)
-    transcoder = load_clt(str(clt_export_dir), feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                          scan="multilingual-clt", lazy_decoder=False, lazy_encoder=False, dtype=dtype,
-                          device=torch.device("cpu"))
+    transcoder = load_clt(
+        str(clt_export_dir),
+        feature_input_hook="ln2.hook_normalized",
+        feature_output_hook="hook_mlp_out",
+        scan="multilingual-clt",
+        lazy_decoder=False,
+        lazy_encoder=False,
+        dtype=dtype,
+        device=torch.device("cpu"),
+    )
     # Weights first, transcoder second (configuring wraps the MLPs, which renames their parameters).
     replacement._configure_replacement_model(transcoder)
     return replacement.eval()

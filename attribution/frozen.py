@@ -36,12 +36,12 @@ from training import hook_points
 class FrozenGPT2:
     """Weights of one GPT-2 plus everything frozen on one prompt (all in one dtype)."""
 
-    tokens: Int[Tensor, "pos"]
+    tokens: Int[Tensor, " pos"]
     token_embeddings: Float[Tensor, "pos d"]  # W_E[tokens]: the token nodes' vectors
     position_embeddings: Float[Tensor, "pos d"]
     ln1_scale: Float[Tensor, "layer pos"]
     ln2_scale: Float[Tensor, "layer pos"]
-    lnf_scale: Float[Tensor, "pos"]
+    lnf_scale: Float[Tensor, " pos"]
     patterns: Float[Tensor, "layer head pos pos"]
     mlp_in: Float[Tensor, "layer pos d"]
     mlp_out: Float[Tensor, "layer pos d"]
@@ -51,8 +51,8 @@ class FrozenGPT2:
     ln1_b: Float[Tensor, "layer d"]
     ln2_w: Float[Tensor, "layer d"]
     ln2_b: Float[Tensor, "layer d"]
-    lnf_w: Float[Tensor, "d"]
-    lnf_b: Float[Tensor, "d"]
+    lnf_w: Float[Tensor, " d"]
+    lnf_b: Float[Tensor, " d"]
     W_V: Float[Tensor, "layer d hd"]  # value part of c_attn (heads concatenated)
     b_V: Float[Tensor, "layer hd"]
     W_O: Float[Tensor, "layer hd d"]
@@ -70,13 +70,15 @@ class FrozenGPT2:
 
     @classmethod
     @torch.no_grad()
-    def capture(cls, model, tokens: Int[Tensor, "pos"], dtype: torch.dtype = torch.float32) -> FrozenGPT2:
+    def capture(cls, model, tokens: Int[Tensor, " pos"], dtype: torch.dtype = torch.float32) -> FrozenGPT2:
         """Run `model` (a GPT2LMHeadModel) on `tokens` and freeze what attribution must hold fixed."""
         check_supported(model)
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
         if tokens.numel() > model.config.n_positions:
-            raise ValueError(f"prompt has {tokens.numel()} tokens, the model's context is {model.config.n_positions}")
+            raise ValueError(
+                f"prompt has {tokens.numel()} tokens, the model's context is {model.config.n_positions}"
+            )
         transformer = model.transformer
         device = next(model.parameters()).device
         tokens = tokens.to(device)
@@ -100,7 +102,9 @@ class FrozenGPT2:
         patterns = []
         for layer, block in enumerate(transformer.h):
             x = block.ln_1(ln_inputs[f"ln_1.{layer}"]).double()
-            q, k, _ = (x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()).split(d, dim=-1)
+            q, k, _ = (x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()).split(
+                d, dim=-1
+            )
             q, k = (rearrange(t, "p (h e) -> h p e", h=H) for t in (q, k))
             scores = einsum(q, k, "h i e, h j e -> h i j") / (d // H) ** 0.5
             causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool, device=device).tril()
@@ -120,19 +124,25 @@ class FrozenGPT2:
             mlp_in=rearrange(mlp_in[0], "p l d -> l p d").to(dtype),
             mlp_out=rearrange(mlp_out[0], "p l d -> l p d").to(dtype),
             logits=logits.to(dtype),
-            ln1_w=weights(lambda b: b.ln_1.weight), ln1_b=weights(lambda b: b.ln_1.bias),
-            ln2_w=weights(lambda b: b.ln_2.weight), ln2_b=weights(lambda b: b.ln_2.bias),
-            lnf_w=transformer.ln_f.weight.detach().to(dtype), lnf_b=transformer.ln_f.bias.detach().to(dtype),
-            W_V=weights(lambda b: b.attn.c_attn.weight[:, 2 * d:]), b_V=weights(lambda b: b.attn.c_attn.bias[2 * d:]),
-            W_O=weights(lambda b: b.attn.c_proj.weight), b_O=weights(lambda b: b.attn.c_proj.bias),
+            ln1_w=weights(lambda b: b.ln_1.weight),
+            ln1_b=weights(lambda b: b.ln_1.bias),
+            ln2_w=weights(lambda b: b.ln_2.weight),
+            ln2_b=weights(lambda b: b.ln_2.bias),
+            lnf_w=transformer.ln_f.weight.detach().to(dtype),
+            lnf_b=transformer.ln_f.bias.detach().to(dtype),
+            W_V=weights(lambda b: b.attn.c_attn.weight[:, 2 * d :]),
+            b_V=weights(lambda b: b.attn.c_attn.bias[2 * d :]),
+            W_O=weights(lambda b: b.attn.c_proj.weight),
+            b_O=weights(lambda b: b.attn.c_proj.bias),
             W_U=model.lm_head.weight.detach().T.to(dtype),
             n_heads=H,
         )
 
     # --- frozen forward ---------------------------------------------------------------------------
 
-    def forward(self, token_embeddings: Float[Tensor, "pos d"], mlp_out: Float[Tensor, "layer pos d"]
-                ) -> tuple[Float[Tensor, "layer pos d"], Float[Tensor, "pos d"]]:
+    def forward(
+        self, token_embeddings: Float[Tensor, "pos d"], mlp_out: Float[Tensor, "layer pos d"]
+    ) -> tuple[Float[Tensor, "layer pos d"], Float[Tensor, "pos d"]]:
         """MLP inputs of every layer and the final normalised residual (what the unembedding reads) of
         the frozen model whose token embeddings and MLP outputs are the given constants."""
         r = token_embeddings + self.position_embeddings
@@ -148,9 +158,13 @@ class FrozenGPT2:
 
     # --- its transpose ----------------------------------------------------------------------------
 
-    def backward(self, reads: list[tuple[int, Int[Tensor, "batch"], Int[Tensor, "batch"], Float[Tensor, "batch d"]]],
-                 batch: int, n_pos: int, top_layer: int
-                 ) -> tuple[list[Float[Tensor, "batch pos d"] | None], Float[Tensor, "batch pos d"]]:
+    def backward(
+        self,
+        reads: list[tuple[int, Int[Tensor, " batch"], Int[Tensor, " batch"], Float[Tensor, "batch d"]]],
+        batch: int,
+        n_pos: int,
+        top_layer: int,
+    ) -> tuple[list[Float[Tensor, "batch pos d"] | None], Float[Tensor, "batch pos d"]]:
         """Gradients of `batch` linear read-outs with respect to every MLP output and token embedding.
 
         `reads` lists (layer, batch rows, positions, vectors): row b reads `vector · mlp_in[layer, pos]`,
@@ -166,15 +180,23 @@ class FrozenGPT2:
         grad_mlp_out: list[Tensor | None] = [None] * self.n_layers
         for layer in range(min(top_layer, self.n_layers - 1), -1, -1):
             grad_mlp_out[layer] = grad  # r_{l+1} = m_l + mlp_out_l
-            injected = [(rows, positions, vectors) for read_layer, rows, positions, vectors in reads if read_layer == layer]
+            injected = [
+                (rows, positions, vectors)
+                for read_layer, rows, positions, vectors in reads
+                if read_layer == layer
+            ]
             if injected:
                 grad = grad.clone()  # the MLP-output gradient above must not see reads at this layer's input
                 for rows, positions, vectors in injected:
-                    grad[rows, positions] += _layer_norm_transpose(vectors, self.ln2_scale[layer, positions], self.ln2_w[layer])
+                    grad[rows, positions] += _layer_norm_transpose(
+                        vectors, self.ln2_scale[layer, positions], self.ln2_w[layer]
+                    )
             grad = grad + self._attention_transpose(grad, layer, n_pos)
         return grad_mlp_out, grad
 
-    def _attention_transpose(self, grad: Float[Tensor, "batch pos d"], layer: int, n_pos: int) -> Float[Tensor, "batch pos d"]:
+    def _attention_transpose(
+        self, grad: Float[Tensor, "batch pos d"], layer: int, n_pos: int
+    ) -> Float[Tensor, "batch pos d"]:
         """Gradient reaching r_l through LN1 and attention (patterns and scale frozen)."""
         grad_z = rearrange(grad @ self.W_O[layer].T, "b p (h e) -> b h p e", h=self.n_heads)
         pattern = self.patterns[layer, :, :n_pos, :n_pos]
@@ -186,20 +208,33 @@ class FrozenGPT2:
 def check_supported(model) -> None:
     config = model.config
     if getattr(config, "model_type", None) != "gpt2":
-        raise ValueError(f"attribution supports GPT-2 models (GPT2LMHeadModel); got model_type={config.model_type!r}")
-    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights or config.reorder_and_upcast_attn:
-        raise ValueError("attribution supports GPT-2's standard attention scaling only "
-                         "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)")
+        raise ValueError(
+            f"attribution supports GPT-2 models (GPT2LMHeadModel); got model_type={config.model_type!r}"
+        )
+    if (
+        config.scale_attn_by_inverse_layer_idx
+        or not config.scale_attn_weights
+        or config.reorder_and_upcast_attn
+    ):
+        raise ValueError(
+            "attribution supports GPT-2's standard attention scaling only "
+            "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)"
+        )
 
 
-def _layer_norm(x: Float[Tensor, "pos d"], scale: Float[Tensor, "pos"], weight: Float[Tensor, "d"],
-                bias: Float[Tensor, "d"]) -> Float[Tensor, "pos d"]:
+def _layer_norm(
+    x: Float[Tensor, "pos d"],
+    scale: Float[Tensor, " pos"],
+    weight: Float[Tensor, " d"],
+    bias: Float[Tensor, " d"],
+) -> Float[Tensor, "pos d"]:
     """LayerNorm with its scale frozen: linear in x (plus the bias)."""
     return (x - x.mean(-1, keepdim=True)) / scale[:, None] * weight + bias
 
 
-def _layer_norm_transpose(grad: Float[Tensor, "... pos d"], scale: Float[Tensor, "pos"], weight: Float[Tensor, "d"]
-                          ) -> Float[Tensor, "... pos d"]:
+def _layer_norm_transpose(
+    grad: Float[Tensor, "... pos d"], scale: Float[Tensor, " pos"], weight: Float[Tensor, " d"]
+) -> Float[Tensor, "... pos d"]:
     """Transpose of the frozen LayerNorm's linear part: C diag(w) / s, C the (symmetric) centring."""
     g = grad * weight / scale[..., None]
     return g - g.mean(-1, keepdim=True)

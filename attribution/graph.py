@@ -26,14 +26,14 @@ GRAPH_META = "graph.json"
 
 @dataclass
 class AttributionGraph:
-    tokens: Int[Tensor, "pos"]
+    tokens: Int[Tensor, " pos"]
     token_strings: list[str]
     active_features: Int[Tensor, "n_features 3"]  # (layer, position, feature index)
-    activations: Float[Tensor, "n_features"]
+    activations: Float[Tensor, " n_features"]
     adjacency: Float[Tensor, "nodes nodes"]
     target_labels: list[str]
     target_vocab_ids: list[int]  # -1 for custom directions
-    target_weights: Float[Tensor, "n_targets"]
+    target_weights: Float[Tensor, " n_targets"]
     n_layers: int
     metadata: dict = field(default_factory=dict)  # prompt, language, model/CLT paths and hashes, timings
 
@@ -92,18 +92,35 @@ class AttributionGraph:
         kind = self.node_kind(index)
         if kind == "feature":
             layer, pos, feature = self.active_features[index].tolist()
-            return {"kind": kind, "layer": layer, "position": pos, "feature": feature,
-                    "activation": float(self.activations[index]), "token": self.token_strings[pos]}
+            return {
+                "kind": kind,
+                "layer": layer,
+                "position": pos,
+                "feature": feature,
+                "activation": float(self.activations[index]),
+                "token": self.token_strings[pos],
+            }
         if kind == "error":
             layer, pos = divmod(index - self.error_start, self.n_pos)
             return {"kind": kind, "layer": layer, "position": pos, "token": self.token_strings[pos]}
         if kind == "token":
             pos = index - self.token_start
-            return {"kind": kind, "layer": -1, "position": pos, "token": self.token_strings[pos],
-                    "token_id": int(self.tokens[pos])}
+            return {
+                "kind": kind,
+                "layer": -1,
+                "position": pos,
+                "token": self.token_strings[pos],
+                "token_id": int(self.tokens[pos]),
+            }
         t = index - self.target_start
-        return {"kind": kind, "layer": self.n_layers, "position": self.n_pos - 1, "token": self.target_labels[t],
-                "token_id": self.target_vocab_ids[t], "weight": float(self.target_weights[t])}
+        return {
+            "kind": kind,
+            "layer": self.n_layers,
+            "position": self.n_pos - 1,
+            "token": self.target_labels[t],
+            "token_id": self.target_vocab_ids[t],
+            "weight": float(self.target_weights[t]),
+        }
 
     # --- persistence ---------------------------------------------------------------------------
 
@@ -111,13 +128,27 @@ class AttributionGraph:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / (GRAPH_WEIGHTS + ".tmp")
-        save_file({"tokens": self.tokens.cpu().contiguous(), "active_features": self.active_features.cpu().contiguous(),
-                   "activations": self.activations.cpu().contiguous(), "adjacency": self.adjacency.cpu().contiguous(),
-                   "target_weights": self.target_weights.cpu().contiguous()}, str(tmp))
+        save_file(
+            {
+                "tokens": self.tokens.cpu().contiguous(),
+                "active_features": self.active_features.cpu().contiguous(),
+                "activations": self.activations.cpu().contiguous(),
+                "adjacency": self.adjacency.cpu().contiguous(),
+                "target_weights": self.target_weights.cpu().contiguous(),
+            },
+            str(tmp),
+        )
         tmp.replace(out_dir / GRAPH_WEIGHTS)
-        atomic_write_json(out_dir / GRAPH_META, {
-            "token_strings": self.token_strings, "target_labels": self.target_labels,
-            "target_vocab_ids": self.target_vocab_ids, "n_layers": self.n_layers, "metadata": self.metadata})
+        atomic_write_json(
+            out_dir / GRAPH_META,
+            {
+                "token_strings": self.token_strings,
+                "target_labels": self.target_labels,
+                "target_vocab_ids": self.target_vocab_ids,
+                "n_layers": self.n_layers,
+                "metadata": self.metadata,
+            },
+        )
         return out_dir
 
     @classmethod
@@ -127,8 +158,15 @@ class AttributionGraph:
             raise FileNotFoundError(f"{path} holds no {GRAPH_WEIGHTS}: not a saved attribution graph")
         tensors = load_file(str(path / GRAPH_WEIGHTS))
         meta = json.loads((path / GRAPH_META).read_text())
-        return cls(tokens=tensors["tokens"], token_strings=meta["token_strings"],
-                   active_features=tensors["active_features"], activations=tensors["activations"],
-                   adjacency=tensors["adjacency"], target_labels=meta["target_labels"],
-                   target_vocab_ids=meta["target_vocab_ids"], target_weights=tensors["target_weights"],
-                   n_layers=meta["n_layers"], metadata=meta["metadata"])
+        return cls(
+            tokens=tensors["tokens"],
+            token_strings=meta["token_strings"],
+            active_features=tensors["active_features"],
+            activations=tensors["activations"],
+            adjacency=tensors["adjacency"],
+            target_labels=meta["target_labels"],
+            target_vocab_ids=meta["target_vocab_ids"],
+            target_weights=tensors["target_weights"],
+            n_layers=meta["n_layers"],
+            metadata=meta["metadata"],
+        )

@@ -21,7 +21,7 @@ def normalized_abs(adjacency: Float[Tensor, "n n"]) -> Float[Tensor, "n n"]:
     return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
 
 
-def influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
+def influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     """Σ_{k≥1} w Âᵏ by repeated vector-matrix products."""
     total = torch.zeros_like(weights)
     current = weights @ normalized
@@ -33,30 +33,34 @@ def influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, "n"]) -> 
     raise RuntimeError("influence did not converge: the adjacency matrix has a cycle (it must be a DAG)")
 
 
-def target_weights_vector(graph: AttributionGraph) -> Float[Tensor, "n"]:
+def target_weights_vector(graph: AttributionGraph) -> Float[Tensor, " n"]:
     w = torch.zeros(graph.n_nodes, dtype=graph.adjacency.dtype)
-    w[graph.target_start:] = graph.target_weights.to(w.dtype)
+    w[graph.target_start :] = graph.target_weights.to(w.dtype)
     return w
 
 
-def node_influence(graph: AttributionGraph) -> Float[Tensor, "n"]:
+def node_influence(graph: AttributionGraph) -> Float[Tensor, " n"]:
     return influence(normalized_abs(graph.adjacency), target_weights_vector(graph))
 
 
-def _cumulative_threshold(scores: Float[Tensor, "m"], keep: float) -> Tensor:
+def _cumulative_threshold(scores: Float[Tensor, " m"], keep: float) -> Tensor:
     """The smallest score among the top scores that together hold a `keep` share of the total."""
     ordered = scores.sort(descending=True).values
     cumulative = ordered.cumsum(0) / ordered.sum()
-    index = min(int(torch.searchsorted(cumulative, torch.tensor(keep, dtype=cumulative.dtype))), len(ordered) - 1)
+    index = min(
+        int(torch.searchsorted(cumulative, torch.tensor(keep, dtype=cumulative.dtype))), len(ordered) - 1
+    )
     return ordered[index]
 
 
 @dataclass
 class PruneResult:
-    node_mask: Bool[Tensor, "n"]
+    node_mask: Bool[Tensor, " n"]
     edge_mask: Bool[Tensor, "n n"]
-    influence: Float[Tensor, "n"]  # node influence on the targets (unpruned graph)
-    cumulative_influence: Float[Tensor, "n"]  # share of total influence held by nodes at least this influential
+    influence: Float[Tensor, " n"]  # node influence on the targets (unpruned graph)
+    cumulative_influence: Float[
+        Tensor, " n"
+    ]  # share of total influence held by nodes at least this influential
 
 
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
@@ -70,7 +74,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     w = target_weights_vector(graph)
     scores = influence(normalized_abs(graph.adjacency), w)
     node_mask = scores >= _cumulative_threshold(scores, node_threshold)
-    node_mask[graph.token_start:] = True
+    node_mask[graph.token_start :] = True
 
     pruned = graph.adjacency.clone()
     pruned[~node_mask] = 0
@@ -106,9 +110,11 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     normalized = normalized_abs(graph.adjacency)
     scores = influence(normalized, w)
     errors = slice(graph.error_start, graph.token_start)
-    token_influence = scores[graph.token_start:graph.target_start].sum()
+    token_influence = scores[graph.token_start : graph.target_start].sum()
     error_influence = scores[errors].sum()
     non_error_share = 1 - normalized[:, errors].sum(dim=1)
     weight = scores + w
-    return {"replacement": float(token_influence / (token_influence + error_influence)),
-            "completeness": float((non_error_share * weight).sum() / weight.sum())}
+    return {
+        "replacement": float(token_influence / (token_influence + error_influence)),
+        "completeness": float((non_error_share * weight).sum() / weight.sum()),
+    }

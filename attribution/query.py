@@ -41,25 +41,41 @@ def circuit_tracer_node_id(graph: AttributionGraph, index: int) -> str:
         return f"0_{info['layer']}_{info['position']}"
     if kind == "token":
         return f"E_{info['token_id']}_{info['position']}"
-    vocab = info["token_id"] if info["token_id"] >= 0 else graph.metadata["vocab_size"] + index - graph.target_start
+    vocab = (
+        info["token_id"]
+        if info["token_id"] >= 0
+        else graph.metadata["vocab_size"] + index - graph.target_start
+    )
     return f"{graph.n_layers + 1}_{vocab}_{info['position']}"
 
 
-def to_networkx(graph: AttributionGraph, pruned: PruneResult | None = None, node_threshold: float = 0.8,
-                edge_threshold: float = 0.98) -> nx.DiGraph:
+def to_networkx(
+    graph: AttributionGraph,
+    pruned: PruneResult | None = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> nx.DiGraph:
     """Typed, attributed DiGraph of the pruned graph (pruning with the given thresholds if no
     `PruneResult` is passed; pass `prune(graph, 1.0, 1.0)` for (almost) everything)."""
     if pruned is None:
         pruned = prune(graph, node_threshold, edge_threshold)
-    g = nx.DiGraph(prompt=graph.metadata.get("prompt", ""), lang=graph.metadata.get("lang") or "",
-                   n_layers=graph.n_layers, n_pos=graph.n_pos)
+    g = nx.DiGraph(
+        prompt=graph.metadata.get("prompt", ""),
+        lang=graph.metadata.get("lang") or "",
+        n_layers=graph.n_layers,
+        n_pos=graph.n_pos,
+    )
     lang = graph.metadata.get("lang")
     kept = pruned.node_mask.nonzero()[:, 0].tolist()
     ids = {}
     for index in kept:
         info = graph.describe(index)
-        info.update(index=index, ct_node_id=circuit_tracer_node_id(graph, index), influence=float(pruned.influence[index]),
-                    cumulative_influence=float(pruned.cumulative_influence[index]))
+        info.update(
+            index=index,
+            ct_node_id=circuit_tracer_node_id(graph, index),
+            influence=float(pruned.influence[index]),
+            cumulative_influence=float(pruned.cumulative_influence[index]),
+        )
         if lang:
             info["lang"] = lang  # the prompt's language: what the cross-lingual analyses group by
         ids[index] = node_id(graph, index)
@@ -74,8 +90,11 @@ def to_networkx(graph: AttributionGraph, pruned: PruneResult | None = None, node
 
 def top_inputs(g: nx.DiGraph, node: str, k: int = 10, kind: str | None = None) -> list[tuple[str, float]]:
     """The k strongest direct inputs into `node` (by |weight|), optionally only of one kind."""
-    edges = [(source, data["weight"]) for source, _, data in g.in_edges(node, data=True)
-             if kind is None or g.nodes[source]["kind"] == kind]
+    edges = [
+        (source, data["weight"])
+        for source, _, data in g.in_edges(node, data=True)
+        if kind is None or g.nodes[source]["kind"] == kind
+    ]
     return sorted(edges, key=lambda item: -abs(item[1]))[:k]
 
 
@@ -95,7 +114,9 @@ def strongest_paths(g: nx.DiGraph, source: str, target: str, k: int = 5) -> list
     import math
 
     cost = nx.DiGraph()
-    cost.add_edges_from((u, v, {"cost": -math.log(d["share"])}) for u, v, d in g.edges(data=True) if d["share"] > 0)
+    cost.add_edges_from(
+        (u, v, {"cost": -math.log(d["share"])}) for u, v, d in g.edges(data=True) if d["share"] > 0
+    )
     if source not in cost or target not in cost or not nx.has_path(cost, source, target):
         return []
     paths = itertools.islice(nx.shortest_simple_paths(cost, source, target, weight="cost"), k)

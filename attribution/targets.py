@@ -21,20 +21,27 @@ from torch import Tensor
 @dataclass
 class Target:
     label: str
-    vector: Float[Tensor, "d"]
+    vector: Float[Tensor, " d"]
     weight: float  # importance for pruning (probability for logit targets)
     vocab_idx: int = -1  # token id for logit targets, -1 for custom directions
 
 
-def salient_logit_targets(logits: Float[Tensor, "vocab"], W_U: Float[Tensor, "d vocab"], tokenizer=None,
-                          max_n_logits: int = 10, desired_logit_prob: float = 0.95) -> list[Target]:
+def salient_logit_targets(
+    logits: Float[Tensor, " vocab"],
+    W_U: Float[Tensor, "d vocab"],
+    tokenizer=None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+) -> list[Target]:
     probs = logits.double().softmax(-1)
     top_p, top_idx = probs.topk(min(max_n_logits, probs.numel()))
     cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=top_p.dtype))) + 1
     return [token_target(int(i), logits, W_U, tokenizer) for i in top_idx[:cutoff].tolist()]
 
 
-def token_target(token_id: int, logits: Float[Tensor, "vocab"], W_U: Float[Tensor, "d vocab"], tokenizer=None) -> Target:
+def token_target(
+    token_id: int, logits: Float[Tensor, " vocab"], W_U: Float[Tensor, "d vocab"], tokenizer=None
+) -> Target:
     if not 0 <= token_id < W_U.shape[1]:
         raise ValueError(f"token id {token_id} is outside the vocabulary (size {W_U.shape[1]})")
     prob = float(logits.double().softmax(-1)[token_id])
@@ -42,16 +49,23 @@ def token_target(token_id: int, logits: Float[Tensor, "vocab"], W_U: Float[Tenso
     return Target(label=label, vector=W_U[:, token_id] - W_U.mean(dim=1), weight=prob, vocab_idx=token_id)
 
 
-def direction_target(label: str, vector: Float[Tensor, "d"], weight: float = 1.0) -> Target:
+def direction_target(label: str, vector: Float[Tensor, " d"], weight: float = 1.0) -> Target:
     if vector.dim() != 1:
-        raise ValueError(f"a custom direction must be a 1-D vector of size d_model, got shape {tuple(vector.shape)}")
+        raise ValueError(
+            f"a custom direction must be a 1-D vector of size d_model, got shape {tuple(vector.shape)}"
+        )
     if not torch.isfinite(vector).all() or not vector.abs().sum() > 0:
         raise ValueError(f"custom direction {label!r} is zero or not finite")
     return Target(label=label, vector=vector, weight=weight)
 
 
-def language_direction(W_U: Float[Tensor, "d vocab"], tokenizer, translations: dict[str, str], lang: str,
-                       leading_space: bool = True) -> Target:
+def language_direction(
+    W_U: Float[Tensor, "d vocab"],
+    tokenizer,
+    translations: dict[str, str],
+    lang: str,
+    leading_space: bool = True,
+) -> Target:
     """W_U[:, tok_lang] − mean over languages of W_U[:, tok], e.g. translations={"en": "Friday",
     "fr": "vendredi", "de": "Freitag"}, lang="fr". Words are tokenised with a leading space (as they
     appear mid-sentence) unless `leading_space=False`; each word's first token stands for it."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from training import paths
+
 
 def load(model_dir: str, clt_dir: str):
     from attribution.pipeline import load_model_and_clt
@@ -77,6 +79,7 @@ def worker(args) -> None:
             phases.clear()
             graph = ct_attribute(tokens, replacement, batch_size=args.batch_size, verbose=True)
             return graph.active_features, graph.adjacency_matrix, [p for p in phases if "completed in" in p]
+
     baseline_mb = peak_rss_mb()
     run()  # warm-up
     times = []
@@ -88,15 +91,50 @@ def worker(args) -> None:
     from safetensors.torch import save_file
 
     save_file({"active": active.contiguous(), "adjacency": adjacency.float().contiguous()}, args.save)
-    print(json.dumps({"impl": args.impl, "length": args.length, "prompt": args.prompt_index, "batch_size": args.batch_size,
-                      "time_s": min(times), "times_s": times, "baseline_rss_mb": baseline_mb, "peak_rss_mb": peak_mb,
-                      "n_active_features": int(len(active)), "detail": detail}))
+    print(
+        json.dumps(
+            {
+                "impl": args.impl,
+                "length": args.length,
+                "prompt": args.prompt_index,
+                "batch_size": args.batch_size,
+                "time_s": min(times),
+                "times_s": times,
+                "baseline_rss_mb": baseline_mb,
+                "peak_rss_mb": peak_mb,
+                "n_active_features": int(len(active)),
+                "detail": detail,
+            }
+        )
+    )
 
 
 def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, save: str) -> dict:
-    command = [sys.executable, __file__, "--worker", "--impl", impl, "--length", str(length), "--prompt-index", str(prompt_index),
-               "--batch-size", str(batch_size), "--model-dir", args.model_dir, "--clt", args.clt, "--langs", args.langs,
-               "--repeats", str(args.repeats), "--threads", str(args.threads), "--save", save]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--length",
+        str(length),
+        "--prompt-index",
+        str(prompt_index),
+        "--batch-size",
+        str(batch_size),
+        "--model-dir",
+        args.model_dir,
+        "--clt",
+        args.clt,
+        "--langs",
+        args.langs,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--save",
+        save,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{result.stderr[-3000:]}")
@@ -105,7 +143,7 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", default="runs/tiny-en-heavy/model")
+    parser.add_argument("--model-dir", default=paths.MODEL_DIR)
     parser.add_argument("--clt", default="runs/sweep-clt-plt/clt-lambda1/clt")
     parser.add_argument("--lengths", default="16,64,128")
     parser.add_argument("--langs", default="en,fr,de")
@@ -133,24 +171,62 @@ def main() -> None:
             ours = measure(args, "ours", length, prompt_index, args.batch_size, str(tmp / "ours.safetensors"))
             theirs = []
             for batch_size in [int(x) for x in args.ct_batch_sizes.split(",")]:
-                theirs.append(measure(args, "circuit-tracer", length, prompt_index, batch_size, str(tmp / f"ct{batch_size}.safetensors")))
-            a, b = load_file(str(tmp / "ours.safetensors")), load_file(str(tmp / f"ct{theirs[-1]['batch_size']}.safetensors"))
+                theirs.append(
+                    measure(
+                        args,
+                        "circuit-tracer",
+                        length,
+                        prompt_index,
+                        batch_size,
+                        str(tmp / f"ct{batch_size}.safetensors"),
+                    )
+                )
+            a, b = (
+                load_file(str(tmp / "ours.safetensors")),
+                load_file(str(tmp / f"ct{theirs[-1]['batch_size']}.safetensors")),
+            )
             same_features = torch.equal(a["active"], b["active"])
             edge_error = float((a["adjacency"] - b["adjacency"]).abs().max() / b["adjacency"].abs().max())
             best = min(theirs, key=lambda r: r["time_s"])
-            row = {"length": length, "lang": args.langs.split(",")[prompt_index], "n_active_features": ours["n_active_features"],
-                   "ours": ours, "circuit_tracer": theirs, "ct_best_time_s": best["time_s"], "ct_best_batch_size": best["batch_size"],
-                   "speedup_vs_best": best["time_s"] / ours["time_s"],
-                   "speedup_vs_default": next(r["time_s"] for r in theirs if r["batch_size"] == theirs[-1]["batch_size"]) / ours["time_s"],
-                   "same_active_features": same_features, "max_relative_edge_difference": edge_error}
+            row = {
+                "length": length,
+                "lang": args.langs.split(",")[prompt_index],
+                "n_active_features": ours["n_active_features"],
+                "ours": ours,
+                "circuit_tracer": theirs,
+                "ct_best_time_s": best["time_s"],
+                "ct_best_batch_size": best["batch_size"],
+                "speedup_vs_best": best["time_s"] / ours["time_s"],
+                "speedup_vs_default": next(
+                    r["time_s"] for r in theirs if r["batch_size"] == theirs[-1]["batch_size"]
+                )
+                / ours["time_s"],
+                "same_active_features": same_features,
+                "max_relative_edge_difference": edge_error,
+            }
             results.append(row)
-            print(f"{length:4d} tokens {row['lang']}: {row['n_active_features']:5d} features | ours {ours['time_s']:.3f} s "
-                  f"(peak {ours['peak_rss_mb']:.0f} MB, base {ours['baseline_rss_mb']:.0f}) | circuit-tracer best "
-                  f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB) | ×{row['speedup_vs_best']:.1f} "
-                  f"| same features {same_features}, max rel edge diff {edge_error:.1e}", flush=True)
+            print(
+                f"{length:4d} tokens {row['lang']}: {row['n_active_features']:5d} features | ours {ours['time_s']:.3f} s "
+                f"(peak {ours['peak_rss_mb']:.0f} MB, base {ours['baseline_rss_mb']:.0f}) | circuit-tracer best "
+                f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB) | ×{row['speedup_vs_best']:.1f} "
+                f"| same features {same_features}, max rel edge diff {edge_error:.1e}",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("worker", "impl", "length", "prompt_index", "save")},
-                                          "torch_threads": args.threads, "results": results}, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "config": {
+                    k: v
+                    for k, v in vars(args).items()
+                    if k not in ("worker", "impl", "length", "prompt_index", "save")
+                },
+                "torch_threads": args.threads,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     print(f"written to {args.out}")
 
 

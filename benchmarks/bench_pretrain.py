@@ -21,12 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from training.data import micro_batch_indices
-from training.models import PRESETS, build_model, gpt2_config
 from training.loop import make_optimizer
+from training.models import PRESETS, build_model, gpt2_config
 from training.pretrain import PretrainConfig, pretrain
 
 
-def bare_loop(config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos: int, eos: int, steps: int) -> float:
+def bare_loop(
+    config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos: int, eos: int, steps: int
+) -> float:
     """The minimal PyTorch loop: forward, backward, AdamW step. Returns seconds for `steps` steps."""
     model_config = gpt2_config(config.preset, vocab_size, bos, eos, config.dropout)
     model = build_model(model_config, config.seed)
@@ -44,7 +46,9 @@ def bare_loop(config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokenizer-dir", required=True, help="a saved tokenizer (e.g. a run's model dir)")
     parser.add_argument("--mixture", default="en-heavy")
     parser.add_argument("--steps", type=int, default=100)
@@ -57,9 +61,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             run_dir = Path(tmp) / f"run{repeat}"
-            config = PretrainConfig(run_dir=str(run_dir), mixture=args.mixture, tokenizer_dir=args.tokenizer_dir,
-                                    max_steps=args.steps, eval_every=10**9, ckpt_every=50, gen_prompts=1,
-                                    gen_new_tokens=1, bf16=args.bf16)
+            config = PretrainConfig(
+                run_dir=str(run_dir),
+                mixture=args.mixture,
+                tokenizer_dir=args.tokenizer_dir,
+                max_steps=args.steps,
+                eval_every=10**9,
+                ckpt_every=50,
+                gen_prompts=1,
+                gen_new_tokens=1,
+                bf16=args.bf16,
+            )
             summary = pretrain(config)
             results["project_s"].append(summary["train_time_s"])
             blocks = load_file(str(run_dir / "data" / "blocks.safetensors"))["train"]
@@ -67,16 +79,34 @@ def main() -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                results["bare_s"].append(bare_loop(config, blocks, len(tokenizer), tokenizer.bos_token_id,
-                                                   tokenizer.eos_token_id, args.steps))
+                results["bare_s"].append(
+                    bare_loop(
+                        config,
+                        blocks,
+                        len(tokenizer),
+                        tokenizer.bos_token_id,
+                        tokenizer.eos_token_id,
+                        args.steps,
+                    )
+                )
     tokens = args.steps * config.micro_batch * PRESETS[config.preset].n_ctx
     project, bare = min(results["project_s"]), min(results["bare_s"])
-    print(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "preset": config.preset, "micro_batch": config.micro_batch, "steps": args.steps, "bf16": args.bf16,
-        "project_tokens_per_s": tokens / project, "bare_tokens_per_s": tokens / bare,
-        "slowdown_project_vs_bare": project / bare, "raw_seconds": results,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                "preset": config.preset,
+                "micro_batch": config.micro_batch,
+                "steps": args.steps,
+                "bf16": args.bf16,
+                "project_tokens_per_s": tokens / project,
+                "bare_tokens_per_s": tokens / bare,
+                "slowdown_project_vs_bare": project / bare,
+                "raw_seconds": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from clt.train import CLTTrainConfig, train_clt  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--lambdas", default="0.3,1,3")
@@ -35,16 +37,34 @@ def main() -> None:
     rows = []
     for kind in ("clt", "plt"):
         for lam in [float(v) for v in args.lambdas.split(",")]:
-            config = CLTTrainConfig(run_dir=f"{args.runs}/{kind}-lambda{lam:g}", model_dir=args.model_dir,
-                                    store=args.store, n_features=args.n_features, plt=kind == "plt",
-                                    sparsity_coefficient=lam, max_steps=args.steps, log_every=50, ckpt_every=200)
+            config = CLTTrainConfig(
+                run_dir=f"{args.runs}/{kind}-lambda{lam:g}",
+                model_dir=args.model_dir,
+                store=args.store,
+                n_features=args.n_features,
+                plt=kind == "plt",
+                sparsity_coefficient=lam,
+                max_steps=args.steps,
+                log_every=50,
+                ckpt_every=200,
+            )
             report = train_clt(config)
             held, repl = report["heldout"]["all"], report["replacement"]["all"]
-            rows.append({"kind": kind, "lambda": lam, "mean_fvu": held["mean_fvu"], "fvu": held["fvu"],
-                         "mean_l0": held["mean_l0"], "kl": repl["kl"], "delta_ce": repl["delta_ce"],
-                         "top1": repl["top1_agreement"], "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),
-                         "never_active": sum(held["never_active_fraction"]) / len(held["never_active_fraction"]),
-                         "steps": report["steps"]})
+            rows.append(
+                {
+                    "kind": kind,
+                    "lambda": lam,
+                    "mean_fvu": held["mean_fvu"],
+                    "fvu": held["fvu"],
+                    "mean_l0": held["mean_l0"],
+                    "kl": repl["kl"],
+                    "delta_ce": repl["delta_ce"],
+                    "top1": repl["top1_agreement"],
+                    "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),
+                    "never_active": sum(held["never_active_fraction"]) / len(held["never_active_fraction"]),
+                    "steps": report["steps"],
+                }
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -64,12 +84,16 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
-    lines = ["| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) | never active (held-out) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) | never active (held-out) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['kind'].upper()} | {r['lambda']:g} | {r['mean_l0']:.1f} | {r['mean_fvu']:.4f} | "
-                     f"{', '.join(f'{v:.3f}' for v in r['fvu'])} | {r['kl']:.3f} | {r['delta_ce']:+.3f} | {r['top1']:.3f} | "
-                     f"{r['dead']:.3f} | {r['never_active']:.3f} |")
+        lines.append(
+            f"| {r['kind'].upper()} | {r['lambda']:g} | {r['mean_l0']:.1f} | {r['mean_fvu']:.4f} | "
+            f"{', '.join(f'{v:.3f}' for v in r['fvu'])} | {r['kl']:.3f} | {r['delta_ce']:+.3f} | {r['top1']:.3f} | "
+            f"{r['dead']:.3f} | {r['never_active']:.3f} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -30,8 +30,10 @@ class ReplacementMLPs:
         self.model, self.clt = model, clt
         points = hook_points.adapter(model)
         if points.n_layers != clt.config.n_layers or points.d_model != clt.config.d_model:
-            raise ModelMismatch(f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, model has "
-                                f"{points.n_layers} × {points.d_model}")
+            raise ModelMismatch(
+                f"transcoder is for {clt.config.n_layers} layers × {clt.config.d_model}, model has "
+                f"{points.n_layers} × {points.d_model}"
+            )
         self.acts: list[Tensor] = []
         self.inputs: list[Tensor] = []
         self._mlp_in: dict[int, Tensor] = {}
@@ -49,6 +51,7 @@ class ReplacementMLPs:
     def _read_input(self, layer: int):
         def hook(mlp_in):
             self._mlp_in[layer] = mlp_in
+
         return hook
 
     def _replace(self, layer: int):
@@ -59,6 +62,7 @@ class ReplacementMLPs:
             self.inputs.append(x)
             self.acts.append(self.clt.encode_layer(x, layer))
             return self.clt.decode_layer(self.acts, layer, x) / self.clt.output_scale[layer]
+
         return hook
 
     def __exit__(self, *exc):
@@ -67,16 +71,21 @@ class ReplacementMLPs:
 
 
 @torch.no_grad()
-def replacement_metrics(model, clt: CrossLayerTranscoder, blocks: Int[Tensor, "blocks n_ctx"], block_langs: list[str],
-                        batch_size: int = 16) -> dict:
+def replacement_metrics(
+    model,
+    clt: CrossLayerTranscoder,
+    blocks: Int[Tensor, "blocks n_ctx"],
+    block_langs: list[str],
+    batch_size: int = 16,
+) -> dict:
     """KL, Δ-CE and top-1 agreement of the replacement model vs the real one (BOS position excluded)."""
     model.eval()
     clt.eval()
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     device = next(model.parameters()).device
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start: start + batch_size].long().to(device)
-        langs = block_langs[start: start + batch_size]
+        batch = blocks[start : start + batch_size].long().to(device)
+        langs = block_langs[start : start + batch_size]
         real = model(input_ids=batch).logits[:, 1:-1].float()
         with ReplacementMLPs(model, clt):
             replaced = model(input_ids=batch).logits[:, 1:-1].float()
@@ -97,14 +106,21 @@ def replacement_metrics(model, clt: CrossLayerTranscoder, blocks: Int[Tensor, "b
     report = {}
     for key, entry in sums.items():
         n = entry["tokens"]
-        report[key] = {"kl": entry["kl"] / n, "ce_real": entry["ce_real"] / n, "ce_replacement": entry["ce_replacement"] / n,
-                       "delta_ce": (entry["ce_replacement"] - entry["ce_real"]) / n,
-                       "top1_agreement": entry["top1_agreement"] / n, "tokens": int(n)}
+        report[key] = {
+            "kl": entry["kl"] / n,
+            "ce_real": entry["ce_real"] / n,
+            "ce_replacement": entry["ce_replacement"] / n,
+            "delta_ce": (entry["ce_replacement"] - entry["ce_real"]) / n,
+            "top1_agreement": entry["top1_agreement"] / n,
+            "tokens": int(n),
+        }
     return report
 
 
 @torch.no_grad()
-def store_metrics(clt: CrossLayerTranscoder, store: ActivationStore, shards: list[int], batch_size: int = 2048) -> dict:
+def store_metrics(
+    clt: CrossLayerTranscoder, store: ActivationStore, shards: list[int], batch_size: int = 2048
+) -> dict:
     """FVU, L0 and never-active features per layer on stored activations, overall and per language."""
     clt.eval()
     device = clt.b_dec.device
@@ -118,9 +134,9 @@ def store_metrics(clt: CrossLayerTranscoder, store: ActivationStore, shards: lis
     for shard in shards:
         data = store.read_shard(shard, ("mlp_in", "mlp_out", "lang"))
         for start in range(0, len(data["lang"]), batch_size):
-            x = torch.from_numpy(data["mlp_in"][start: start + batch_size]).float().to(device) * in_scale
-            y = torch.from_numpy(data["mlp_out"][start: start + batch_size]).float().to(device) * out_scale
-            lang_ids = data["lang"][start: start + batch_size]
+            x = torch.from_numpy(data["mlp_in"][start : start + batch_size]).float().to(device) * in_scale
+            y = torch.from_numpy(data["mlp_out"][start : start + batch_size]).float().to(device) * out_scale
+            lang_ids = data["lang"][start : start + batch_size]
             y_hat, acts, _ = clt(x)
             ever_active |= (acts > 0).any(0)
             groups = {"all": np.ones(len(lang_ids), dtype=bool)}
@@ -138,7 +154,12 @@ def store_metrics(clt: CrossLayerTranscoder, store: ActivationStore, shards: lis
         n = count[key]
         variance = sum_y2[key] - sum_y[key].pow(2).sum(-1) / n
         fvu = (residual[key] / variance).tolist()
-        report[key] = {"fvu": fvu, "mean_fvu": float(np.mean(fvu)), "l0": (l0[key] / n).tolist(),
-                       "mean_l0": float((l0[key] / n).mean()), "tokens": n}
+        report[key] = {
+            "fvu": fvu,
+            "mean_fvu": float(np.mean(fvu)),
+            "l0": (l0[key] / n).tolist(),
+            "mean_l0": float((l0[key] / n).mean()),
+            "tokens": n,
+        }
     report["all"]["never_active_fraction"] = (~ever_active).float().mean(1).tolist()
     return report

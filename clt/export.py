@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from clt.model import CLTConfig, CrossLayerTranscoder
 from training.config import atomic_write_json
+from training.errors import ModelMismatch, UserError
 
 NATIVE_WEIGHTS = "clt.safetensors"
 TL_INPUT_HOOK = "ln2.hook_normalized"
@@ -42,7 +43,9 @@ def save_native(clt: CrossLayerTranscoder, out_dir: str | Path, metadata: dict |
 def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[CrossLayerTranscoder, dict]:
     path = Path(path)
     if not (path / NATIVE_WEIGHTS).exists():
-        raise FileNotFoundError(f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json)")
+        raise UserError(
+            f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json; train one with scripts/train_clt.py)"
+        )
     meta = json.loads((path / "config.json").read_text())
     clt = CrossLayerTranscoder(CLTConfig(**meta["clt"]))
     missing, unexpected = clt.load_state_dict(load_file(str(path / NATIVE_WEIGHTS)), strict=False)
@@ -51,19 +54,40 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     return clt.to(device).eval(), meta
 
 
+def load_model_and_clt(
+    model_dir: str | Path,
+    clt_dir: str | Path,
+    device: str | torch.device = "cpu",
+    allow_model_mismatch: bool = False,
+):
+    """The one loader: the model + tokenizer (`training.models.load_model`) and the native CLT, checked
+    against each other (shape, and the weights' sha256 unless `allow_model_mismatch`, e.g. to look at a
+    fine-tuned model through the base model's CLT)."""
+    from training.models import load_model
+
+    model, tokenizer = load_model(model_dir, device)
+    clt, meta = load_native(clt_dir, device=model.device)
+    check_matches_model(meta, model, None if allow_model_mismatch else model_dir)
+    return model, tokenizer, clt
+
+
 def check_matches_model(meta: dict, model, model_dir: str | Path | None = None) -> None:
     """Fail early if a transcoder is used with a model of another shape, or (given the model's
     directory) with other weights than it was trained on."""
     cfg = meta["clt"]
     if (cfg["n_layers"], cfg["d_model"]) != (model.config.n_layer, model.config.n_embd):
-        raise ValueError(f"transcoder expects {cfg['n_layers']} layers × {cfg['d_model']}, the model has "
-                         f"{model.config.n_layer} × {model.config.n_embd}")
+        raise ModelMismatch(
+            f"transcoder expects {cfg['n_layers']} layers × {cfg['d_model']}, the model has "
+            f"{model.config.n_layer} × {model.config.n_embd}"
+        )
     if model_dir is not None and meta.get("model_sha256"):
         from clt.activations import model_fingerprint
 
         if model_fingerprint(model_dir) != meta["model_sha256"]:
-            raise ValueError(f"the transcoder was trained on {meta.get('model_dir')} (sha256 {meta['model_sha256'][:12]}…), "
-                             f"whose weights differ from {model_dir}'s; pass the matching model")
+            raise ModelMismatch(
+                f"the transcoder was trained on {meta.get('model_dir')} (sha256 {meta['model_sha256'][:12]}…), "
+                f"whose weights differ from {model_dir}'s; pass the matching model"
+            )
 
 
 @torch.no_grad()
@@ -74,8 +98,11 @@ def folded_weights(clt: CrossLayerTranscoder) -> dict[str, torch.Tensor | list[t
     for layer in range(L):
         targets = torch.arange(layer, layer + clt.n_targets(layer))
         W_dec.append(clt.W_dec[layer].detach().cpu() / s_out[targets][None, :, None])
-    threshold = clt.threshold.detach().cpu() if clt.config.activation == "jumprelu" else \
-        clt.batchtopk_threshold.detach().cpu()[:, None].expand(L, clt.config.n_features).clone()
+    threshold = (
+        clt.threshold.detach().cpu()
+        if clt.config.activation == "jumprelu"
+        else clt.batchtopk_threshold.detach().cpu()[:, None].expand(L, clt.config.n_features).clone()
+    )
     folded = {
         "W_enc": clt.W_enc.detach().cpu() * s_in[:, None, None],
         "b_enc": clt.b_enc.detach().cpu().clone(),
@@ -92,12 +119,16 @@ def _check_exportable(clt: CrossLayerTranscoder, target: str) -> bool:
     """Returns whether the export carries a threshold (JumpReLU semantics) or is a plain ReLU."""
     activation = clt.config.activation
     if activation == "topk":
-        raise ValueError(f"{target} has no TopK transcoders; train with --activation jumprelu or batchtopk "
-                         "(BatchTopK exports as JumpReLU with its inference threshold)")
+        raise ValueError(
+            f"{target} has no TopK transcoders; train with --activation jumprelu or batchtopk "
+            "(BatchTopK exports as JumpReLU with its inference threshold)"
+        )
     return activation in ("jumprelu", "batchtopk")
 
 
-def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | Path, scan: str = "multilingual-clt") -> Path:
+def export_circuit_tracer(
+    clt: CrossLayerTranscoder, out_dir: str | Path, scan: str = "multilingual-clt"
+) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholded = _check_exportable(clt, "circuit-tracer")
@@ -105,19 +136,30 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | Path, scan: 
     L = clt.config.n_layers
     if clt.config.cross_layer:
         for i in range(L):
-            encoder = {f"W_enc_{i}": weights["W_enc"][i].T.contiguous(), f"b_enc_{i}": weights["b_enc"][i],
-                       f"b_dec_{i}": weights["b_dec"][i]}
+            encoder = {
+                f"W_enc_{i}": weights["W_enc"][i].T.contiguous(),
+                f"b_enc_{i}": weights["b_enc"][i],
+                f"b_dec_{i}": weights["b_dec"][i],
+            }
             if thresholded:
                 encoder[f"threshold_{i}"] = weights["threshold"][i].contiguous()
             save_file(encoder, str(out_dir / f"W_enc_{i}.safetensors"))
-            save_file({f"W_dec_{i}": weights["W_dec"][i].contiguous()}, str(out_dir / f"W_dec_{i}.safetensors"))
+            save_file(
+                {f"W_dec_{i}": weights["W_dec"][i].contiguous()}, str(out_dir / f"W_dec_{i}.safetensors")
+            )
         if clt.W_skip is not None:
-            raise ValueError("circuit-tracer's CLT loader has no skip connection; export a PLT with skip instead")
+            raise ValueError(
+                "circuit-tracer's CLT loader has no skip connection; export a PLT with skip instead"
+            )
         config = {"model_kind": "cross_layer_transcoder"}
     else:
         for i in range(L):
-            layer = {"W_enc": weights["W_enc"][i].T.contiguous(), "W_dec": weights["W_dec"][i][:, 0].contiguous(),
-                     "b_enc": weights["b_enc"][i], "b_dec": weights["b_dec"][i]}
+            layer = {
+                "W_enc": weights["W_enc"][i].T.contiguous(),
+                "W_dec": weights["W_dec"][i][:, 0].contiguous(),
+                "b_enc": weights["b_enc"][i],
+                "b_dec": weights["b_dec"][i],
+            }
             if thresholded:
                 layer["activation_function.threshold"] = weights["threshold"][i].contiguous()
             if clt.W_skip is not None:
@@ -137,34 +179,57 @@ def export_circuit_tracer(clt: CrossLayerTranscoder, out_dir: str | Path, scan: 
     return out_dir
 
 
-def export_sae_lens(clt: CrossLayerTranscoder, out_dir: str | Path, model_name: str = "multilingual-clt") -> list[Path]:
+def export_sae_lens(
+    clt: CrossLayerTranscoder, out_dir: str | Path, model_name: str = "multilingual-clt"
+) -> list[Path]:
     """One sae-lens transcoder directory per layer (`layer_{i}/cfg.json` + `sae_weights.safetensors`)."""
     if clt.config.cross_layer:
-        raise ValueError("sae-lens holds per-layer transcoders only: train with --plt true, or use the "
-                         "circuit-tracer export for cross-layer transcoders")
+        raise ValueError(
+            "sae-lens holds per-layer transcoders only: train with --plt true, or use the "
+            "circuit-tracer export for cross-layer transcoders"
+        )
     thresholded = _check_exportable(clt, "sae-lens")
     weights = folded_weights(clt)
     skip = clt.W_skip is not None
-    architecture = {(True, False): "jumprelu_transcoder", (True, True): "jumprelu_skip_transcoder",
-                    (False, False): "transcoder", (False, True): "skip_transcoder"}[(thresholded, skip)]
+    architecture = {
+        (True, False): "jumprelu_transcoder",
+        (True, True): "jumprelu_skip_transcoder",
+        (False, False): "transcoder",
+        (False, True): "skip_transcoder",
+    }[(thresholded, skip)]
     paths = []
     for i in range(clt.config.n_layers):
         layer_dir = Path(out_dir) / f"layer_{i}"
         layer_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {"W_enc": weights["W_enc"][i].contiguous(), "b_enc": weights["b_enc"][i],
-                   "W_dec": weights["W_dec"][i][:, 0].contiguous(), "b_dec": weights["b_dec"][i]}
+        tensors = {
+            "W_enc": weights["W_enc"][i].contiguous(),
+            "b_enc": weights["b_enc"][i],
+            "W_dec": weights["W_dec"][i][:, 0].contiguous(),
+            "b_dec": weights["b_dec"][i],
+        }
         if thresholded:
             tensors["threshold"] = weights["threshold"][i].contiguous()
         if skip:
             tensors["W_skip"] = weights["W_skip"][i].T.contiguous()  # sae-lens computes W_skip @ x
         save_file(tensors, str(layer_dir / "sae_weights.safetensors"))
         cfg = {
-            "architecture": architecture, "d_in": clt.config.d_model, "d_sae": clt.config.n_features,
-            "d_out": clt.config.d_model, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
-            "normalize_activations": "none", "reshape_activations": "none",
+            "architecture": architecture,
+            "d_in": clt.config.d_model,
+            "d_sae": clt.config.n_features,
+            "d_out": clt.config.d_model,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
             # sae-lens reads `metadata` as its 6.x layout only when a 6.x version is named there.
-            "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, "model_name": model_name, "hook_name": f"blocks.{i}.{TL_INPUT_HOOK}",
-                         "hook_name_out": f"blocks.{i}.{TL_OUTPUT_HOOK}", "prepend_bos": True},
+            "metadata": {
+                "sae_lens_version": SAE_LENS_FORMAT_VERSION,
+                "model_name": model_name,
+                "hook_name": f"blocks.{i}.{TL_INPUT_HOOK}",
+                "hook_name_out": f"blocks.{i}.{TL_OUTPUT_HOOK}",
+                "prepend_bos": True,
+            },
         }
         (layer_dir / "cfg.json").write_text(json.dumps(cfg, indent=2))
         paths.append(layer_dir)

@@ -25,8 +25,17 @@ Batch = tuple[Float[Tensor, "batch layer d"], Float[Tensor, "batch layer d"]]
 
 
 class StoreLoader:
-    def __init__(self, store: ActivationStore, batch_size: int, seed: int = 0, buffer_shards: int = 4,
-                 shards: list[int] | None = None, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+    def __init__(
+        self,
+        store: ActivationStore,
+        batch_size: int,
+        seed: int = 0,
+        buffer_shards: int = 4,
+        shards: list[int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
         done = set(store.done_shards)
         if not done:
             raise ValueError(f"activation store {store.url} has no complete shard: collect activations first")
@@ -55,19 +64,21 @@ class StoreLoader:
         leftover_in = leftover_out = None
         produced = 0
         for start in range(0, len(order), self.buffer_shards):
-            parts = [self.store.read_shard(s) for s in order[start: start + self.buffer_shards]]
+            parts = [self.store.read_shard(s) for s in order[start : start + self.buffer_shards]]
             carried = [] if leftover_in is None else [leftover_in]
             inputs = np.concatenate(carried + [p["mlp_in"] for p in parts])
-            outputs = np.concatenate(([] if leftover_out is None else [leftover_out]) + [p["mlp_out"] for p in parts])
+            outputs = np.concatenate(
+                ([] if leftover_out is None else [leftover_out]) + [p["mlp_out"] for p in parts]
+            )
             permutation = rng.permutation(len(inputs))
             n_full = len(inputs) // self.batch_size
             for b in range(n_full):
                 if produced >= skip_batches:
-                    rows = permutation[b * self.batch_size: (b + 1) * self.batch_size]
+                    rows = permutation[b * self.batch_size : (b + 1) * self.batch_size]
                     yield _to_tensors(inputs[rows], outputs[rows])
                 produced += 1
             # Rows that do not fill a batch are carried into the next buffer, so none is lost.
-            rest = permutation[n_full * self.batch_size:]
+            rest = permutation[n_full * self.batch_size :]
             leftover_in, leftover_out = inputs[rest], outputs[rest]
         if leftover_in is not None and len(leftover_in) and not self.drop_last and produced >= skip_batches:
             yield _to_tensors(leftover_in, leftover_out)
@@ -80,14 +91,24 @@ class StoreLoader:
 
 
 def _to_tensors(inputs: np.ndarray, outputs: np.ndarray) -> Batch:
-    return torch.from_numpy(np.ascontiguousarray(inputs)).float(), torch.from_numpy(np.ascontiguousarray(outputs)).float()
+    return torch.from_numpy(np.ascontiguousarray(inputs)).float(), torch.from_numpy(
+        np.ascontiguousarray(outputs)
+    ).float()
 
 
 class StreamingLoader:
     """Activations computed on the fly from `blocks` (BOS first), shuffled within a buffer of blocks."""
 
-    def __init__(self, model, blocks: Int[Tensor, "blocks n_ctx"], batch_size: int, seed: int = 0,
-                 buffer_blocks: int = 64, forward_batch: int = 32, device: torch.device | None = None):
+    def __init__(
+        self,
+        model,
+        blocks: Int[Tensor, "blocks n_ctx"],
+        batch_size: int,
+        seed: int = 0,
+        buffer_blocks: int = 64,
+        forward_batch: int = 32,
+        device: torch.device | None = None,
+    ):
         self.model, self.blocks, self.batch_size, self.seed = model.eval(), blocks, batch_size, seed
         self.buffer_blocks, self.forward_batch = buffer_blocks, forward_batch
         self.device = device or next(model.parameters()).device
@@ -96,16 +117,18 @@ class StreamingLoader:
         generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(len(self.blocks), generator=generator)
         for start in range(0, len(order), self.buffer_blocks):
-            chosen = self.blocks[order[start: start + self.buffer_blocks]]
+            chosen = self.blocks[order[start : start + self.buffer_blocks]]
             inputs, outputs = [], []
             for i in range(0, len(chosen), self.forward_batch):
-                mlp_in, mlp_out = mlp_activations(self.model, chosen[i: i + self.forward_batch].long().to(self.device))
+                mlp_in, mlp_out = mlp_activations(
+                    self.model, chosen[i : i + self.forward_batch].long().to(self.device)
+                )
                 inputs.append(rearrange(mlp_in[:, 1:], "b p l d -> (b p) l d").float().cpu())
                 outputs.append(rearrange(mlp_out[:, 1:], "b p l d -> (b p) l d").float().cpu())
             inputs, outputs = torch.cat(inputs), torch.cat(outputs)
             permutation = torch.randperm(len(inputs), generator=generator)
             for b in range(0, len(inputs), self.batch_size):
-                rows = permutation[b: b + self.batch_size]
+                rows = permutation[b : b + self.batch_size]
                 yield inputs[rows], outputs[rows]
 
     def __iter__(self) -> Iterator[Batch]:

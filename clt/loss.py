@@ -28,9 +28,16 @@ class LossTerms:
     reconstruction_out: Float[Tensor, "batch layer d"]
 
 
-def clt_loss(clt: CrossLayerTranscoder, x: Float[Tensor, "batch layer d"], y: Float[Tensor, "batch layer d"],
-             sparsity_coefficient: float, preact_coefficient: float, tanh_scale: float = 4.0,
-             sparse_decode: bool | None = None, forward=None) -> LossTerms:
+def clt_loss(
+    clt: CrossLayerTranscoder,
+    x: Float[Tensor, "batch layer d"],
+    y: Float[Tensor, "batch layer d"],
+    sparsity_coefficient: float,
+    preact_coefficient: float,
+    tanh_scale: float = 4.0,
+    sparse_decode: bool | None = None,
+    forward=None,
+) -> LossTerms:
     """x, y are normalised activations (already multiplied by the transcoder's scales). `forward` is the
     module to call (e.g. the DDP wrapper of `clt`, so that gradients are all-reduced); default `clt`."""
     y_hat, acts, pre = (forward or clt)(x, sparse=sparse_decode)
@@ -45,11 +52,14 @@ def clt_loss(clt: CrossLayerTranscoder, x: Float[Tensor, "batch layer d"], y: Fl
         if preact_coefficient > 0 and clt.config.activation == "jumprelu":
             preactivation = (torch.relu(clt.threshold[None] - pre) * norms[None]).sum(dim=(1, 2)).mean()
     total = reconstruction + sparsity_coefficient * sparsity + preact_coefficient * preactivation
-    return LossTerms(total, reconstruction, sparsity, preactivation, mse_per_layer.detach(), acts.detach(), y_hat.detach())
+    return LossTerms(
+        total, reconstruction, sparsity, preactivation, mse_per_layer.detach(), acts.detach(), y_hat.detach()
+    )
 
 
-def fraction_of_variance_unexplained(y: Float[Tensor, "batch layer d"], y_hat: Float[Tensor, "batch layer d"]
-                                     ) -> Float[Tensor, " layer"]:
+def fraction_of_variance_unexplained(
+    y: Float[Tensor, "batch layer d"], y_hat: Float[Tensor, "batch layer d"]
+) -> Float[Tensor, " layer"]:
     """FVU per layer: ‖y − ŷ‖² / ‖y − ȳ‖² summed over the batch."""
     residual = (y - y_hat).pow(2).sum(dim=(0, 2))
     variance = (y - y.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))

@@ -19,6 +19,7 @@ from clt.export import save_native
 from clt.loader import StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CrossLayerTranscoder
+from training import paths
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.loop import start_run
@@ -28,13 +29,23 @@ from training.loop import start_run
 class CLTTrainConfig:
     """Train a cross-layer transcoder (or per-layer transcoder) on a GPT-2 model's MLP activations."""
 
-    run_dir: str = field(default="runs/clt-tiny-en-heavy", metadata={"help": "run directory (resumed if it holds a checkpoint)"})
-    model_dir: str = field(default="runs/pretrain-tiny-en-heavy/model", metadata={"help": "HF GPT-2 model directory"})
-    store: str = field(default="runs/activations/tiny-en-heavy.zarr", metadata={"help": "activation store (collected if missing)"})
-    streaming: bool = field(default=False, metadata={"help": "train straight from the model, without a store"})
-    corpus_dir: str | None = field(default=None, metadata={"help": "corpus for collection and evaluation (default corpus if unset)"})
-    collect_tokens: int = field(default=400_000, metadata={"help": "tokens to collect when the store is missing"})
-    collect_mixture: str = field(default="balanced", metadata={"help": "language mixture of collected activations"})
+    run_dir: str = field(
+        default=paths.CLT_RUN_DIR, metadata={"help": "run directory (resumed if it holds a checkpoint)"}
+    )
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF GPT-2 model directory"})
+    store: str = field(default=paths.STORE, metadata={"help": "activation store (collected if missing)"})
+    streaming: bool = field(
+        default=False, metadata={"help": "train straight from the model, without a store"}
+    )
+    corpus_dir: str | None = field(
+        default=None, metadata={"help": "corpus for collection and evaluation (default corpus if unset)"}
+    )
+    collect_tokens: int = field(
+        default=400_000, metadata={"help": "tokens to collect when the store is missing"}
+    )
+    collect_mixture: str = field(
+        default="balanced", metadata={"help": "language mixture of collected activations"}
+    )
     collect_ctx: int = field(default=64, metadata={"help": "block length for collection (incl. BOS)"})
     n_features: int = field(default=512, metadata={"help": "features per layer"})
     activation: str = field(default="jumprelu", metadata={"help": "jumprelu, topk, batchtopk or relu"})
@@ -42,22 +53,46 @@ class CLTTrainConfig:
     plt: bool = field(default=False, metadata={"help": "per-layer transcoder (same-layer decoders only)"})
     skip: bool = field(default=False, metadata={"help": "add a linear skip connection per layer"})
     batch_size: int = field(default=1024, metadata={"help": "tokens per step (per process)"})
-    train_tokens: int = field(default=1_000_000, metadata={"help": "tokens to train on (epochs over the store)"})
+    train_tokens: int = field(
+        default=1_000_000, metadata={"help": "tokens to train on (epochs over the store)"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "steps; overrides train_tokens"})
     lr: float = field(default=1e-3, metadata={"help": "peak Adam learning rate"})
     warmup_steps: int = field(default=100, metadata={"help": "lr warm-up steps"})
-    sparsity_coefficient: float = field(default=1.0, metadata={"help": "λ of the tanh sparsity penalty (final value; 1.0 gives mean L0 ≈ 10 on the tiny models)"})
-    lambda_warmup_frac: float = field(default=0.7, metadata={"help": "share of training over which λ ramps up linearly"})
+    sparsity_coefficient: float = field(
+        default=1.0,
+        metadata={
+            "help": "λ of the tanh sparsity penalty (final value; 1.0 gives mean L0 ≈ 10 on the tiny models)"
+        },
+    )
+    lambda_warmup_frac: float = field(
+        default=0.7, metadata={"help": "share of training over which λ ramps up linearly"}
+    )
     tanh_scale: float = field(default=4.0, metadata={"help": "c in tanh(c·a·‖W_dec‖)"})
-    preact_coefficient: float = field(default=3e-6, metadata={"help": "μ of the pre-activation (dead feature) term"})
-    threshold_init: float = field(default=0.03, metadata={"help": "initial JumpReLU threshold (normalised units)"})
+    preact_coefficient: float = field(
+        default=3e-6, metadata={"help": "μ of the pre-activation (dead feature) term"}
+    )
+    threshold_init: float = field(
+        default=0.03, metadata={"help": "initial JumpReLU threshold (normalised units)"}
+    )
     bandwidth: float = field(default=1.0, metadata={"help": "JumpReLU straight-through bandwidth ε"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    target_l0: float | None = field(default=None, metadata={"help": "stop once the mean L0 per layer falls to this (after λ warm-up)"})
-    sparse_decode: str = field(default="auto", metadata={"help": "auto, true (gather active decoder rows) or false (dense)"})
-    dead_window_tokens: int = field(default=250_000, metadata={"help": "a feature is dead if silent for this many training tokens (keep it below the run length)"})
+    target_l0: float | None = field(
+        default=None, metadata={"help": "stop once the mean L0 per layer falls to this (after λ warm-up)"}
+    )
+    sparse_decode: str = field(
+        default="auto", metadata={"help": "auto, true (gather active decoder rows) or false (dense)"}
+    )
+    dead_window_tokens: int = field(
+        default=250_000,
+        metadata={
+            "help": "a feature is dead if silent for this many training tokens (keep it below the run length)"
+        },
+    )
     eval_shards: int = field(default=1, metadata={"help": "store shards held out for evaluation"})
-    eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language for the replacement-model metrics"})
+    eval_blocks: int = field(
+        default=32, metadata={"help": "validation blocks per language for the replacement-model metrics"}
+    )
     log_every: int = field(default=20, metadata={"help": "steps between metric records"})
     ckpt_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed for init and data order"})
@@ -69,9 +104,15 @@ def sparse_flag(value: str) -> bool | None:
 
 
 def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> ActivationStore:
-    collect = CollectConfig(model_dir=config.model_dir, store=config.store, corpus_dir=config.corpus_dir,
-                            mixture=config.collect_mixture, n_tokens=config.collect_tokens, n_ctx=config.collect_ctx,
-                            seed=config.seed)
+    collect = CollectConfig(
+        model_dir=config.model_dir,
+        store=config.store,
+        corpus_dir=config.corpus_dir,
+        mixture=config.collect_mixture,
+        n_tokens=config.collect_tokens,
+        n_ctx=config.collect_ctx,
+        seed=config.seed,
+    )
     try:
         store = ActivationStore(config.store)
         if store.is_complete():
@@ -82,9 +123,17 @@ def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> Activati
 
 
 def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayerTranscoder:
-    clt_config = CLTConfig(n_layers=n_layers, d_model=d_model, n_features=config.n_features, activation=config.activation,
-                           k=config.k, cross_layer=not config.plt, skip=config.skip, threshold_init=config.threshold_init,
-                           bandwidth=config.bandwidth)
+    clt_config = CLTConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_features=config.n_features,
+        activation=config.activation,
+        k=config.k,
+        cross_layer=not config.plt,
+        skip=config.skip,
+        threshold_init=config.threshold_init,
+        bandwidth=config.bandwidth,
+    )
     torch.manual_seed(config.seed)
     clt = CrossLayerTranscoder(clt_config)
     if config.activation != "jumprelu":
@@ -92,8 +141,9 @@ def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayer
     return clt
 
 
-def evaluation_blocks(corpus_dir: str | None, tokenizer, langs: list[str], n_ctx: int, per_lang: int
-                      ) -> tuple[torch.Tensor, list[str]]:
+def evaluation_blocks(
+    corpus_dir: str | None, tokenizer, langs: list[str], n_ctx: int, per_lang: int
+) -> tuple[torch.Tensor, list[str]]:
     """Held-out validation blocks (BOS + text), up to `per_lang` per language."""
     from training.corpus.build import default_corpus_dir, load_corpus
 
@@ -122,11 +172,19 @@ def train_clt(config: CLTTrainConfig) -> dict:
         from training.mixtures import parse_mixture
 
         train_split = load_corpus(config.corpus_dir or default_corpus_dir())["train"]
-        blocks, _ = collection_blocks(tokenizer, list(train_split["text"]), list(train_split["lang"]),
-                                      parse_mixture(config.collect_mixture), config.collect_tokens, config.collect_ctx,
-                                      config.seed)
-        blocks = blocks[ranks.rank::ranks.world_size]
-        loader = StreamingLoader(model, blocks, config.batch_size, seed=config.seed + ranks.rank, device=device)
+        blocks, _ = collection_blocks(
+            tokenizer,
+            list(train_split["text"]),
+            list(train_split["lang"]),
+            parse_mixture(config.collect_mixture),
+            config.collect_tokens,
+            config.collect_ctx,
+            config.seed,
+        )
+        blocks = blocks[ranks.rank :: ranks.world_size]
+        loader = StreamingLoader(
+            model, blocks, config.batch_size, seed=config.seed + ranks.rank, device=device
+        )
         scales = _streaming_scales(loader)
         store, eval_shards, langs = None, [], sorted(parse_mixture(config.collect_mixture))
     else:
@@ -134,19 +192,36 @@ def train_clt(config: CLTTrainConfig) -> dict:
         store.check_model(config.model_dir)
         done = store.done_shards
         if len(done) <= config.eval_shards:
-            raise ValueError(f"the store has {len(done)} shards: need more than eval_shards={config.eval_shards}")
-        eval_shards, train_shards = done[-config.eval_shards:], done[: -config.eval_shards]
-        loader = StoreLoader(store, config.batch_size, seed=config.seed, shards=train_shards, rank=ranks.rank,
-                             world_size=ranks.world_size)
+            raise ValueError(
+                f"the store has {len(done)} shards: need more than eval_shards={config.eval_shards}"
+            )
+        eval_shards, train_shards = done[-config.eval_shards :], done[: -config.eval_shards]
+        loader = StoreLoader(
+            store,
+            config.batch_size,
+            seed=config.seed,
+            shards=train_shards,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
         scales = store.norm_scales()
         langs = store.langs
     clt.input_scale.copy_(torch.tensor(scales[0]))
     clt.output_scale.copy_(torch.tensor(scales[1]))
 
     total_steps = config.max_steps or max(1, config.train_tokens // (config.batch_size * ranks.world_size))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "train_time_s": 0.0, "stopped_early": False,
-             "tokens_since_fired": None}
-    optimizer = torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999))
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "tokens": 0,
+        "train_time_s": 0.0,
+        "stopped_early": False,
+        "tokens_since_fired": None,
+    }
+    optimizer = torch.optim.Adam(
+        [p for p in clt.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999)
+    )
     checkpoint = find_checkpoint(run.path)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, clt, optimizer)
@@ -154,13 +229,20 @@ def train_clt(config: CLTTrainConfig) -> dict:
             run.truncate_metrics(lambda record: record["step"] <= state["step"])
     else:
         x0, y0 = next(iter(loader.epoch(0)))
-        clt.initialize_from_batch(_scaled(x0.to(device), clt.input_scale), _scaled(y0.to(device), clt.output_scale))
-    tokens_since_fired = torch.zeros(n_layers, config.n_features, dtype=torch.long) if state["tokens_since_fired"] is None \
+        clt.initialize_from_batch(
+            _scaled(x0.to(device), clt.input_scale), _scaled(y0.to(device), clt.output_scale)
+        )
+    tokens_since_fired = (
+        torch.zeros(n_layers, config.n_features, dtype=torch.long)
+        if state["tokens_since_fired"] is None
         else torch.tensor(state["tokens_since_fired"], dtype=torch.long)
+    )
     trained = torch.nn.parallel.DistributedDataParallel(clt) if ranks.world_size > 1 else clt
 
     batches = _batch_stream(loader, state)
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train CLT", disable=not ranks.is_main, unit="step")
+    progress = tqdm(
+        total=total_steps, initial=state["step"], desc="train CLT", disable=not ranks.is_main, unit="step"
+    )
     lambda_steps = max(1, int(config.lambda_warmup_frac * total_steps))
     window_start, window_tokens = time.perf_counter(), 0
     clt.train()
@@ -173,8 +255,16 @@ def train_clt(config: CLTTrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         sparsity = config.sparsity_coefficient * min(1.0, (step + 1) / lambda_steps)
-        terms = clt_loss(clt, x, y, sparsity, config.preact_coefficient, config.tanh_scale,
-                         sparse_flag(config.sparse_decode), forward=trained)
+        terms = clt_loss(
+            clt,
+            x,
+            y,
+            sparsity,
+            config.preact_coefficient,
+            config.tanh_scale,
+            sparse_flag(config.sparse_decode),
+            forward=trained,
+        )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
@@ -192,17 +282,27 @@ def train_clt(config: CLTTrainConfig) -> dict:
         if state["step"] % config.log_every == 0 or state["step"] == total_steps:
             elapsed = time.perf_counter() - window_start
             record = {
-                "step": state["step"], "split": "train", "loss": terms.total.item(), "mse": terms.reconstruction.item(),
-                "sparsity": terms.sparsity.item(), "preact": terms.preactivation.item(), "lambda": sparsity, "lr": lr,
-                "l0_per_layer": (terms.acts > 0).float().sum(-1).mean(0).tolist(), "mean_l0": mean_l0,
+                "step": state["step"],
+                "split": "train",
+                "loss": terms.total.item(),
+                "mse": terms.reconstruction.item(),
+                "sparsity": terms.sparsity.item(),
+                "preact": terms.preactivation.item(),
+                "lambda": sparsity,
+                "lr": lr,
+                "l0_per_layer": (terms.acts > 0).float().sum(-1).mean(0).tolist(),
+                "mean_l0": mean_l0,
                 "fvu_per_layer": fraction_of_variance_unexplained(y, terms.reconstruction_out).tolist(),
                 "dead_fraction": (tokens_since_fired >= config.dead_window_tokens).float().mean().item(),
-                "tokens": state["tokens"], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "tokens": state["tokens"],
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
             }
             window_start, window_tokens = time.perf_counter(), 0
             if ranks.is_main:
                 run.log_metrics(record)
-                progress.set_postfix(mse=f"{record['mse']:.3f}", l0=f"{mean_l0:.1f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                progress.set_postfix(
+                    mse=f"{record['mse']:.3f}", l0=f"{mean_l0:.1f}", tok_s=f"{record['tokens_per_s']:,.0f}"
+                )
         stop = config.target_l0 is not None and state["step"] >= lambda_steps and mean_l0 <= config.target_l0
         if stop:
             state["stopped_early"] = True
@@ -219,7 +319,9 @@ def train_clt(config: CLTTrainConfig) -> dict:
 
     summary = {}
     if ranks.is_main:
-        summary = finish(config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device)
+        summary = finish(
+            config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device
+        )
     return summary
 
 
@@ -230,8 +332,11 @@ def _scaled(activations: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _batch_stream(loader, state: dict):
     """Endless batches that keep `state['epoch']`/`state['batch_in_epoch']` current for exact resume."""
     while True:
-        iterator = loader.epoch(state["epoch"], skip_batches=state["batch_in_epoch"]) if isinstance(loader, StoreLoader) \
+        iterator = (
+            loader.epoch(state["epoch"], skip_batches=state["batch_in_epoch"])
+            if isinstance(loader, StoreLoader)
             else loader.epoch(state["epoch"])
+        )
         for batch in iterator:
             state["batch_in_epoch"] += 1
             yield batch
@@ -245,22 +350,47 @@ def _streaming_scales(loader: StreamingLoader) -> tuple[list[float], list[float]
     return (root_d / x.norm(dim=-1).mean(0)).tolist(), (root_d / y.norm(dim=-1).mean(0)).tolist()
 
 
-def finish(config: CLTTrainConfig, run: RunDir, model, tokenizer, clt, store, eval_shards, langs, state,
-           tokens_since_fired, device) -> dict:
+def finish(
+    config: CLTTrainConfig,
+    run: RunDir,
+    model,
+    tokenizer,
+    clt,
+    store,
+    eval_shards,
+    langs,
+    state,
+    tokens_since_fired,
+    device,
+) -> dict:
     from clt.activations import model_fingerprint
 
     clt.eval()
     native_dir = run.path / "clt"
-    save_native(clt, native_dir, {"model_dir": config.model_dir, "model_sha256": model_fingerprint(config.model_dir),
-                                  "store": None if config.streaming else config.store})
-    report = {"run_dir": str(run.path), "steps": state["step"], "tokens": state["tokens"],
-              "train_time_s": state["train_time_s"], "stopped_early": state["stopped_early"],
-              "train_tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
-              "dead_fraction_per_layer": (tokens_since_fired >= config.dead_window_tokens).float().mean(1).tolist(),
-              "dead_window_tokens": config.dead_window_tokens}
+    save_native(
+        clt,
+        native_dir,
+        {
+            "model_dir": config.model_dir,
+            "model_sha256": model_fingerprint(config.model_dir),
+            "store": None if config.streaming else config.store,
+        },
+    )
+    report = {
+        "run_dir": str(run.path),
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "train_time_s": state["train_time_s"],
+        "stopped_early": state["stopped_early"],
+        "train_tokens_per_s": state["tokens"] / max(state["train_time_s"], 1e-9),
+        "dead_fraction_per_layer": (tokens_since_fired >= config.dead_window_tokens).float().mean(1).tolist(),
+        "dead_window_tokens": config.dead_window_tokens,
+    }
     if store is not None:
         report["heldout"] = store_metrics(clt, store, eval_shards)
-    blocks, block_langs = evaluation_blocks(config.corpus_dir, tokenizer, langs, config.collect_ctx, config.eval_blocks)
+    blocks, block_langs = evaluation_blocks(
+        config.corpus_dir, tokenizer, langs, config.collect_ctx, config.eval_blocks
+    )
     report["replacement"] = replacement_metrics(model, clt, blocks.to(device), block_langs)
     atomic_write_json(run.path / "summary.json", report)
     return report
@@ -275,10 +405,15 @@ def format_summary(report: dict) -> str:
         for layer, (fvu, l0, dead) in enumerate(zip(held["fvu"], held["l0"], held["never_active_fraction"])):
             lines.append(f"{layer:>5}  {fvu:.4f}  {l0:6.1f}  {dead:.3f}")
     if "dead_fraction_per_layer" in report:
-        lines.append("dead during training (per layer): " + ", ".join(f"{d:.3f}" for d in report["dead_fraction_per_layer"]))
+        lines.append(
+            "dead during training (per layer): "
+            + ", ".join(f"{d:.3f}" for d in report["dead_fraction_per_layer"])
+        )
     replacement = report.get("replacement", {})
     if replacement:
         lines.append("replacement model vs real (per language):  KL      ΔCE     top-1 agree")
         for lang, values in sorted(replacement.items(), key=lambda kv: (kv[0] != "all", kv[0])):
-            lines.append(f"  {lang:>5}  {values['kl']:.4f}  {values['delta_ce']:+.4f}  {values['top1_agreement']:.3f}")
+            lines.append(
+                f"  {lang:>5}  {values['kl']:.4f}  {values['delta_ce']:+.4f}  {values['top1_agreement']:.3f}"
+            )
     return "\n".join(lines)

@@ -67,10 +67,14 @@ def _value_at(value, absolute: Tensor, n_units: int, dtype, device):
         value = value.to(device=device, dtype=dtype)
         if value.dim() == 2:
             if int(absolute.max()) >= value.shape[0]:
-                raise ValueError(f"patch values cover {value.shape[0]} positions, position {int(absolute.max())} was reached")
+                raise ValueError(
+                    f"patch values cover {value.shape[0]} positions, position {int(absolute.max())} was reached"
+                )
             return value[absolute]  # [T, units]
         if value.shape != (n_units,):
-            raise ValueError(f"value must be a float, [{n_units}] or [positions, {n_units}], got {tuple(value.shape)}")
+            raise ValueError(
+                f"value must be a float, [{n_units}] or [positions, {n_units}], got {tuple(value.shape)}"
+            )
     return value
 
 
@@ -83,7 +87,9 @@ class Edit:
 
     def check(self, points: hook_points.GPT2Adapter) -> None:
         if not 0 <= self.layer < points.n_layers:
-            raise UserError(f"{type(self).__name__} at layer {self.layer}: the model has {points.n_layers} layers")
+            raise UserError(
+                f"{type(self).__name__} at layer {self.layer}: the model has {points.n_layers} layers"
+            )
         mode = getattr(self, "mode", "set")
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
@@ -126,25 +132,29 @@ class NeuronEdit(Edit):
             current = post[..., index.to(post.device)]
             post[..., index.to(post.device)] = torch.where(mask, _apply(self.mode, current, value), current)
             return post
+
         return [(f"blocks.{self.layer}.mlp.hook_post", hook)]
 
 
 @dataclass
 class ResidualAdd(Edit):
     layer: int  # added to the residual after this block
-    vector: Float[Tensor, "d"]
+    vector: Float[Tensor, " d"]
     scale: float = 1.0
     where: Where = field(default_factory=Where)
 
     def check(self, points) -> None:
         super().check(points)
         if self.vector.shape != (points.d_model,):
-            raise UserError(f"residual vector must have shape ({points.d_model},), got {tuple(self.vector.shape)}")
+            raise UserError(
+                f"residual vector must have shape ({points.d_model},), got {tuple(self.vector.shape)}"
+            )
 
     def named_hooks(self, positions):
         def hook(hidden: Tensor) -> Tensor:
             mask = self.where.mask(positions(hidden.shape[1], hidden.device))[None, :, None].to(hidden.dtype)
             return hidden + mask * (self.scale * self.vector.to(hidden))
+
         return [(f"blocks.{self.layer}.hook_resid_post", hook)]
 
 
@@ -227,6 +237,7 @@ class Intervener:
     def _keep_mlp_in(self, layer: int):
         def hook(mlp_in: Tensor) -> None:
             self._mlp_in[layer] = mlp_in
+
         return hook
 
     def _mlp_out_hook(self, layer: int, edits: list[FeatureEdit]):
@@ -235,6 +246,7 @@ class Intervener:
                 self._edit_features(layer, edits, self._mlp_in.pop(layer))
             delta = self._pending.pop(layer, None)
             return None if delta is None else output + delta.to(output.dtype)
+
         return hook
 
     @torch.no_grad()
@@ -281,12 +293,16 @@ def record_patterns(model, input_ids: Tensor) -> list[Tensor]:
 @contextmanager
 def freeze_attention(model, patterns: list[Tensor]):
     """Within the block, every attention layer uses the given patterns instead of its own softmax."""
+
     def frozen(module, query, key, value, attention_mask, **kwargs):
         weights = patterns[module.layer_idx].to(value.dtype)
         if weights.shape[-2:] != (query.shape[-2], key.shape[-2]):
-            raise ValueError(f"frozen patterns are for {tuple(weights.shape[-2:])} query/key positions, the run has "
-                             f"{(query.shape[-2], key.shape[-2])}: freezing applies to a forward pass over the same tokens")
+            raise ValueError(
+                f"frozen patterns are for {tuple(weights.shape[-2:])} query/key positions, the run has "
+                f"{(query.shape[-2], key.shape[-2])}: freezing applies to a forward pass over the same tokens"
+            )
         return torch.matmul(weights, value).transpose(1, 2), weights
+
     with _attention_implementation(model, frozen):
         yield
 
@@ -298,6 +314,7 @@ def _recording(store: dict):
         output, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
         store[module.layer_idx] = weights.detach()
         return output, weights
+
     return record
 
 

@@ -20,10 +20,25 @@ from torch import Tensor
 from interventions.hooks import Edit, Where, _apply
 
 
-def train_residual_sae(model, tokenizer, blocks: Int[Tensor, "n pos"], layer: int, out_dir: str | Path, d_sae: int = 1024,
-                       training_tokens: int = 1_000_000, l1_coefficient: float = 2.0, lr: float = 3e-4, seed: int = 0):
+def train_residual_sae(
+    model,
+    tokenizer,
+    blocks: Int[Tensor, "n pos"],
+    layer: int,
+    out_dir: str | Path,
+    d_sae: int = 1024,
+    training_tokens: int = 1_000_000,
+    l1_coefficient: float = 2.0,
+    lr: float = 3e-4,
+    seed: int = 0,
+):
     from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, StandardTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        StandardTrainingSAEConfig,
+    )
 
     from attribution.circuit_tracer_bridge import hooked_transformer
 
@@ -33,16 +48,39 @@ def train_residual_sae(model, tokenizer, blocks: Int[Tensor, "n pos"], layer: in
     config = LanguageModelSAERunnerConfig(
         # Inputs scaled to norm sqrt(d) (sae-lens folds the factor back in when saving) and BOS excluded:
         # the BOS position's residual is an outlier in norm that otherwise dominates the reconstruction loss.
-        sae=StandardTrainingSAEConfig(d_in=model.config.n_embd, d_sae=d_sae, l1_coefficient=l1_coefficient,
-                                      l1_warm_up_steps=100, normalize_activations="expected_average_only_in",
-                                      device="cpu", dtype="float32"),
-        model_name="multilingual-clt-gpt2", hook_name=f"blocks.{layer}.hook_resid_post", dataset_path="local",
-        is_dataset_tokenized=True, streaming=False, context_size=blocks.shape[1], prepend_bos=False,
-        training_tokens=training_tokens, train_batch_size_tokens=1024, store_batch_size_prompts=16,
+        sae=StandardTrainingSAEConfig(
+            d_in=model.config.n_embd,
+            d_sae=d_sae,
+            l1_coefficient=l1_coefficient,
+            l1_warm_up_steps=100,
+            normalize_activations="expected_average_only_in",
+            device="cpu",
+            dtype="float32",
+        ),
+        model_name="multilingual-clt-gpt2",
+        hook_name=f"blocks.{layer}.hook_resid_post",
+        dataset_path="local",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=blocks.shape[1],
+        prepend_bos=False,
+        training_tokens=training_tokens,
+        train_batch_size_tokens=1024,
+        store_batch_size_prompts=16,
         n_batches_in_buffer=max(8, 4 * 1024 // blocks.shape[1]),  # sae-lens: buffer = this × context ≥ batch
-        lr=lr, lr_warm_up_steps=50, device="cpu", seed=seed, dtype="float32", n_checkpoints=0, checkpoint_path=None,
-        output_path=str(out_dir), logger=LoggingConfig(log_to_wandb=False), verbose=False, n_batches_for_norm_estimate=20,
-        exclude_special_tokens=[int(blocks[0, 0])])
+        lr=lr,
+        lr_warm_up_steps=50,
+        device="cpu",
+        seed=seed,
+        dtype="float32",
+        n_checkpoints=0,
+        checkpoint_path=None,
+        output_path=str(out_dir),
+        logger=LoggingConfig(log_to_wandb=False),
+        verbose=False,
+        n_batches_for_norm_estimate=20,
+        exclude_special_tokens=[int(blocks[0, 0])],
+    )
     runner = LanguageModelSAETrainingRunner(config, override_dataset=dataset, override_model=hooked)
     return runner.run()
 
@@ -69,8 +107,9 @@ def sae_layer(path: str | Path) -> int:
     return int(match.group(1))
 
 
-def sae_activation_probability(model, sae, layer: int, blocks_by_lang: dict[str, Tensor], batch_size: int = 16
-                               ) -> Float[Tensor, "1 latent lang"]:
+def sae_activation_probability(
+    model, sae, layer: int, blocks_by_lang: dict[str, Tensor], batch_size: int = 16
+) -> Float[Tensor, "1 latent lang"]:
     """Share of (non-BOS) tokens of each language on which each SAE latent is active — the input to
     `analysis.language_features.language_features` (one 'layer')."""
     from analysis.firing import firing_share
@@ -104,4 +143,5 @@ class SAEEdit(Edit):
             new = torch.where(mask, _apply(self.mode, current, self.value), current)
             delta = (new - current) @ self.sae.W_dec[index]
             return hidden + delta.to(hidden.dtype)
+
         return [(f"blocks.{self.layer}.hook_resid_post", hook)]

@@ -1,9 +1,8 @@
 """Collect MLP input/output activations of a GPT-2 model into a Zarr v3 store (resumable).
 
-    python scripts/collect_activations.py --model-dir runs/pretrain-tiny-en-heavy/model --store runs/act.zarr
-    torchrun --nproc-per-node 2 scripts/collect_activations.py ...   # writers fill disjoint shards
+python scripts/collect_activations.py --model-dir runs/pretrain-tiny-en-heavy/model --store runs/act.zarr
+torchrun --nproc-per-node 2 scripts/collect_activations.py ...   # writers fill disjoint shards
 """
-
 
 from clt.activations import CollectConfig, collect_activations
 from training.config import parse_config
@@ -16,8 +15,10 @@ def main(argv=None) -> None:
     store = collect_activations(config, ranks.rank, ranks.world_size)
     ranks.shutdown()
     if ranks.is_main:
-        print(f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
-              f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}")
+        print(
+            f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
+            f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Export a trained transcoder for circuit-tracer or sae-lens.
 
-    python scripts/export_clt.py --clt runs/clt-tiny-en-heavy/clt --format circuit-tracer --out runs/ct
+python scripts/export_clt.py --clt runs/clt-tiny-en-heavy/clt --format circuit-tracer --out runs/ct
 """
 
 from dataclasses import dataclass, field
 
 from clt.export import export_circuit_tracer, export_sae_lens, load_native
+from training import paths
 from training.config import parse_config
 
 
@@ -13,7 +14,7 @@ from training.config import parse_config
 class ExportConfig:
     """Export a transcoder saved by train_clt.py."""
 
-    clt: str = field(default="runs/clt-tiny-en-heavy/clt", metadata={"help": "transcoder directory (native format)"})
+    clt: str = field(default=paths.CLT_DIR, metadata={"help": "transcoder directory (native format)"})
     format: str = field(default="circuit-tracer", metadata={"help": "circuit-tracer or sae-lens"})
     out: str = field(default="runs/clt-export", metadata={"help": "output directory"})
 

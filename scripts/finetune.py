@@ -20,8 +20,18 @@ def main(argv=None) -> None:
     summary = finetune(parse_config(FinetuneConfig, argv))
     if not summary:
         return  # a non-zero torchrun rank
-    keys = ("scenario", "strategy", "seed", "metric", "target_before", "target_after", "forgetting", "parameters",
-            "train_time_s", "run_dir")
+    keys = (
+        "scenario",
+        "strategy",
+        "seed",
+        "metric",
+        "target_before",
+        "target_after",
+        "forgetting",
+        "parameters",
+        "train_time_s",
+        "run_dir",
+    )
     print(json.dumps({key: summary[key] for key in keys}, indent=1))
 
 

@@ -13,8 +13,21 @@ from training.pretrain import PretrainConfig, pretrain
 def main(argv=None) -> None:
     summary = pretrain(parse_config(PretrainConfig, argv))
     if summary:
-        print(json.dumps({k: summary[k] for k in ("run_dir", "validation_loss", "language_consistency", "tokens_per_s_median",
-                                                  "wall_time_s")}, indent=1))
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "run_dir",
+                        "validation_loss",
+                        "language_consistency",
+                        "tokens_per_s_median",
+                        "wall_time_s",
+                    )
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Markdown tables comparing pretraining runs (from their summary.json), for docs/.
 
-    python scripts/summarize_pretraining.py runs/tiny-en-heavy runs/tiny-balanced
+python scripts/summarize_pretraining.py runs/tiny-en-heavy runs/tiny-balanced
 """
 
 import json
@@ -26,19 +26,36 @@ def main(run_dirs: list[str]) -> None:
         print(f"| {label} | " + " | ".join(fn(summaries[n]) for n in names) + " |")
     print("\n### Tokens sampled per language\n\n" + header)
     for lang in langs:
-        print(f"| {lang} | " + " | ".join(f"{summaries[n]['tokens_per_language_sampled'].get(lang, 0):,}" for n in names) + " |")
+        print(
+            f"| {lang} | "
+            + " | ".join(f"{summaries[n]['tokens_per_language_sampled'].get(lang, 0):,}" for n in names)
+            + " |"
+        )
     print("\n### Validation loss per language (nats/token; each model's own tokenizer)\n\n" + header)
     for lang in langs:
-        print(f"| {lang} | " + " | ".join(f"{summaries[n]['validation_loss'][lang]:.3f}" for n in names) + " |")
+        print(
+            f"| {lang} | " + " | ".join(f"{summaries[n]['validation_loss'][lang]:.3f}" for n in names) + " |"
+        )
     print("\n### Tokenizer fertility on the validation split\n\n" + header)
     for lang in langs:
         cells = [summaries[n]["fertility_on_validation"][lang] for n in names]
-        print(f"| {lang} ({cells[0]['fertility_unit']}) | " + " | ".join(f"{c['fertility']:.3f}" for c in cells) + " |")
+        print(
+            f"| {lang} ({cells[0]['fertility_unit']}) | "
+            + " | ".join(f"{c['fertility']:.3f}" for c in cells)
+            + " |"
+        )
     for mode in ("greedy", "sampled"):
-        print(f"\n### Language consistency of {mode} continuations (share in the prompt's language; unknown)\n\n" + header)
+        print(
+            f"\n### Language consistency of {mode} continuations (share in the prompt's language; unknown)\n\n"
+            + header
+        )
         for lang in langs:
             cells = [summaries[n]["language_consistency"][mode][lang] for n in names]
-            print(f"| {lang} | " + " | ".join(f"{c['consistent']:.2f} ({c['unknown']:.2f}) n={c['n']}" for c in cells) + " |")
+            print(
+                f"| {lang} | "
+                + " | ".join(f"{c['consistent']:.2f} ({c['unknown']:.2f}) n={c['n']}" for c in cells)
+                + " |"
+            )
 
 
 if __name__ == "__main__":

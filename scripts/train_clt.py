@@ -22,8 +22,12 @@ def main(argv=None) -> None:
     default_model = Path(PretrainConfig().run_dir) / "model"
     if not (model_dir / "model.safetensors").exists():
         if model_dir != default_model:
-            raise SystemExit(f"no model at {model_dir} (expected a save_pretrained directory with model.safetensors)")
-        print(f"{model_dir} does not exist yet: pretraining the default tiny model first (cached for next time)")
+            raise SystemExit(
+                f"no model at {model_dir} (expected a save_pretrained directory with model.safetensors)"
+            )
+        print(
+            f"{model_dir} does not exist yet: pretraining the default tiny model first (cached for next time)"
+        )
         pretrain(PretrainConfig())
     report = train_clt(config)
     if not report:

@@ -21,8 +21,16 @@ def real_slice_corpus_dir(tmp_path_factory) -> Path:
     from training.corpus.build import CorpusConfig, build_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "slice"
-    build_corpus(CorpusConfig(out_dir=str(out), langs=SLICE_LANGS, libreoffice_subdirs=["shared/optionen"],
-                              n_parallel=40, val_fraction=0.1, workers=1))
+    build_corpus(
+        CorpusConfig(
+            out_dir=str(out),
+            langs=SLICE_LANGS,
+            libreoffice_subdirs=["shared/optionen"],
+            n_parallel=40,
+            val_fraction=0.1,
+            workers=1,
+        )
+    )
     return out
 
 
@@ -78,23 +86,32 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str, args: list[str], nproc: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free rendezvous port, no collisions with other jobs) on a project script.
 
     If it does not finish in time, every rank (and torchrun) gets SIGABRT with faulthandler on, so the
     failure shows each rank's Python stack; then the whole tree is killed, so nothing outlives the test.
     After a normal exit no process of the tree may survive either.
     """
-    import time
-
     import tempfile
     import time
 
-    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(REPO / "scripts" / script)] + args
+    command = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(REPO / "scripts" / script),
+    ] + args
     env = {**script_env(), "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True
+        )
         # Ranks that outlive torchrun are re-parented away from it: remember every process seen in the tree.
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
@@ -104,7 +121,9 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: float = 
         hung = process.poll() is None
         if hung:
             tree = descendants(process.pid)
-            _signal_all(tree, signal.SIGABRT)  # ranks first: faulthandler prints their stacks to torchrun's stderr
+            _signal_all(
+                tree, signal.SIGABRT
+            )  # ranks first: faulthandler prints their stacks to torchrun's stderr
             time.sleep(5)
             _signal_all(tree + [process.pid], signal.SIGKILL)
             process.wait(timeout=60)
@@ -114,7 +133,9 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: float = 
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if hung:
-        raise AssertionError(f"torchrun {script} hung for {timeout} s; every rank's stack:\n{stderr[-12000:]}")
+        raise AssertionError(
+            f"torchrun {script} hung for {timeout} s; every rank's stack:\n{stderr[-12000:]}"
+        )
     assert not survivors, f"torchrun {script} exited but left processes behind: {survivors}\n{stderr[-3000:]}"
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, stderr[-3000:]
@@ -168,8 +189,16 @@ def tiny_model_dir(slice_tokenizer_dir, tmp_path_factory) -> Path:
     from training.models import build_model, gpt2_config
 
     tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
-    config = gpt2_config("tiny", len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                         n_layer=2, n_embd=32, n_head=2, n_ctx=32)
+    config = gpt2_config(
+        "tiny",
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_ctx=32,
+    )
     model = build_model(config, seed=0)
     with torch.no_grad():  # larger random MLP weights: activations with some structure to reconstruct
         for block in model.transformer.h:
@@ -181,9 +210,17 @@ def tiny_model_dir(slice_tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def collect_args(model_dir, store, corpus_dir) -> dict:
-    return {"model_dir": str(model_dir), "store": str(store), "corpus_dir": str(corpus_dir),
-            "mixture": "en=0.5,fr=0.25,de=0.25", "n_tokens": 3000, "n_ctx": 16, "blocks_per_shard": 16,
-            "blocks_per_chunk": 4, "batch_size": 16}
+    return {
+        "model_dir": str(model_dir),
+        "store": str(store),
+        "corpus_dir": str(corpus_dir),
+        "mixture": "en=0.5,fr=0.25,de=0.25",
+        "n_tokens": 3000,
+        "n_ctx": 16,
+        "blocks_per_shard": 16,
+        "blocks_per_chunk": 4,
+        "batch_size": 16,
+    }
 
 
 @pytest.fixture(scope="session")

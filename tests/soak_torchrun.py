@@ -16,20 +16,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_clt_train.py::test_ddp_training_with_torchrun",
-         "tests/test_activations.py::test_two_torchrun_writers_fill_disjoint_shards_identically",
-         "tests/test_pretrain.py::test_ddp_two_processes_match_gradient_accumulation",
-         "tests/test_finetune.py::test_masked_finetuning_under_torchrun"]
+TESTS = [
+    "tests/test_clt_train.py::test_ddp_training_with_torchrun",
+    "tests/test_activations.py::test_two_torchrun_writers_fill_disjoint_shards_identically",
+    "tests/test_pretrain.py::test_ddp_two_processes_match_gradient_accumulation",
+    "tests/test_finetune.py::test_masked_finetuning_under_torchrun",
+]
 
 
 def leftover_processes() -> list[str]:
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in listing if "torch.distributed.run" in line or ("scripts/" in line and "python" in line
-                                                                             and "soak_torchrun" not in line)]
+    return [
+        line
+        for line in listing
+        if "torch.distributed.run" in line
+        or ("scripts/" in line and "python" in line and "soak_torchrun" not in line)
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--busy", type=int, default=2)
     args = parser.parse_args()
@@ -38,13 +46,20 @@ def main() -> None:
     try:
         for round_ in range(1, args.repeats + 1):
             start = time.time()
-            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
-                                    cwd=REPO, capture_output=True, text=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             left = leftover_processes()
             failures += result.returncode != 0
             leftovers += bool(left)
             summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
-            print(f"round {round_}: {summary} in {time.time() - start:.0f} s; leftover processes: {len(left)}", flush=True)
+            print(
+                f"round {round_}: {summary} in {time.time() - start:.0f} s; leftover processes: {len(left)}",
+                flush=True,
+            )
             if result.returncode != 0:
                 print(result.stdout[-6000:], flush=True)
             if left:
@@ -52,7 +67,9 @@ def main() -> None:
     finally:
         for process in busy:
             process.kill()
-    print(f"{args.repeats} rounds × {len(TESTS)} tests: {failures} failed rounds, {leftovers} rounds with leftovers")
+    print(
+        f"{args.repeats} rounds × {len(TESTS)} tests: {failures} failed rounds, {leftovers} rounds with leftovers"
+    )
     sys.exit(1 if failures or leftovers else 0)
 
 

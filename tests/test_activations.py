@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from clt.activations import ActivationStore, CollectConfig, collect_activations, mlp_activations
 from clt.loader import StoreLoader, StreamingLoader
-from tests.conftest import PYTHON, REPO, collect_args, kill_when, script_env, run_torchrun
+from tests.conftest import PYTHON, REPO, collect_args, kill_when, run_torchrun, script_env
 
 
 def test_store_layout_and_values(tiny_store, tiny_model_dir):
@@ -20,7 +20,11 @@ def test_store_layout_and_values(tiny_store, tiny_model_dir):
     assert (store.n_layers, store.d_model) == (2, 32)
     assert store.tokens_per_shard == 16 * 15
     assert store.mlp_in.shape == (store.n_shards * store.tokens_per_shard, 2, 32)
-    assert store.attrs["input_hook"] == "blocks.{layer}.ln2.hook_normalized" and store.langs == ["de", "en", "fr"]
+    assert store.attrs["input_hook"] == "blocks.{layer}.ln2.hook_normalized" and store.langs == [
+        "de",
+        "en",
+        "fr",
+    ]
     # Sharding codec in the array metadata (Zarr v3).
     codecs = json.dumps(store.group["mlp_in"].metadata.to_dict()["codecs"])
     assert "sharding_indexed" in codecs
@@ -88,8 +92,13 @@ def test_collection_resumes_after_a_real_kill(tiny_store, tiny_model_dir, real_s
     for key, value in collect_args(tiny_model_dir, store_path, real_slice_corpus_dir).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     args += ["--batch-size", "1"]  # slow the writer down so the kill lands mid-collection
-    process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "collect_activations.py")] + args, env=script_env(),
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [PYTHON, str(REPO / "scripts" / "collect_activations.py")] + args,
+        env=script_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def shards_done() -> int:
         try:
@@ -100,7 +109,9 @@ def test_collection_resumes_after_a_real_kill(tiny_store, tiny_model_dir, real_s
     kill_when(process, shards_done, 2)
     partial = ActivationStore(store_path)
     assert not partial.is_complete()
-    resumed = collect_activations(CollectConfig(**collect_args(tiny_model_dir, store_path, real_slice_corpus_dir)))
+    resumed = collect_activations(
+        CollectConfig(**collect_args(tiny_model_dir, store_path, real_slice_corpus_dir))
+    )
     assert resumed.is_complete()
     for name in ("mlp_in", "mlp_out", "token_id", "lang"):
         np.testing.assert_array_equal(resumed.group[name][:], tiny_store.group[name][:])
@@ -116,8 +127,11 @@ def test_store_from_another_model_is_refused(tiny_store, tiny_model_dir, real_sl
     with pytest.raises(ValueError, match="was collected from .* not from"):
         tiny_store.check_model(other)
     with pytest.raises(ValueError, match="another model or config"):
-        collect_activations(CollectConfig(**{**collect_args(tiny_model_dir, tiny_store.url, real_slice_corpus_dir),
-                                             "n_ctx": 12}))
+        collect_activations(
+            CollectConfig(
+                **{**collect_args(tiny_model_dir, tiny_store.url, real_slice_corpus_dir), "n_ctx": 12}
+            )
+        )
     with pytest.raises(FileNotFoundError, match="collect one with"):
         ActivationStore(tmp_path / "missing.zarr")
 
@@ -134,7 +148,9 @@ def test_streaming_loader_matches_model_activations(tiny_model_dir):
     np.testing.assert_allclose(rows_of(batches), expected[np.lexsort(expected.T[::-1])], rtol=1e-6)
 
 
-def test_two_torchrun_writers_fill_disjoint_shards_identically(tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+def test_two_torchrun_writers_fill_disjoint_shards_identically(
+    tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path
+):
     store_path = tmp_path / "ddp.zarr"
     args = []
     for key, value in collect_args(tiny_model_dir, store_path, real_slice_corpus_dir).items():
@@ -148,7 +164,9 @@ def test_two_torchrun_writers_fill_disjoint_shards_identically(tiny_store, tiny_
 
 def test_store_at_an_fsspec_url(tiny_model_dir, real_slice_corpus_dir):
     url = "memory://stores/tiny.zarr"  # any fsspec URL: memory here, s3:// or gs:// for large runs
-    store = collect_activations(CollectConfig(**{**collect_args(tiny_model_dir, url, real_slice_corpus_dir), "n_tokens": 600}))
+    store = collect_activations(
+        CollectConfig(**{**collect_args(tiny_model_dir, url, real_slice_corpus_dir), "n_tokens": 600})
+    )
     assert store.is_complete() and store.url == url
     batches = list(StoreLoader(ActivationStore(url), batch_size=64).epoch(0))
     assert sum(len(x) for x, _ in batches) == store.n_shards * store.tokens_per_shard

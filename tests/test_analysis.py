@@ -16,15 +16,17 @@ from analysis.lens import lens_language_probabilities, lens_report
 from analysis.located import load_located, save_located, validate_located
 from analysis.residuals import lens_logits, residual_stream
 from analysis.token_language import language_table, token_counts
-from training.selection import random_matched
 from tests.conftest import PYTHON, REPO, script_env
+from training.selection import random_matched
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir
+    )
 
 
 def random_blocks(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -68,7 +70,7 @@ def test_soft_lens_with_a_one_hot_table(tiny):
     vocab = model.config.vocab_size
     table = torch.zeros(vocab, 2)
     table[: vocab // 2, 0] = 1
-    table[vocab // 2:, 1] = 1
+    table[vocab // 2 :, 1] = 1
     ids = random_blocks(4, 10, 512, seed=1)
     probs, strings = lens_language_probabilities(model, ids, table, tokenizer)
     assert probs.shape == (4, model.config.n_layer, 2)
@@ -136,10 +138,16 @@ def test_scored_loss_matches_the_model_loss(tiny):
 
 def test_lape_entropy_and_selection():
     # 1 layer, 4 units, 3 languages
-    p = torch.tensor([[[0.9, 0.0, 0.0],    # only en: entropy 0, selected for en
-                       [0.5, 0.5, 0.5],    # every language: maximal entropy
-                       [0.0, 0.8, 0.85],   # fr + de
-                       [0.01, 0.0, 0.0]]])  # only en but rare: below the percentile, not a candidate
+    p = torch.tensor(
+        [
+            [
+                [0.9, 0.0, 0.0],  # only en: entropy 0, selected for en
+                [0.5, 0.5, 0.5],  # every language: maximal entropy
+                [0.0, 0.8, 0.85],  # fr + de
+                [0.01, 0.0, 0.0],
+            ]
+        ]
+    )  # only en but rare: below the percentile, not a candidate
     h = lape.entropy(p)
     assert h[0, 0] == pytest.approx(0.0) and h[0, 1] == pytest.approx(math.log(3))
     selection = lape.lape_select(p, ["en", "fr", "de"], top_fraction=0.5, percentile=0.75)
@@ -152,13 +160,17 @@ def test_deactivating_neurons_zeroes_exactly_them(tiny):
     model, _ = tiny
     ids = random_blocks(2, 8, 512, seed=4)
     seen = {}
-    handle = model.transformer.h[1].mlp.act.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out.clone()))
+    handle = model.transformer.h[1].mlp.act.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("act", out.clone())
+    )
     reference_logits = model(ids).logits
     reference = seen["act"]
     handle.remove()
     captured = {}
     with lape.deactivate_neurons(model, [(1, 3), (1, 7)]):  # hooks run in order: h2 sees the zeroed output
-        h2 = model.transformer.h[1].mlp.act.register_forward_hook(lambda m, a, out: captured.__setitem__("act", out.clone()))
+        h2 = model.transformer.h[1].mlp.act.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("act", out.clone())
+        )
         changed_logits = model(ids).logits
         h2.remove()
     assert (captured["act"][..., [3, 7]] == 0).all()
@@ -167,7 +179,7 @@ def test_deactivating_neurons_zeroes_exactly_them(tiny):
     assert not torch.allclose(changed_logits, reference_logits)
     torch.testing.assert_close(model(ids).logits, reference_logits)  # removed cleanly
     with pytest.raises(ValueError, match="do not exist"):
-        lape.deactivate_neurons(model, [(0, 10 ** 6)])
+        lape.deactivate_neurons(model, [(0, 10**6)])
     matched = random_matched([(0, 1), (0, 2), (1, 5)], n_units=128, seed=0, exclude={(0, 1), (0, 2), (1, 5)})
     assert sorted(l for l, _ in matched) == [0, 0, 1] and not {(0, 1), (0, 2), (1, 5)} & set(matched)
 
@@ -177,7 +189,9 @@ def test_neuron_activation_probability_counts_positive_activations(tiny):
     blocks = {"en": random_blocks(3, 8, 512, seed=5), "fr": random_blocks(2, 8, 512, seed=6)}
     probs = lape.neuron_activation_probability(model, blocks)
     acts = {}
-    handle = model.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, out: acts.__setitem__("a", out))
+    handle = model.transformer.h[0].mlp.act.register_forward_hook(
+        lambda m, a, out: acts.__setitem__("a", out)
+    )
     model.transformer(input_ids=blocks["fr"])
     handle.remove()
     expected = (acts["a"][:, 1:] > 0).float().mean((0, 1))
@@ -186,10 +200,10 @@ def test_neuron_activation_probability_counts_positive_activations(tiny):
 
 def test_language_feature_catalogue():
     p = torch.zeros(2, 4, 3)
-    p[1, 0] = torch.tensor([0.0, 0.5, 0.0])    # only fr, frequent, late layer → catalogued for fr
-    p[0, 1] = torch.tensor([0.3, 0.3, 0.3])    # everywhere: log2(3) bits → not a language feature
+    p[1, 0] = torch.tensor([0.0, 0.5, 0.0])  # only fr, frequent, late layer → catalogued for fr
+    p[0, 1] = torch.tensor([0.3, 0.3, 0.3])  # everywhere: log2(3) bits → not a language feature
     p[1, 2] = torch.tensor([0.0, 0.0, 0.005])  # only de but rarer than min_frequency
-    p[0, 3] = torch.tensor([0.2, 0.01, 0.0])   # mostly en: ~0.28 bits, catalogued for en
+    p[0, 3] = torch.tensor([0.2, 0.01, 0.0])  # mostly en: ~0.28 bits, catalogued for en
     catalogue = language_features(p, ["en", "fr", "de"], max_entropy_bits=0.8, min_frequency=0.01)
     assert [(f["layer"], f["feature"]) for f in catalogue["fr"]] == [(1, 0)]
     assert catalogue["fr"][0]["entropy_bits"] == pytest.approx(0.0)
@@ -212,9 +226,18 @@ def test_probe_accuracy_on_separable_and_random_data():
 
 def test_located_file_contract(tmp_path, tiny):
     model, _ = tiny
-    doc = {"model_dir": "m", "model_sha256": None, "clt_dir": None, "langs": ["en", "fr"], "n_layers": 2,
-           "layers": {"decision": {"en": 0, "fr": 1}}, "neurons": {"en": [[0, 5]], "fr": [[1, 7]]},
-           "neurons_5pct": {}, "features": {"fr": [[1, 3]]}, "feature_aligned_neurons": {}}
+    doc = {
+        "model_dir": "m",
+        "model_sha256": None,
+        "clt_dir": None,
+        "langs": ["en", "fr"],
+        "n_layers": 2,
+        "layers": {"decision": {"en": 0, "fr": 1}},
+        "neurons": {"en": [[0, 5]], "fr": [[1, 7]]},
+        "neurons_5pct": {},
+        "features": {"fr": [[1, 3]]},
+        "feature_aligned_neurons": {},
+    }
     path = save_located(tmp_path / "located.json", doc)
     loaded = load_located(path, model=model)
     assert loaded["neurons"]["fr"] == [[1, 7]] and loaded["format"] == "multilingual-clt/located-units"
@@ -224,7 +247,7 @@ def test_located_file_contract(tmp_path, tiny):
     with pytest.raises(ValueError, match="not in langs"):
         validate_located(dict(loaded, features={"ja": []}))
     with pytest.raises(ValueError, match="outside"):
-        validate_located(dict(loaded, neurons={"en": [[0, 10 ** 6]]}), model=model)
+        validate_located(dict(loaded, neurons={"en": [[0, 10**6]]}), model=model)
     with pytest.raises(ValueError, match="not a located-units"):
         validate_located({"format": "x"})
 
@@ -235,12 +258,44 @@ def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpu
     from tests.test_attribution import random_clt
 
     clt = random_clt(2, 32, n_features=24)
-    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    clt_dir = save_native(
+        clt,
+        tmp_path / "clt",
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
     run_dir = tmp_path / "locate"
-    command = [PYTHON, str(REPO / "scripts" / "locate_language.py"), "--model-dir", str(tiny_model_dir), "--clt", str(clt_dir),
-               "--corpus-dir", str(real_slice_corpus_dir), "--langs", "en,fr,de", "--run-dir", str(run_dir), "--n-ctx", "16",
-               "--blocks-per-lang", "6", "--train-texts-per-lang", "60", "--n-parallel", "8", "--prompts-per-lang", "3",
-               "--prompt-tokens", "6", "--new-tokens", "4", "--min-frequency", "0.0", "--max-entropy-bits", "1.6"]
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "locate_language.py"),
+        "--model-dir",
+        str(tiny_model_dir),
+        "--clt",
+        str(clt_dir),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--langs",
+        "en,fr,de",
+        "--run-dir",
+        str(run_dir),
+        "--n-ctx",
+        "16",
+        "--blocks-per-lang",
+        "6",
+        "--train-texts-per-lang",
+        "60",
+        "--n-parallel",
+        "8",
+        "--prompts-per-lang",
+        "3",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "4",
+        "--min-frequency",
+        "0.0",
+        "--max-entropy-bits",
+        "1.6",
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
@@ -252,7 +307,7 @@ def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpu
     assert [r["side"] for r in ablation_rows] == ["none", "input", "output"]
     located = load_located(run_dir / "located.json", model_dir=tiny_model_dir)
     assert set(located["neurons"]) == {"en", "fr", "de"}
-    assert "<img src=\"data:image/png;base64," in (run_dir / "report.html").read_text()
+    assert '<img src="data:image/png;base64,' in (run_dir / "report.html").read_text()
     # a re-run reuses every finished section
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reused") == 6

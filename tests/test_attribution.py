@@ -39,7 +39,7 @@ def random_clt(n_layers: int, d_model: int, n_features: int = 48, seed: int = 0)
     torch.manual_seed(seed)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features))
     with torch.no_grad():
-        clt.W_enc.normal_(0, 2 * d_model ** -0.5)
+        clt.W_enc.normal_(0, 2 * d_model**-0.5)
         clt.b_enc.normal_(0, 0.2)
         clt.log_threshold.fill_(math.log(0.8))
         for w in clt.W_dec:
@@ -57,7 +57,9 @@ def setup(tiny_model_dir):
     model = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     clt = random_clt(model.config.n_layer, model.config.n_embd)
-    tokens = torch.tensor([tokenizer.bos_token_id] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"])[:24]
+    tokens = torch.tensor(
+        [tokenizer.bos_token_id] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    )[:24]
     return model, tokenizer, clt, tokens
 
 
@@ -67,7 +69,9 @@ def graph64(setup):
     return attribute(model.double(), clt, tokens, tokenizer=tokenizer, dtype=torch.float64, batch_size=16)
 
 
-def target_values(frozen: FrozenGPT2, graph: AttributionGraph, state, token_embeddings, mlp_out) -> torch.Tensor:
+def target_values(
+    frozen: FrozenGPT2, graph: AttributionGraph, state, token_embeddings, mlp_out
+) -> torch.Tensor:
     """Each graph target's read-out in the frozen model run on the given constants: encoder · MLP input
     for feature targets, direction · final residual (last position) for logit targets."""
     mlp_in, final = frozen.forward(token_embeddings, mlp_out)
@@ -122,17 +126,19 @@ def test_incoming_edges_sum_to_each_target(setup, graph64):
     full_mlp_out = state.reconstruction + state.errors
     full_mlp_out[:, 0] = frozen.mlp_out[:, 0]
     values = target_values(frozen, graph, state, frozen.token_embeddings, full_mlp_out)
-    bias = target_values(frozen, graph, state, torch.zeros_like(frozen.token_embeddings), bias_run_mlp_out(frozen, clt))
-    rows = torch.cat([graph.adjacency[:graph.n_features], graph.adjacency[graph.target_start:]])
+    bias = target_values(
+        frozen, graph, state, torch.zeros_like(frozen.token_embeddings), bias_run_mlp_out(frozen, clt)
+    )
+    rows = torch.cat([graph.adjacency[: graph.n_features], graph.adjacency[graph.target_start :]])
     edge_sums = rows.sum(1)
     relative = (edge_sums + bias - values).abs() / values.abs().clamp(min=1e-3)
     assert relative.max() < 1e-4
     # and the feature targets' values are the CLT's own pre-activations (minus b_enc)
     layer, pos, feat = graph.active_features.T
     pre = torch.stack([frozen.mlp_in[l] @ state.W_enc[l] + state.b_enc[l] for l in range(frozen.n_layers)])
-    torch.testing.assert_close(values[:graph.n_features] + state.b_enc[layer, feat], pre[layer, pos, feat])
+    torch.testing.assert_close(values[: graph.n_features] + state.b_enc[layer, feat], pre[layer, pos, feat])
     # error and token rows are empty (they have no inputs)
-    assert graph.adjacency[graph.error_start:graph.target_start].abs().sum() == 0
+    assert graph.adjacency[graph.error_start : graph.target_start].abs().sum() == 0
 
 
 def test_each_edge_is_the_effect_of_removing_its_source(setup, graph64):
@@ -145,7 +151,7 @@ def test_each_edge_is_the_effect_of_removing_its_source(setup, graph64):
     full = state.reconstruction + state.errors
     full[:, 0] = frozen.mlp_out[:, 0]
     base = target_values(frozen, graph, state, frozen.token_embeddings, full)
-    rows = torch.cat([graph.adjacency[:graph.n_features], graph.adjacency[graph.target_start:]])
+    rows = torch.cat([graph.adjacency[: graph.n_features], graph.adjacency[graph.target_start :]])
     generator = torch.Generator().manual_seed(0)
     features = torch.randint(0, graph.n_features, (4,), generator=generator).tolist()
     for source in features + [graph.error_index(0, 5), graph.error_index(1, 7), graph.token_index(3)]:
@@ -185,7 +191,9 @@ def test_matches_circuit_tracer(setup, graph64, tmp_path):
     export_circuit_tracer(clt, tmp_path / "clt")
     replacement = circuit_tracer_model(model.double(), tokenizer, tmp_path / "clt", dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(replacement(tokens[None])[0], model(tokens[None]).logits[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            replacement(tokens[None])[0], model(tokens[None]).logits[0], rtol=1e-9, atol=1e-9
+        )
     theirs = ct_attribute(tokens, replacement, batch_size=64)
     ours = graph64
     assert torch.equal(theirs.active_features, ours.active_features)
@@ -226,9 +234,18 @@ def test_influence_on_a_hand_made_graph():
     w = torch.tensor([0.0, 0.0, 0.0, 1.0])
     scores = influence(normalized_abs(A), w)
     torch.testing.assert_close(scores, torch.tensor([0.75, 0.0, 1.0, 0.0]))
-    graph = AttributionGraph(tokens=torch.tensor([5]), token_strings=["x"], active_features=torch.tensor([[0, 0, 3]]),
-                             activations=torch.tensor([1.5]), adjacency=A, target_labels=["y"], target_vocab_ids=[7],
-                             target_weights=torch.tensor([1.0]), n_layers=1, metadata={"vocab_size": 10})
+    graph = AttributionGraph(
+        tokens=torch.tensor([5]),
+        token_strings=["x"],
+        active_features=torch.tensor([[0, 0, 3]]),
+        activations=torch.tensor([1.5]),
+        adjacency=A,
+        target_labels=["y"],
+        target_vocab_ids=[7],
+        target_weights=torch.tensor([1.0]),
+        n_layers=1,
+        metadata={"vocab_size": 10},
+    )
     result = prune(graph, node_threshold=1.0, edge_threshold=1.0)
     assert result.node_mask.tolist() == [True, False, True, True]  # the error node has no influence
     assert graph_scores(graph)["replacement"] == pytest.approx(1.0)
@@ -274,8 +291,12 @@ def test_targets():
 
 def test_custom_direction_target_reads_the_final_residual(setup):
     model, tokenizer, clt, tokens = setup
-    direction = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    graph = attribute(model.double(), clt, tokens, [direction_target("custom", direction)], tokenizer, dtype=torch.float64)
+    direction = torch.randn(
+        model.config.n_embd, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    graph = attribute(
+        model.double(), clt, tokens, [direction_target("custom", direction)], tokenizer, dtype=torch.float64
+    )
     frozen = FrozenGPT2.capture(model.double(), tokens, dtype=torch.float64)
     state = replacement_state(frozen, clt)
     full = state.reconstruction + state.errors
@@ -308,7 +329,9 @@ def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
     pruned = prune(graph)
     paths = export_all(graph, tmp_path, "g", pruned)
     loaded = AttributionGraph.load(paths["graph"])
-    assert torch.equal(loaded.adjacency, graph.adjacency) and torch.equal(loaded.active_features, graph.active_features)
+    assert torch.equal(loaded.adjacency, graph.adjacency) and torch.equal(
+        loaded.active_features, graph.active_features
+    )
     assert loaded.target_labels == graph.target_labels and loaded.metadata["prompt"] == PROMPT
 
     g = to_networkx(graph, pruned)
@@ -329,7 +352,7 @@ def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
     assert page.count("<circle") == g.number_of_nodes() and page.count("<line") == g.number_of_edges()
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert paths["png"].stat().st_size > 10_000
-    assert pruned.node_mask[graph.token_start:].all()  # tokens and targets are always kept
+    assert pruned.node_mask[graph.token_start :].all()  # tokens and targets are always kept
     layers = features_by_layer(g)
     assert all(isinstance(f, int) for feats in layers.values() for f in feats)
 
@@ -339,12 +362,32 @@ def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_p
     from clt.export import save_native
 
     _, _, clt, _ = setup
-    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    clt_dir = save_native(
+        clt,
+        tmp_path / "clt",
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"text": PROMPT, "lang": "en"}) + "\n" +
-                       json.dumps({"text": "Cliquez sur OK pour fermer la boîte", "lang": "fr"}) + "\n")
-    command = [PYTHON, str(REPO / "scripts" / "attribute.py"), "--model", str(tiny_model_dir), "--clt", str(clt_dir),
-               "--prompts", str(prompts), "--run-dir", str(tmp_path / "run"), "--max-tokens", "20"]
+    prompts.write_text(
+        json.dumps({"text": PROMPT, "lang": "en"})
+        + "\n"
+        + json.dumps({"text": "Cliquez sur OK pour fermer la boîte", "lang": "fr"})
+        + "\n"
+    )
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "attribute.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--clt",
+        str(clt_dir),
+        "--prompts",
+        str(prompts),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--max-tokens",
+        "20",
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -358,8 +401,14 @@ def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_p
 
     # a CLT trained on other weights is refused unless explicitly allowed
     other = save_native(clt, tmp_path / "clt-other", {"model_sha256": "0" * 64})
-    refused = subprocess.run(command[:5] + [str(other)] + command[6:-4] + ["--run-dir", str(tmp_path / "r2")],
-                             env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        command[:5] + [str(other)] + command[6:-4] + ["--run-dir", str(tmp_path / "r2")],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "weights differ" in refused.stderr
 
 
@@ -383,7 +432,9 @@ def test_overlap_measures_and_null():
     # one language using a superset: Jaccard < ratio
     features["fr"] = [{0: {10 * i, 10 * i + 1, 999}, 1: {100 + i}} for i in range(5)]
     result = overlap_by_layer(features, n_layers=2)
-    assert result["all"]["jaccard"][0] == pytest.approx(2 / 3) and result["all"]["ratio"][0] == pytest.approx(2 / 3)
+    assert result["all"]["jaccard"][0] == pytest.approx(2 / 3) and result["all"]["ratio"][0] == pytest.approx(
+        2 / 3
+    )
     assert result["all"]["null_jaccard"][0] == 0.0
 
 
@@ -392,5 +443,5 @@ def test_parallel_sets(real_slice_corpus_dir):
 
     sets = parallel_sets(load_corpus(real_slice_corpus_dir), ["en", "fr"])
     assert len(sets) == 40 and all(set(texts) == {"en", "fr"} for texts in sets.values())
-    with pytest.raises(ValueError, match="no \\['ru'\\]"):
+    with pytest.raises(ValueError, match=r"no text in \['ru'\] in the corpus's parallel split"):
         parallel_sets(load_corpus(real_slice_corpus_dir), ["en", "ru"])

@@ -8,7 +8,6 @@ from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CrossLayerTranscoder, JumpReLU, batch_topk_activation, topk_activation
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """Exact comparisons in float64, restored afterwards so other test modules are unaffected."""
@@ -50,7 +49,9 @@ def test_jumprelu_threshold_gradient_is_the_ste_formula():
     in_window = ((z - 0.5).abs() < eps / 2).double()  # |z − θ| < ε/2
     expected = (-(0.5 / eps) * in_window * grad_out).sum(0)
     assert torch.allclose(theta.grad, expected)
-    assert theta.grad.tolist() == pytest.approx([-(0.5 / 0.2) * 5, -(0.5 / 0.2) * 6, -(0.5 / 0.2) * 3, -(0.5 / 0.2) * 8])
+    assert theta.grad.tolist() == pytest.approx(
+        [-(0.5 / 0.2) * 5, -(0.5 / 0.2) * 6, -(0.5 / 0.2) * 3, -(0.5 / 0.2) * 8]
+    )
 
 
 def test_decode_is_the_sum_over_source_layers():
@@ -117,12 +118,26 @@ def test_loss_terms_against_hand_computation():
     theta = clt.log_threshold.exp()
     acts = pre * (pre > theta)
     y_hat = clt.decode(acts, sparse=False)
-    norms = torch.stack([torch.sqrt((w ** 2).sum(dim=(1, 2))) for w in clt.W_dec])
+    norms = torch.stack([torch.sqrt((w**2).sum(dim=(1, 2))) for w in clt.W_dec])
     mse = sum(((y_hat[b] - y[b]) ** 2).sum() for b in range(4)) / 4
-    sparsity = sum(math.tanh(c * acts[b, l, i].item() * norms[l, i].item())
-                   for b in range(4) for l in range(3) for i in range(7)) / 4
-    preact = sum(max(0.0, theta[l, i].item() - pre[b, l, i].item()) * norms[l, i].item()
-                 for b in range(4) for l in range(3) for i in range(7)) / 4
+    sparsity = (
+        sum(
+            math.tanh(c * acts[b, l, i].item() * norms[l, i].item())
+            for b in range(4)
+            for l in range(3)
+            for i in range(7)
+        )
+        / 4
+    )
+    preact = (
+        sum(
+            max(0.0, theta[l, i].item() - pre[b, l, i].item()) * norms[l, i].item()
+            for b in range(4)
+            for l in range(3)
+            for i in range(7)
+        )
+        / 4
+    )
     assert terms.reconstruction.item() == pytest.approx(mse.item())
     assert terms.sparsity.item() == pytest.approx(sparsity)
     assert terms.preactivation.item() == pytest.approx(preact)
@@ -132,7 +147,9 @@ def test_loss_terms_against_hand_computation():
 def test_fvu_is_zero_for_perfect_and_one_for_mean_prediction():
     y = torch.randn(50, 2, 4)
     assert torch.allclose(fraction_of_variance_unexplained(y, y), torch.zeros(2))
-    assert torch.allclose(fraction_of_variance_unexplained(y, y.mean(0, keepdim=True).expand_as(y)), torch.ones(2))
+    assert torch.allclose(
+        fraction_of_variance_unexplained(y, y.mean(0, keepdim=True).expand_as(y)), torch.ones(2)
+    )
 
 
 def test_topk_and_batchtopk_keep_the_right_counts():

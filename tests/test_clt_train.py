@@ -12,14 +12,27 @@ from transformers import AutoModelForCausalLM
 from clt.evaluate import ReplacementMLPs, replacement_metrics
 from clt.export import export_circuit_tracer, export_sae_lens, folded_weights, load_native, save_native
 from clt.train import CLTTrainConfig, train_clt
-from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env, run_torchrun
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, run_torchrun, script_env
 
 
 def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> dict:
-    args = {"run_dir": str(run_dir), "model_dir": str(tiny_model_dir), "store": tiny_store.url,
-            "corpus_dir": str(corpus_dir), "n_features": 64, "batch_size": 128, "max_steps": 60, "lr": 3e-3,
-            "warmup_steps": 5, "sparsity_coefficient": 0.01, "log_every": 5, "ckpt_every": 20, "eval_blocks": 4,
-            "collect_ctx": 16, "dead_window_tokens": 3000}
+    args = {
+        "run_dir": str(run_dir),
+        "model_dir": str(tiny_model_dir),
+        "store": tiny_store.url,
+        "corpus_dir": str(corpus_dir),
+        "n_features": 64,
+        "batch_size": 128,
+        "max_steps": 60,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "sparsity_coefficient": 0.01,
+        "log_every": 5,
+        "ckpt_every": 20,
+        "eval_blocks": 4,
+        "collect_ctx": 16,
+        "dead_window_tokens": 3000,
+    }
     args.update(overrides)
     return args
 
@@ -34,7 +47,9 @@ def as_flags(args: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     run_dir = tmp_path_factory.mktemp("clt") / "reference"
-    report = train_clt(CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir)))
+    report = train_clt(
+        CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir))
+    )
     return run_dir, report
 
 
@@ -54,18 +69,25 @@ def test_training_reduces_error_and_reports_everything(trained):
     assert meta["model_sha256"] and clt.config.n_features == 64
 
 
-def test_resume_after_real_kill_gives_identical_weights(trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+def test_resume_after_real_kill_gives_identical_weights(
+    trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir
+):
     reference_dir, _ = trained
     run_dir = tmp_path / "killed"
     args = train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, ckpt_every=4)
     # Only the checkpoint cadence differs from the reference run, and it does not touch training.
     command = [PYTHON, str(REPO / "scripts" / "train_clt.py")] + as_flags(args)
-    process = subprocess.Popen(command, env=script_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=script_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     kill_when(process, lambda: checkpoint_step(run_dir), 12)
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replacement model vs real" in result.stdout
-    a, b = load_file(str(reference_dir / "clt" / "clt.safetensors")), load_file(str(run_dir / "clt" / "clt.safetensors"))
+    a, b = (
+        load_file(str(reference_dir / "clt" / "clt.safetensors")),
+        load_file(str(run_dir / "clt" / "clt.safetensors")),
+    )
     # The reference's checkpoint cadence differs (20 vs 4), which must not matter.
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
@@ -78,8 +100,15 @@ def test_circuit_tracer_loads_our_clt_and_reconstructs_identically(trained, tiny
     run_dir, _ = trained
     clt, _ = load_native(run_dir / "clt")
     out = export_circuit_tracer(clt, run_dir / "ct_export")
-    loaded = load_clt(str(out), feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                      lazy_decoder=False, lazy_encoder=False, dtype=torch.float32, device=torch.device("cpu"))
+    loaded = load_clt(
+        str(out),
+        feature_input_hook="ln2.hook_normalized",
+        feature_output_hook="hook_mlp_out",
+        lazy_decoder=False,
+        lazy_encoder=False,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     data = tiny_store.read_shard(0)
     x_raw = torch.from_numpy(data["mlp_in"][:50]).float()
     theirs_acts = loaded.encode(x_raw.transpose(0, 1))  # circuit-tracer takes [layer, batch, d]
@@ -95,8 +124,13 @@ def test_circuit_tracer_loads_our_clt_and_reconstructs_identically(trained, tiny
 @pytest.fixture(scope="module")
 def trained_plt(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     run_dir = tmp_path_factory.mktemp("plt") / "plt"
-    train_clt(CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, plt=True,
-                                          skip=True, max_steps=20)))
+    train_clt(
+        CLTTrainConfig(
+            **train_args(
+                run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, plt=True, skip=True, max_steps=20
+            )
+        )
+    )
     clt, _ = load_native(run_dir / "clt")
     with torch.no_grad():
         clt.W_skip.normal_(0, 0.05)  # make the skip path non-trivial for the round trips
@@ -109,16 +143,25 @@ def test_plt_exports_as_circuit_tracer_transcoder_set(trained_plt, tiny_store):
     run_dir, clt = trained_plt
     out = export_circuit_tracer(clt, run_dir / "ct_set")
     paths = {i: str(out / f"layer_{i}.safetensors") for i in range(2)}
-    loaded = load_transcoder_set(paths, scan="test", feature_input_hook="ln2.hook_normalized",
-                                 feature_output_hook="hook_mlp_out", dtype=torch.float32, device=torch.device("cpu"),
-                                 lazy_encoder=False, lazy_decoder=False)
+    loaded = load_transcoder_set(
+        paths,
+        scan="test",
+        feature_input_hook="ln2.hook_normalized",
+        feature_output_hook="hook_mlp_out",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        lazy_encoder=False,
+        lazy_decoder=False,
+    )
     x_raw = torch.from_numpy(tiny_store.read_shard(1)["mlp_in"][:40]).float()
     with torch.no_grad():
         ours, _, _ = clt(x_raw * clt.input_scale[None, :, None])
         ours = ours / clt.output_scale[None, :, None]
         for layer in range(2):
             transcoder = loaded.transcoders[layer]
-            theirs = transcoder.decode(transcoder.encode(x_raw[:, layer]), x_raw[:, layer])  # includes the skip path
+            theirs = transcoder.decode(
+                transcoder.encode(x_raw[:, layer]), x_raw[:, layer]
+            )  # includes the skip path
             torch.testing.assert_close(theirs, ours[:, layer], rtol=1e-4, atol=1e-4)
 
 
@@ -137,7 +180,9 @@ def test_plt_exports_to_sae_lens(trained_plt, tiny_store):
             assert sae.cfg.metadata.hook_name == f"blocks.{layer}.ln2.hook_normalized"
             acts = sae.encode(x_raw[:, layer])
             torch.testing.assert_close(acts, ours_acts[:, layer], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(sae.decode(acts) + x_raw[:, layer] @ sae.W_skip.T, ours[:, layer], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                sae.decode(acts) + x_raw[:, layer] @ sae.W_skip.T, ours[:, layer], rtol=1e-4, atol=1e-4
+            )
     from clt.model import CLTConfig, CrossLayerTranscoder
 
     cross_layer = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, n_features=3))
@@ -186,16 +231,30 @@ def test_topk_cannot_be_exported_to_circuit_tracer(tmp_path):
 
 
 def test_stop_at_target_l0(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
-    args = train_args(tmp_path / "stop", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=40,
-                      lambda_warmup_frac=0.25, target_l0=1e9)
+    args = train_args(
+        tmp_path / "stop",
+        tiny_model_dir,
+        tiny_store,
+        real_slice_corpus_dir,
+        max_steps=40,
+        lambda_warmup_frac=0.25,
+        target_l0=1e9,
+    )
     report = train_clt(CLTTrainConfig(**args))
     assert report["stopped_early"] and report["steps"] == 10  # right after the λ warm-up (25% of 40 steps)
 
 
 def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_slice_corpus_dir):
-    args = train_args(tmp_path / "stream", tiny_model_dir, type("S", (), {"url": str(tmp_path / "unused.zarr")}),
-                      real_slice_corpus_dir, streaming=True, max_steps=15, collect_tokens=2000,
-                      collect_mixture="en=0.5,fr=0.25,de=0.25")
+    args = train_args(
+        tmp_path / "stream",
+        tiny_model_dir,
+        type("S", (), {"url": str(tmp_path / "unused.zarr")}),
+        real_slice_corpus_dir,
+        streaming=True,
+        max_steps=15,
+        collect_tokens=2000,
+        collect_mixture="en=0.5,fr=0.25,de=0.25",
+    )
     report = train_clt(CLTTrainConfig(**args))
     assert not (tmp_path / "unused.zarr").exists()
     assert report["steps"] == 15 and "heldout" not in report and report["replacement"]["all"]["kl"] >= 0
@@ -204,7 +263,9 @@ def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_sl
 
 
 def test_ddp_training_with_torchrun(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
-    args = train_args(tmp_path / "ddp", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=20, batch_size=64)
+    args = train_args(
+        tmp_path / "ddp", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=20, batch_size=64
+    )
     run_torchrun("train_clt.py", as_flags(args))
     report = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert report["tokens"] == 20 * 64 * 2  # both ranks' batches count
@@ -215,18 +276,52 @@ def test_ddp_training_with_torchrun(tmp_path, tiny_model_dir, tiny_store, real_s
 def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     run_dir, report = trained
     out = tmp_path / "eval.json"
-    command = [PYTHON, str(REPO / "scripts" / "eval_clt.py"), "--clt", str(run_dir / "clt"), "--model-dir",
-               str(tiny_model_dir), "--store", tiny_store.url, "--corpus-dir", str(real_slice_corpus_dir),
-               "--n-ctx", "16", "--eval-blocks", "4", "--out", str(out)]
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "eval_clt.py"),
+        "--clt",
+        str(run_dir / "clt"),
+        "--model-dir",
+        str(tiny_model_dir),
+        "--store",
+        tiny_store.url,
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--n-ctx",
+        "16",
+        "--eval-blocks",
+        "4",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads(out.read_text())
     # Same transcoder, same held-out shard (the store's last), same validation blocks: same numbers.
     assert evaluated["heldout"]["all"]["fvu"] == pytest.approx(report["heldout"]["all"]["fvu"], rel=1e-6)
-    assert evaluated["replacement"]["all"]["kl"] == pytest.approx(report["replacement"]["all"]["kl"], rel=1e-5)
-    export = subprocess.run([PYTHON, str(REPO / "scripts" / "export_clt.py"), "--clt", str(run_dir / "clt"), "--format",
-                             "circuit-tracer", "--out", str(tmp_path / "ct")], env=script_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    assert evaluated["replacement"]["all"]["kl"] == pytest.approx(
+        report["replacement"]["all"]["kl"], rel=1e-5
+    )
+    export = subprocess.run(
+        [
+            PYTHON,
+            str(REPO / "scripts" / "export_clt.py"),
+            "--clt",
+            str(run_dir / "clt"),
+            "--format",
+            "circuit-tracer",
+            "--out",
+            str(tmp_path / "ct"),
+        ],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert export.returncode == 0, export.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "ct").iterdir())[:3] == ["W_dec_0.safetensors", "W_dec_1.safetensors",
-                                                                        "W_enc_0.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir())[:3] == [
+        "W_dec_0.safetensors",
+        "W_dec_1.safetensors",
+        "W_enc_0.safetensors",
+    ]

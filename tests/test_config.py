@@ -18,7 +18,9 @@ class Example:
 
 def test_defaults_and_flags():
     assert parse_config(Example, []) == Example()
-    config = parse_config(Example, ["--steps", "7", "--flag", "true", "--langs", "de,zh", "--limit", "4", "--rate", "1e-3"])
+    config = parse_config(
+        Example, ["--steps", "7", "--flag", "true", "--langs", "de,zh", "--limit", "4", "--rate", "1e-3"]
+    )
     assert config == Example(steps=7, flag=True, langs=["de", "zh"], limit=4, rate=1e-3)
     assert parse_config(Example, ["--limit", "none"]).limit is None
 

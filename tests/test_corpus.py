@@ -35,7 +35,11 @@ def test_language_names_map_to_debian_packages():
     assert package_name("en") == "libreoffice-help-en-us"
     assert package_name("zh") == "libreoffice-help-zh-cn"
     assert package_name("eu") == "libreoffice-help-eu"
-    assert help_dir_name("en") == "en-US" and help_dir_name("zh") == "zh-CN" and help_dir_name("pt-br") == "pt-BR"
+    assert (
+        help_dir_name("en") == "en-US"
+        and help_dir_name("zh") == "zh-CN"
+        and help_dir_name("pt-br") == "pt-BR"
+    )
 
 
 def test_drop_untranslated_fallbacks():
@@ -77,17 +81,28 @@ def aligned_text_files(tmp_path):
 
 
 def test_build_corpus_from_plain_text(tmp_path, aligned_text_files):
-    config = CorpusConfig(out_dir=str(tmp_path / "corpus"), langs=["en", "fr"], libreoffice=False, n_parallel=2,
-                          val_fraction=0.0, seed=3)  # 0 still keeps one validation paragraph per language
+    config = CorpusConfig(
+        out_dir=str(tmp_path / "corpus"),
+        langs=["en", "fr"],
+        libreoffice=False,
+        n_parallel=2,
+        val_fraction=0.0,
+        seed=3,
+    )  # 0 still keeps one validation paragraph per language
     corpus = build_corpus(config, sources=[PlainTextSource(aligned_text_files, aligned=True)])
     assert set(corpus) == {"train", "validation", "parallel"}
     assert corpus["train"].column_names == ["text", "lang", "source", "parallel_id", "detected_lang"]
     every_text = [t for split in corpus.values() for t in split["text"]]
     assert FR[5] not in every_text, "the German paragraph labelled French must be dropped"
     parallel = corpus["parallel"]
-    ids_by_lang = {lang: {pid for pid, l in zip(parallel["parallel_id"], parallel["lang"]) if l == lang} for lang in ("en", "fr")}
+    ids_by_lang = {
+        lang: {pid for pid, l in zip(parallel["parallel_id"], parallel["lang"]) if l == lang}
+        for lang in ("en", "fr")
+    }
     assert ids_by_lang["en"] == ids_by_lang["fr"] and len(ids_by_lang["en"]) == 2
-    assert not ids_by_lang["en"] & set(corpus["train"]["parallel_id"]), "held-out parallel paragraphs leaked into train"
+    assert not ids_by_lang["en"] & set(corpus["train"]["parallel_id"]), (
+        "held-out parallel paragraphs leaked into train"
+    )
     assert all(d == l for d, l in zip(corpus["train"]["detected_lang"], corpus["train"]["lang"]))
     assert sorted(corpus["validation"]["lang"]) == ["en", "fr"]
     stats = json.loads((tmp_path / "corpus" / "corpus_stats.json").read_text())
@@ -101,12 +116,17 @@ def test_hf_dataset_source_on_a_local_dataset(tmp_path):
     rows += [{"content": t, "language": "fr", "pid": i} for i, t in enumerate(FR[:5])]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    source = HFDatasetSource("json", text_column="content", lang_column="language", data_files=str(path),
-                             parallel_id_column="pid")
+    source = HFDatasetSource(
+        "json", text_column="content", lang_column="language", data_files=str(path), parallel_id_column="pid"
+    )
     paragraphs = list(source.iter_paragraphs())
     assert len(paragraphs) == 11 and paragraphs[0] == Paragraph(EN[0], "en", "hf:json", "hf:json:0")
-    corpus = build_corpus(CorpusConfig(out_dir=str(tmp_path / "c"), langs=["en", "fr"], libreoffice=False,
-                                       n_parallel=3, val_fraction=0.0), sources=[source])
+    corpus = build_corpus(
+        CorpusConfig(
+            out_dir=str(tmp_path / "c"), langs=["en", "fr"], libreoffice=False, n_parallel=3, val_fraction=0.0
+        ),
+        sources=[source],
+    )
     assert corpus["parallel"].num_rows == 6
 
 
@@ -120,8 +140,12 @@ def test_hf_source_errors_name_the_columns(tmp_path):
 
 
 def test_missing_language_and_missing_corpus_errors(tmp_path, aligned_text_files):
-    config = CorpusConfig(out_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], libreoffice=False, n_parallel=1)
-    with pytest.raises(ValueError, match=r"no text found for languages \['ja'\]; languages with text: \['en', 'fr'\]"):
+    config = CorpusConfig(
+        out_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], libreoffice=False, n_parallel=1
+    )
+    with pytest.raises(
+        ValueError, match=r"no text found for languages \['ja'\]; languages with text: \['en', 'fr'\]"
+    ):
         build_corpus(config, sources=[PlainTextSource(aligned_text_files, aligned=True)])
     with pytest.raises(FileNotFoundError, match="build one with"):
         load_corpus(tmp_path / "nowhere")
@@ -135,14 +159,18 @@ def test_real_libreoffice_slice(real_slice_corpus_dir):
     train = corpus["train"]
     assert set(train["lang"]) == {"en", "fr", "de"}
     assert train.num_rows > 1500
-    assert not any("CommandCtrl" in t or "LibreOffice - Preferences" in t for t in train["text"]), "Mac variants leaked"
+    assert not any("CommandCtrl" in t or "LibreOffice - Preferences" in t for t in train["text"]), (
+        "Mac variants leaked"
+    )
     parallel = corpus["parallel"]
     assert parallel.num_rows == 3 * 40
     by_id = {}
     for pid, lang, text in zip(parallel["parallel_id"], parallel["lang"], parallel["text"]):
         by_id.setdefault(pid, {})[lang] = text
     assert all(set(v) == {"en", "fr", "de"} for v in by_id.values())
-    assert all(len({v["en"], v["fr"], v["de"]}) == 3 for v in by_id.values()), "untranslated fallbacks in parallel split"
+    assert all(len({v["en"], v["fr"], v["de"]}) == 3 for v in by_id.values()), (
+        "untranslated fallbacks in parallel split"
+    )
     train_texts = set(zip(train["lang"], train["text"]))
     assert not any((l, t) in train_texts for l, t in zip(parallel["lang"], parallel["text"]))
     stats = json.loads((real_slice_corpus_dir / "corpus_stats.json").read_text())

@@ -15,37 +15,70 @@ from tests.conftest import PYTHON, REPO, script_env
 from training import selection as select
 from training.config import RunDir
 from training.finetune import FinetuneConfig, build_selection, resolve
-from training.lora import add_lora, lora_count, merge_lora
 from training.loop import Dist, make_optimizer, train_steps
+from training.lora import add_lora, lora_count, merge_lora
 from training.models import build_model, gpt2_config
 
 D_MODEL, N_LAYER, VOCAB, CTX = 32, 4, 64, 16
 
 
 def small_model(seed: int = 0):
-    config = gpt2_config("tiny", vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, n_layer=N_LAYER, n_embd=D_MODEL,
-                         n_head=2, n_ctx=CTX)
+    config = gpt2_config(
+        "tiny",
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=1,
+        n_layer=N_LAYER,
+        n_embd=D_MODEL,
+        n_head=2,
+        n_ctx=CTX,
+    )
     return build_model(config, seed)
 
 
 def train_a_few_steps(model, selection, tmp_path, restore: bool = True, steps: int = 4):
     """The shared training loop, with large weight decay so any leak into frozen entries shows."""
-    config = FinetuneConfig(max_steps=steps, micro_batch=4, lr=1e-2, warmup_steps=1, weight_decay=0.5, log_every=2,
-                            eval_every=steps, ckpt_every=steps, device="cpu")
+    config = FinetuneConfig(
+        max_steps=steps,
+        micro_batch=4,
+        lr=1e-2,
+        warmup_steps=1,
+        weight_decay=0.5,
+        log_every=2,
+        eval_every=steps,
+        ckpt_every=steps,
+        device="cpu",
+    )
     masked = select.MaskedTraining(model, selection)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(0)
     blocks = torch.randint(2, VOCAB, (32, CTX), generator=generator)
     state = {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
-    train_steps(model, optimizer, blocks, {"xx": blocks[:4]}, config, RunDir(tmp_path), Dist(), torch.device("cpu"),
-                state, steps, after_step=masked.restore if restore else None)
+    train_steps(
+        model,
+        optimizer,
+        blocks,
+        {"xx": blocks[:4]},
+        config,
+        RunDir(tmp_path),
+        Dist(),
+        torch.device("cpu"),
+        state,
+        steps,
+        after_step=masked.restore if restore else None,
+    )
     return optimizer
 
 
 def trainable_mask(model, selection) -> dict[str, torch.Tensor]:
-    return {name: (torch.ones_like(p, dtype=torch.bool) if selection.masks.get(name, "absent") is None
-                   else selection.masks.get(name, torch.zeros_like(p, dtype=torch.bool)))
-            for name, p in model.named_parameters()}
+    return {
+        name: (
+            torch.ones_like(p, dtype=torch.bool)
+            if selection.masks.get(name, "absent") is None
+            else selection.masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        )
+        for name, p in model.named_parameters()
+    }
 
 
 SELECTIONS = {
@@ -69,7 +102,9 @@ def test_masked_training_changes_only_the_selection(name, tmp_path):
     masks = trainable_mask(model, selection)
     for param_name, param in model.named_parameters():
         frozen = ~masks[param_name]
-        assert torch.equal(param.detach()[frozen], before[param_name][frozen]), f"{param_name}: a frozen entry moved"
+        assert torch.equal(param.detach()[frozen], before[param_name][frozen]), (
+            f"{param_name}: a frozen entry moved"
+        )
         if masks[param_name].any() and param.dim() >= 2:
             assert not torch.equal(param.detach()[masks[param_name]], before[param_name][masks[param_name]])
         # Optimizer state: frozen tensors have none; partly frozen ones have exactly zero moments there.
@@ -104,8 +139,10 @@ def test_parameter_counts_by_hand():
     assert select.outermost(model).layers == [0, 3]  # 25% of 4 blocks, at least one on each side
     units = [(0, 3), (0, 70), (2, 5)]
     assert select.count(model, select.neurons(model, units))["trainable"] == len(units) * (2 * d + 1)
-    assert select.count(model, select.with_embeddings(model, select.neurons(model, units)))["trainable"] == \
-        len(units) * (2 * d + 1) + V * d + CTX * d
+    assert (
+        select.count(model, select.with_embeddings(model, select.neurons(model, units)))["trainable"]
+        == len(units) * (2 * d + 1) + V * d + CTX * d
+    )
     assert select.count(model, select.embeddings(model))["trainable"] == V * d + CTX * d
 
 
@@ -145,13 +182,33 @@ def test_lora_leaves_the_base_weights_and_merges_exactly(tmp_path):
     # A: [r, in], B: [out, r] per adapted Conv1D: c_attn (d→3d), attn c_proj (d→d), c_fc (d→4d), mlp c_proj (4d→d).
     d, r = D_MODEL, 4
     per_block = r * (d + 3 * d) + r * (d + d) + r * (d + 4 * d) + r * (4 * d + d)
-    assert counts["trainable"] == N_LAYER * per_block and counts["total"] == sum(base[n].numel() for n in base)
-    config = FinetuneConfig(max_steps=3, micro_batch=4, lr=1e-2, warmup_steps=1, log_every=1, eval_every=3,
-                            ckpt_every=3, device="cpu")
+    assert counts["trainable"] == N_LAYER * per_block and counts["total"] == sum(
+        base[n].numel() for n in base
+    )
+    config = FinetuneConfig(
+        max_steps=3,
+        micro_batch=4,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=3,
+        ckpt_every=3,
+        device="cpu",
+    )
     optimizer = make_optimizer(peft_model, config)
     blocks = torch.randint(2, VOCAB, (16, CTX), generator=torch.Generator().manual_seed(0))
-    train_steps(peft_model, optimizer, blocks, {"xx": blocks[:4]}, config, RunDir(tmp_path), Dist(), torch.device("cpu"),
-                {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}, 3)
+    train_steps(
+        peft_model,
+        optimizer,
+        blocks,
+        {"xx": blocks[:4]},
+        config,
+        RunDir(tmp_path),
+        Dist(),
+        torch.device("cpu"),
+        {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0},
+        3,
+    )
     for name, param in peft_model.named_parameters():
         if "lora_" not in name:
             plain = name.replace("base_model.model.", "").replace(".base_layer", "")
@@ -160,7 +217,9 @@ def test_lora_leaves_the_base_weights_and_merges_exactly(tmp_path):
     with torch.no_grad():
         adapted = peft_model(input_ids=blocks[:2]).logits
         merged = merge_lora(peft_model)
-        assert not torch.allclose(adapted, model_logits(small_model(), blocks[:2]))  # the adapters did something
+        assert not torch.allclose(
+            adapted, model_logits(small_model(), blocks[:2])
+        )  # the adapters did something
         torch.testing.assert_close(merged(input_ids=blocks[:2]).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -171,12 +230,22 @@ def model_logits(model, ids):
 
 def located_file(tmp_path, model_dir, model, neurons: dict, features_neurons: dict) -> str:
     langs = ["en", "fr", "de"]
-    doc = {"model_dir": str(model_dir), "model_sha256": model_fingerprint(model_dir), "clt_dir": None, "langs": langs,
-           "n_layers": model.config.n_layer,
-           "layers": {"decision": {lang: None for lang in langs}, "language_features": {"fr": [1], "de": [0], "en": []},
-                      "lape_neurons": {lang: [] for lang in langs}},
-           "neurons": neurons, "neurons_5pct": neurons, "features": {lang: [] for lang in langs},
-           "feature_aligned_neurons": features_neurons}
+    doc = {
+        "model_dir": str(model_dir),
+        "model_sha256": model_fingerprint(model_dir),
+        "clt_dir": None,
+        "langs": langs,
+        "n_layers": model.config.n_layer,
+        "layers": {
+            "decision": {lang: None for lang in langs},
+            "language_features": {"fr": [1], "de": [0], "en": []},
+            "lape_neurons": {lang: [] for lang in langs},
+        },
+        "neurons": neurons,
+        "neurons_5pct": neurons,
+        "features": {lang: [] for lang in langs},
+        "feature_aligned_neurons": features_neurons,
+    }
     return str(save_located(tmp_path / "located.json", doc))
 
 
@@ -184,17 +253,32 @@ def test_located_units_drive_the_selection(tmp_path, tiny_model_dir):
     from training.finetune import load_pretrained
 
     model, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
-    path = located_file(tmp_path, tiny_model_dir, model, neurons={"fr": [[0, 1], [1, 7]], "de": [[1, 2]], "en": []},
-                        features_neurons={"fr": [[1, 9]], "de": [], "en": []})
-    base = FinetuneConfig(model_dir=str(tiny_model_dir), located=path, scenario="consistency", target_langs=["fr"])
+    path = located_file(
+        tmp_path,
+        tiny_model_dir,
+        model,
+        neurons={"fr": [[0, 1], [1, 7]], "de": [[1, 2]], "en": []},
+        features_neurons={"fr": [[1, 9]], "de": [], "en": []},
+    )
+    base = FinetuneConfig(
+        model_dir=str(tiny_model_dir), located=path, scenario="consistency", target_langs=["fr"]
+    )
     lape = build_selection(resolve(dataclass_replace(base, strategy="lape")), model)
     assert lape.neurons == [(0, 1), (1, 7)]
     located = build_selection(resolve(dataclass_replace(base, strategy="located")), model)
     assert located.neurons == [(1, 9)]
-    layers = build_selection(resolve(dataclass_replace(base, strategy="located", located_units="feature_layers",
-                                                       target_langs=["fr", "de"])), model)
+    layers = build_selection(
+        resolve(
+            dataclass_replace(
+                base, strategy="located", located_units="feature_layers", target_langs=["fr", "de"]
+            )
+        ),
+        model,
+    )
     assert layers.layers == [0, 1] and not layers.neurons
-    random = build_selection(resolve(dataclass_replace(base, strategy="random", random_reference="lape")), model)
+    random = build_selection(
+        resolve(dataclass_replace(base, strategy="random", random_reference="lape")), model
+    )
     assert len(random.neurons) == 2 and not set(random.neurons) & {(0, 1), (1, 7)}
     with pytest.raises(ValueError, match="has no units for"):
         build_selection(resolve(dataclass_replace(base, strategy="lape", target_langs=["eu"])), model)
@@ -218,10 +302,42 @@ def dataclass_replace(config, **changes):
 
 def test_finetune_script_end_to_end(tmp_path, tiny_model_dir, real_slice_corpus_dir):
     run_dir = tmp_path / "run"
-    args = ["--model-dir", str(tiny_model_dir), "--corpus-dir", str(real_slice_corpus_dir), "--run-dir", str(run_dir),
-            "--scenario", "consistency", "--mixture", "fr=0.5,de=0.5", "--target-langs", "fr,de", "--strategy", "last-k",
-            "--token-budget", "3000", "--max-steps", "6", "--micro-batch", "4", "--warmup-steps", "2", "--eval-every", "3",
-            "--ckpt-every", "3", "--eval-blocks", "4", "--gen-prompts", "3", "--gen-new-tokens", "8", "--device", "cpu"]
+    args = [
+        "--model-dir",
+        str(tiny_model_dir),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--run-dir",
+        str(run_dir),
+        "--scenario",
+        "consistency",
+        "--mixture",
+        "fr=0.5,de=0.5",
+        "--target-langs",
+        "fr,de",
+        "--strategy",
+        "last-k",
+        "--token-budget",
+        "3000",
+        "--max-steps",
+        "6",
+        "--micro-batch",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "3",
+        "--ckpt-every",
+        "3",
+        "--eval-blocks",
+        "4",
+        "--gen-prompts",
+        "3",
+        "--gen-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
     command = [PYTHON, str(REPO / "scripts" / "finetune.py")] + args
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -230,14 +346,22 @@ def test_finetune_script_end_to_end(tmp_path, tiny_model_dir, real_slice_corpus_
     assert counts["share"] == pytest.approx(counts["trainable"] / counts["total"])
     assert summary["selection"]["layers"] == [1] and summary["steps"] == 6
     assert set(summary["before"]["consistency"]) == {"fr", "de"} and summary["forgetting_langs"] == ["en"]
-    assert summary["forgetting"] == pytest.approx(summary["after"]["loss"]["en"] - summary["before"]["loss"]["en"])
+    assert summary["forgetting"] == pytest.approx(
+        summary["after"]["loss"]["en"] - summary["before"]["loss"]["en"]
+    )
     from transformers import GPT2LMHeadModel
 
     base = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     tuned = GPT2LMHeadModel.from_pretrained(run_dir / "model")
-    changed = {n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not torch.equal(a, b)}
+    changed = {
+        n
+        for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters())
+        if not torch.equal(a, b)
+    }
     assert changed and all(n.startswith("transformer.h.1.") for n in changed)
-    assert counts["trainable"] == sum(p.numel() for n, p in base.named_parameters() if n.startswith("transformer.h.1."))
+    assert counts["trainable"] == sum(
+        p.numel() for n, p in base.named_parameters() if n.startswith("transformer.h.1.")
+    )
     assert counts["total"] == sum(p.numel() for p in base.parameters())
     assert tuned.lm_head.weight is tuned.transformer.wte.weight
     generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
@@ -245,8 +369,9 @@ def test_finetune_script_end_to_end(tmp_path, tiny_model_dir, real_slice_corpus_
     # A finished run is reported, not redone; a changed config in the same directory is refused.
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((run_dir / "summary.json").read_text()) == summary
-    refused = subprocess.run(command + ["--lr", "0.5"], env=script_env(), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    refused = subprocess.run(
+        command + ["--lr", "0.5"], env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode != 0 and "different config" in refused.stderr
 
 
@@ -255,7 +380,6 @@ def test_every_config_has_a_working_help():
     import dataclasses
     import importlib
     import importlib.util
-    import sys
 
     from training.config import build_parser
 
@@ -264,34 +388,42 @@ def test_every_config_has_a_working_help():
         for path in sorted((REPO / package).glob("*.py")):
             if "@dataclass" in path.read_text():
                 modules.append(importlib.import_module(f"{package}.{path.stem}"))
-    for path in sorted((REPO / "scripts").glob("*.py")):
-        if "@dataclass" in path.read_text():
-            name = f"_help_{path.stem}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up here
-            spec.loader.exec_module(module)
-            modules.append(module)
-    configs = [value for module in modules for value in vars(module).values()
-               if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
-               and value.__name__.endswith("Config") and all(f.metadata.get("help") for f in dataclasses.fields(value))]
+    scripts_with_configs = [
+        p.name for p in sorted((REPO / "scripts").glob("*.py")) if "@dataclass" in p.read_text()
+    ]
+    assert not scripts_with_configs, f"config dataclasses belong in library modules: {scripts_with_configs}"
+    configs = [
+        value
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and dataclasses.is_dataclass(value)
+        and value.__module__ == module.__name__
+        and value.__name__.endswith("Config")
+        and all(f.metadata.get("help") for f in dataclasses.fields(value))
+    ]
     assert len(configs) >= 12, [c.__name__ for c in configs]
     for config in configs:
         assert "--" in build_parser(config).format_help(), config.__name__
 
 
 def test_comparison_table_by_hand():
-    import importlib.util
-    import sys
+    from training import compare
 
-    spec = importlib.util.spec_from_file_location("_compare", REPO / "scripts" / "compare_finetuning.py")
-    compare = sys.modules["_compare"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    row = {"scenario": "adapt-eu", "metric": "target_loss", "target_before": 6.0, "share": 0.1, "trainable": 10}
-    rows = [{**row, "variant": "full", "seed": 0, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 10.0},
-            {**row, "variant": "full", "seed": 1, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 12.0},
-            {**row, "variant": "lape", "seed": 0, "target_after": 5.0, "forgetting": 0.2, "train_time_s": 5.0},
-            {**row, "variant": "lape", "seed": 1, "target_after": 5.5, "forgetting": 0.4, "train_time_s": 7.0},
-            {"scenario": "adapt-eu", "variant": "located", "seed": 0, "skipped": "no units"}]
+    row = {
+        "scenario": "adapt-eu",
+        "metric": "target_loss",
+        "target_before": 6.0,
+        "share": 0.1,
+        "trainable": 10,
+    }
+    rows = [
+        {**row, "variant": "full", "seed": 0, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 10.0},
+        {**row, "variant": "full", "seed": 1, "target_after": 3.0, "forgetting": 2.0, "train_time_s": 12.0},
+        {**row, "variant": "lape", "seed": 0, "target_after": 5.0, "forgetting": 0.2, "train_time_s": 5.0},
+        {**row, "variant": "lape", "seed": 1, "target_after": 5.5, "forgetting": 0.4, "train_time_s": 7.0},
+        {"scenario": "adapt-eu", "variant": "located", "seed": 0, "skipped": "no units"},
+    ]
     lines = {line["variant"]: line for line in compare.table(rows)}
     assert lines["lape"]["target_after"][0] == pytest.approx(5.25)
     assert lines["lape"]["gain_vs_full"] == pytest.approx((5.25 - 6.0) / (3.0 - 6.0))
@@ -307,21 +439,71 @@ def test_masked_finetuning_under_torchrun(tmp_path, tiny_model_dir, real_slice_c
     from training.finetune import load_pretrained
 
     model, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
-    path = located_file(tmp_path, tiny_model_dir, model, neurons={"fr": [[0, 1], [1, 7]], "de": [], "en": []},
-                        features_neurons={"fr": [], "de": [], "en": []})
+    path = located_file(
+        tmp_path,
+        tiny_model_dir,
+        model,
+        neurons={"fr": [[0, 1], [1, 7]], "de": [], "en": []},
+        features_neurons={"fr": [], "de": [], "en": []},
+    )
     run_dir = tmp_path / "ddp"
-    run_torchrun("finetune.py", [
-        "--model-dir", str(tiny_model_dir), "--corpus-dir", str(real_slice_corpus_dir), "--run-dir", str(run_dir),
-        "--located", path, "--scenario", "consistency", "--mixture", "fr=1", "--target-langs", "fr", "--strategy", "lape",
-        "--token-budget", "3000", "--max-steps", "4", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "0.01",
-        "--eval-every", "4", "--ckpt-every", "2", "--eval-blocks", "2", "--gen-prompts", "2", "--gen-new-tokens", "4",
-        "--device", "cpu"])
+    run_torchrun(
+        "finetune.py",
+        [
+            "--model-dir",
+            str(tiny_model_dir),
+            "--corpus-dir",
+            str(real_slice_corpus_dir),
+            "--run-dir",
+            str(run_dir),
+            "--located",
+            path,
+            "--scenario",
+            "consistency",
+            "--mixture",
+            "fr=1",
+            "--target-langs",
+            "fr",
+            "--strategy",
+            "lape",
+            "--token-budget",
+            "3000",
+            "--max-steps",
+            "4",
+            "--micro-batch",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--lr",
+            "0.01",
+            "--eval-every",
+            "4",
+            "--ckpt-every",
+            "2",
+            "--eval-blocks",
+            "2",
+            "--gen-prompts",
+            "2",
+            "--gen-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ],
+    )
     from transformers import GPT2LMHeadModel
 
-    base, tuned = GPT2LMHeadModel.from_pretrained(tiny_model_dir), GPT2LMHeadModel.from_pretrained(run_dir / "model")
+    base, tuned = (
+        GPT2LMHeadModel.from_pretrained(tiny_model_dir),
+        GPT2LMHeadModel.from_pretrained(run_dir / "model"),
+    )
     allowed = select.neurons(base, [(0, 1), (1, 7)]).masks
     for (name, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()):
         moved = a.detach() != b.detach()
-        assert not (moved & ~allowed.get(name, torch.zeros_like(moved))).any(), f"{name}: a frozen entry moved under DDP"
+        assert not (moved & ~allowed.get(name, torch.zeros_like(moved))).any(), (
+            f"{name}: a frozen entry moved under DDP"
+        )
     assert any((a != b).any() for a, b in zip(base.parameters(), tuned.parameters()))
-    assert json.loads((run_dir / "summary.json").read_text())["tokens_trained"] == 4 * 2 * 2 * base.config.n_positions
+    assert (
+        json.loads((run_dir / "summary.json").read_text())["tokens_trained"]
+        == 4 * 2 * 2 * base.config.n_positions
+    )

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd, Where, freeze_attention, record_patterns
+from interventions.hooks import (
+    FeatureEdit,
+    Intervener,
+    NeuronEdit,
+    ResidualAdd,
+    Where,
+    freeze_attention,
+    record_patterns,
+)
 from tests.test_attribution import random_clt
 
 
@@ -42,7 +50,7 @@ def test_feature_clamp_is_seen_and_written_through_the_decoders(setup):
     # the same layer's input is upstream of the edit: every feature there reads the clean value
     torch.testing.assert_close(new_in[:, :, layer], mlp_in[:, :, layer])
     # layer 0's MLP output moved by exactly Δa · W_dec^{0→0} / s_out, only at the edited positions
-    delta = (2.5 - clean[:, :, feature])
+    delta = 2.5 - clean[:, :, feature]
     expected = mlp_out[:, :, layer].clone()
     expected[:, [3, 7]] += delta[:, [3, 7], None] * clt.W_dec[layer][feature, 0] / clt.output_scale[layer]
     torch.testing.assert_close(new_out[:, :, layer], expected, rtol=1e-5, atol=1e-6)
@@ -61,8 +69,13 @@ def test_cross_layer_decoders_reach_later_layers_with_attention_frozen(setup):
     with freeze_attention(model, patterns):
         clean_in, clean_out = mlp_io(model, ids)
     reference_in, reference_out = mlp_io(model, ids)
-    torch.testing.assert_close(clean_out, reference_out, rtol=1e-5, atol=1e-5)  # replaying patterns = the model
-    with freeze_attention(model, patterns), Intervener(model, clt, [FeatureEdit(0, [5], "add", 1.0, Where(positions=(4,)))]):
+    torch.testing.assert_close(
+        clean_out, reference_out, rtol=1e-5, atol=1e-5
+    )  # replaying patterns = the model
+    with (
+        freeze_attention(model, patterns),
+        Intervener(model, clt, [FeatureEdit(0, [5], "add", 1.0, Where(positions=(4,)))]),
+    ):
         new_in, new_out = mlp_io(model, ids)
     # layer 1's MLP output moved by the 0→1 decoder (plus whatever layer 1's own MLP does with its new input)
     assert not torch.allclose(new_out[:, 4, 1], clean_out[:, 4, 1])
@@ -74,8 +87,15 @@ def test_interventions_are_removed_cleanly(setup):
     before = {name: p.clone() for name, p in model.state_dict().items()}
     with torch.no_grad():
         reference = model(ids).logits
-        with Intervener(model, clt, [FeatureEdit(1, [1, 2], "scale", 3.0), NeuronEdit(0, [4], "set", 0.0),
-                                     ResidualAdd(1, torch.ones(model.config.n_embd))]):
+        with Intervener(
+            model,
+            clt,
+            [
+                FeatureEdit(1, [1, 2], "scale", 3.0),
+                NeuronEdit(0, [4], "set", 0.0),
+                ResidualAdd(1, torch.ones(model.config.n_embd)),
+            ],
+        ):
             changed = model(ids).logits
         after = model(ids).logits
     assert not torch.allclose(changed, reference)
@@ -90,13 +110,21 @@ def test_interventions_are_removed_cleanly(setup):
 def test_neuron_edits_compose_in_order(setup):
     model, _, ids = setup
     seen = {}
-    edits = [NeuronEdit(0, [3], "set", 2.0), NeuronEdit(0, [3], "scale", 3.0), NeuronEdit(0, [9], "add", 1.0, Where(start=5))]
+    edits = [
+        NeuronEdit(0, [3], "set", 2.0),
+        NeuronEdit(0, [3], "scale", 3.0),
+        NeuronEdit(0, [9], "add", 1.0, Where(start=5)),
+    ]
     clean = {}
-    h = model.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, o: clean.__setitem__("a", o.clone()))
+    h = model.transformer.h[0].mlp.act.register_forward_hook(
+        lambda m, a, o: clean.__setitem__("a", o.clone())
+    )
     model(ids)
     h.remove()
     with Intervener(model, None, edits):
-        h = model.transformer.h[0].mlp.act.register_forward_hook(lambda m, a, o: seen.__setitem__("a", o.clone()))
+        h = model.transformer.h[0].mlp.act.register_forward_hook(
+            lambda m, a, o: seen.__setitem__("a", o.clone())
+        )
         model(ids)
         h.remove()
     assert torch.all(seen["a"][..., 3] == 6.0)  # set then scale
@@ -110,17 +138,37 @@ def test_generation_with_kv_cache_matches_full_recomputation(setup):
     as recomputing the whole sequence at every step without it: positions are tracked across steps."""
     model, clt, ids = setup
     prompt = ids[:1, :8]
-    edits = [FeatureEdit(1, [3], "set", 4.0, Where(start=6)), ResidualAdd(0, torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1)), 2.0, Where(start=9))]
+    edits = [
+        FeatureEdit(1, [3], "set", 4.0, Where(start=6)),
+        ResidualAdd(
+            0,
+            torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1)),
+            2.0,
+            Where(start=9),
+        ),
+    ]
     with Intervener(model, clt, edits):
-        cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)
+        cached = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
         sequence = prompt
         for _ in range(6):
             logits = model(input_ids=sequence, use_cache=False).logits[:, -1]
             sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, sequence)
-    plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+    plain = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     assert not torch.equal(plain, cached)
 
 
@@ -131,7 +179,7 @@ def test_bad_edits_fail_early(setup):
     with pytest.raises(ValueError, match="needs the CLT"):
         Intervener(model, None, [FeatureEdit(0, [0])])
     with pytest.raises(ValueError, match="do not exist"):
-        Intervener(model, clt, [FeatureEdit(0, [10 ** 6])])
+        Intervener(model, clt, [FeatureEdit(0, [10**6])])
     with pytest.raises(ValueError, match="mode"):
         Intervener(model, clt, [NeuronEdit(0, [0], "multiply")])
     with pytest.raises(ValueError, match="shape"):
@@ -144,12 +192,19 @@ def test_wilson_interval_and_judging():
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
-    texts = ["Die Datei wird in dem ausgewählten Ordner gespeichert, wenn Sie auf die Schaltfläche klicken.",
-             "Le fichier est enregistré dans le dossier sélectionné lorsque vous cliquez sur le bouton.",
-             "Die Tabelle enthält alle Daten, die Sie zuvor in das Dokument eingefügt haben.",
-             "123 456"]
+    texts = [
+        "Die Datei wird in dem ausgewählten Ordner gespeichert, wenn Sie auf die Schaltfläche klicken.",
+        "Le fichier est enregistré dans le dossier sélectionné lorsque vous cliquez sur le bouton.",
+        "Die Tabelle enthält alle Daten, die Sie zuvor in das Dokument eingefügt haben.",
+        "123 456",
+    ]
     result = judge(texts, source="fr", target="de", distinct=[1.0, 1.0, 0.2, 1.0])
-    assert result["success"] == 0.5 and result["retention"] == 0.25 and result["unknown"] == 0.25 and result["n"] == 4
+    assert (
+        result["success"] == 0.5
+        and result["retention"] == 0.25
+        and result["unknown"] == 0.25
+        and result["n"] == 4
+    )
     assert result["fluent_success"] == 0.25  # the second German text counts as degenerate here
 
 
@@ -167,21 +222,40 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
     clean = evaluate(model, tokenizer, clt, [], prompts, "fr", "de", new_tokens=5)
     assert clean["prompt_kl"] == pytest.approx(0.0, abs=1e-7) and clean["n"] == 2
     assert 0 < clean["distinct"] <= 1 and clean["fluent_success"] <= clean["success"]
-    output = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)
-    expected = model(input_ids=output, labels=torch.cat([torch.full_like(prompts, -100), output[:, 8:]], 1)).loss
+    output = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    expected = model(
+        input_ids=output, labels=torch.cat([torch.full_like(prompts, -100), output[:, 8:]], 1)
+    ).loss
     assert clean["continuation_loss"] == pytest.approx(float(expected), rel=1e-4)
 
     d = model.config.n_embd
-    units = LanguageUnits(features={"fr": [(0, 1), (1, 2)], "de": [(1, 7)]}, feature_means={(0, 1): 1.0, (1, 2): 2.0, (1, 7): 3.0},
-                          neurons={"fr": [(0, 3)], "de": [(1, 4)]}, neuron_means={(0, 3): 0.5, (1, 4): 0.7},
-                          residual_means={"fr": torch.zeros(2, d), "de": torch.ones(2, d)})
+    units = LanguageUnits(
+        features={"fr": [(0, 1), (1, 2)], "de": [(1, 7)]},
+        feature_means={(0, 1): 1.0, (1, 2): 2.0, (1, 7): 3.0},
+        neurons={"fr": [(0, 3)], "de": [(1, 4)]},
+        neuron_means={(0, 3): 0.5, (1, 4): 0.7},
+        residual_means={"fr": torch.zeros(2, d), "de": torch.ones(2, d)},
+    )
     edits = plan("clt", "fr", "de", 4.0, units, clt)
-    assert [(e.layer, list(e.features), e.value) for e in edits] == [(0, [1], 0.0), (1, [2], 0.0), (1, [7], 12.0)]
+    assert [(e.layer, list(e.features), e.value) for e in edits] == [
+        (0, [1], 0.0),
+        (1, [2], 0.0),
+        (1, [7], 12.0),
+    ]
     steered = evaluate(model, tokenizer, clt, edits, prompts, "fr", "de", new_tokens=5)
     assert steered["prompt_kl"] > 0
     lape_edits = plan("lape", "fr", "de", 2.0, units)
-    assert [(e.layer, list(e.neurons), e.value) for e in lape_edits] == [(0, [3], 0.0), (1, [4], pytest.approx(1.4))]
+    assert [(e.layer, list(e.neurons), e.value) for e in lape_edits] == [
+        (0, [3], 0.0),
+        (1, [4], pytest.approx(1.4)),
+    ]
     (residual,) = plan("diffmean", "fr", "de", 0.5, units)
     assert residual.layer == 1 and torch.equal(residual.vector, torch.ones(d))
     exclude = {(0, 1), (1, 2), (1, 7)}
@@ -201,23 +275,65 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
     from tests.conftest import PYTHON, REPO, script_env
 
     model, clt, _ = setup
-    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
-    located = save_located(tmp_path / "located.json", {
-        "model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir), "clt_dir": str(clt_dir),
-        "langs": ["en", "fr", "de"], "n_layers": 2, "layers": {},
-        "neurons": {"fr": [[0, 3], [1, 5]], "de": [[1, 9]], "en": []}, "neurons_5pct": {},
-        "features": {"fr": [[0, 1], [1, 2]], "de": [[1, 7], [0, 4]], "en": [[0, 0]]}, "feature_aligned_neurons": {}})
+    clt_dir = save_native(
+        clt,
+        tmp_path / "clt",
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
+    located = save_located(
+        tmp_path / "located.json",
+        {
+            "model_dir": str(tiny_model_dir),
+            "model_sha256": model_fingerprint(tiny_model_dir),
+            "clt_dir": str(clt_dir),
+            "langs": ["en", "fr", "de"],
+            "n_layers": 2,
+            "layers": {},
+            "neurons": {"fr": [[0, 3], [1, 5]], "de": [[1, 9]], "en": []},
+            "neurons_5pct": {},
+            "features": {"fr": [[0, 1], [1, 2]], "de": [[1, 7], [0, 4]], "en": [[0, 0]]},
+            "feature_aligned_neurons": {},
+        },
+    )
     run_dir = tmp_path / "steer"
-    command = [PYTHON, str(REPO / "scripts" / "steer.py"), "--model-dir", str(tiny_model_dir), "--clt", str(clt_dir),
-               "--located", str(located), "--corpus-dir", str(real_slice_corpus_dir), "--from", "fr", "--to", "de",
-               "--strengths", "0,2", "--n-prompts", "6", "--prompt-tokens", "6", "--new-tokens", "4", "--n-ctx", "16",
-               "--blocks-per-lang", "4", "--run-dir", str(run_dir)]
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "steer.py"),
+        "--model-dir",
+        str(tiny_model_dir),
+        "--clt",
+        str(clt_dir),
+        "--located",
+        str(located),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--from",
+        "fr",
+        "--to",
+        "de",
+        "--strengths",
+        "0,2",
+        "--n-prompts",
+        "6",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "4",
+        "--n-ctx",
+        "16",
+        "--blocks-per-lang",
+        "4",
+        "--run-dir",
+        str(run_dir),
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 + 4 * 2  # unsteered + 4 methods × 2 strengths
-    assert all(r["n"] == 6 and 0 <= r["success"] <= 1 and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
-               for r in records)
+    assert all(
+        r["n"] == 6 and 0 <= r["success"] <= 1 and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
+        for r in records
+    )
     none = next(r for r in records if r["method"] == "none")
     assert none["prompt_kl"] == pytest.approx(0.0, abs=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -252,7 +368,9 @@ def test_sae_lens_training_loading_and_latent_edits(setup, tmp_path):
     torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_steer_script_locates_units_itself_without_a_located_file(setup, tiny_model_dir, real_slice_corpus_dir, tmp_path):
+def test_steer_script_locates_units_itself_without_a_located_file(
+    setup, tiny_model_dir, real_slice_corpus_dir, tmp_path
+):
     import json
     import subprocess
 
@@ -261,13 +379,49 @@ def test_steer_script_locates_units_itself_without_a_located_file(setup, tiny_mo
     from tests.conftest import PYTHON, REPO, script_env
 
     _, clt, _ = setup
-    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
-    command = [PYTHON, str(REPO / "scripts" / "steer.py"), "--model-dir", str(tiny_model_dir), "--clt", str(clt_dir),
-               "--located", str(tmp_path / "missing.json"), "--corpus-dir", str(real_slice_corpus_dir), "--from", "de",
-               "--to", "fr", "--methods", "clt,diffmean", "--strengths", "1", "--n-prompts", "4", "--prompt-tokens", "6",
-               "--new-tokens", "3", "--n-ctx", "16", "--blocks-per-lang", "4", "--run-dir", str(tmp_path / "run")]
+    clt_dir = save_native(
+        clt,
+        tmp_path / "clt",
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "steer.py"),
+        "--model-dir",
+        str(tiny_model_dir),
+        "--clt",
+        str(clt_dir),
+        "--located",
+        str(tmp_path / "missing.json"),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--from",
+        "de",
+        "--to",
+        "fr",
+        "--methods",
+        "clt,diffmean",
+        "--strengths",
+        "1",
+        "--n-prompts",
+        "4",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "3",
+        "--n-ctx",
+        "16",
+        "--blocks-per-lang",
+        "4",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "locating language features" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in records} == {"none", "clt", "diffmean"}  # clt may be recorded as an error (no features)
+    assert {r["method"] for r in records} == {
+        "none",
+        "clt",
+        "diffmean",
+    }  # clt may be recorded as an error (no features)

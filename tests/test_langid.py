@@ -33,7 +33,9 @@ def test_consistency_counts_hits_and_unknowns():
 
 
 def test_accuracy_by_language():
-    report = langid.accuracy_by_language([SENTENCES["en"], SENTENCES["fr"], SENTENCES["fr"]], ["en", "fr", "de"])
+    report = langid.accuracy_by_language(
+        [SENTENCES["en"], SENTENCES["fr"], SENTENCES["fr"]], ["en", "fr", "de"]
+    )
     assert report["en"]["accuracy"] == 1.0
     assert report["fr"]["accuracy"] == 1.0
     assert report["de"]["accuracy"] == 0.0 and report["de"]["confusions"] == {"fr": 1}

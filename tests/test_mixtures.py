@@ -17,13 +17,16 @@ def test_parse_spec():
     assert parse_mixture("balanced") == PRESETS["balanced"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("en=0.5,fr=0.2", "sum to 0.7000, not 1"),
-    ("en=0.5,fr=x", "not a number"),
-    ("en=1.5,fr=-0.5", "must be positive"),
-    ("en=0.5,en=0.5", "appears twice"),
-    ("english-mostly", "unknown mixture 'english-mostly'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("en=0.5,fr=0.2", "sum to 0.7000, not 1"),
+        ("en=0.5,fr=x", "not a number"),
+        ("en=1.5,fr=-0.5", "must be positive"),
+        ("en=0.5,en=0.5", "appears twice"),
+        ("english-mostly", "unknown mixture 'english-mostly'"),
+    ],
+)
 def test_bad_specs(spec, message):
     with pytest.raises(MixtureError, match=message):
         parse_mixture(spec)
@@ -44,12 +47,16 @@ def test_sampling_hits_shares_and_is_seeded():
 
 
 def test_unknown_language_error_lists_what_exists():
-    with pytest.raises(MixtureError, match=r"asks for \['zh'\], but the corpus has only \['de', 'en', 'fr'\]"):
+    with pytest.raises(
+        MixtureError, match=r"asks for \['zh'\], but the corpus has only \['de', 'en', 'fr'\]"
+    ):
         sample_mixture(TEXTS, LANGS, {"en": 0.5, "zh": 0.5}, 100, count_chars)
 
 
 def test_too_many_tokens_error_says_how_much_there_is():
-    with pytest.raises(MixtureError, match=r"asks for 250 characters of 'de' .* only 50 characters of 'de'.*at most 100"):
+    with pytest.raises(
+        MixtureError, match=r"asks for 250 characters of 'de' .* only 50 characters of 'de'.*at most 100"
+    ):
         sample_mixture(TEXTS, LANGS, {"en": 0.5, "de": 0.5}, 500, count_chars, unit_name="characters")
 
 

@@ -27,26 +27,43 @@ def tiny(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     clt = random_clt(model.config.n_layer, model.config.n_embd, n_features=24, seed=3)
     generator = torch.Generator().manual_seed(0)
-    blocks = {lang: torch.cat([torch.full((6, 1), tokenizer.bos_token_id),
-                               torch.randint(3, len(tokenizer), (6, 11), generator=generator)], 1)
-              for lang in ("en", "fr", "de")}
+    blocks = {
+        lang: torch.cat(
+            [
+                torch.full((6, 1), tokenizer.bos_token_id),
+                torch.randint(3, len(tokenizer), (6, 11), generator=generator),
+            ],
+            1,
+        )
+        for lang in ("en", "fr", "de")
+    }
     return model, tokenizer, clt, blocks
 
 
 def test_clt_statistics_match_reference_implementations(tiny):
     model, _, clt, blocks = tiny
-    stats = diff.clt_statistics(model, clt, blocks, batch_size=4)  # batches of 4 over 6 blocks: the sums must add up
+    stats = diff.clt_statistics(
+        model, clt, blocks, batch_size=4
+    )  # batches of 4 over 6 blocks: the sums must add up
     torch.testing.assert_close(stats["frequency"], feature_activation_probability(model, clt, blocks))
     for lang, lang_blocks in blocks.items():
         with MLPActivationRecorder(model) as recorder, torch.no_grad():
             model.transformer(input_ids=lang_blocks)
         L = clt.config.n_layers
-        x = torch.stack([recorder.inputs[layer][:, 1:] for layer in range(L)], 2).flatten(0, 1) * clt.input_scale[None, :, None]
-        y = torch.stack([recorder.outputs[layer][:, 1:] for layer in range(L)], 2).flatten(0, 1) * clt.output_scale[None, :, None]
+        x = (
+            torch.stack([recorder.inputs[layer][:, 1:] for layer in range(L)], 2).flatten(0, 1)
+            * clt.input_scale[None, :, None]
+        )
+        y = (
+            torch.stack([recorder.outputs[layer][:, 1:] for layer in range(L)], 2).flatten(0, 1)
+            * clt.output_scale[None, :, None]
+        )
         with torch.no_grad():
             y_hat, acts, _ = clt(x)
         expected = fraction_of_variance_unexplained(y.double(), y_hat.double())
-        torch.testing.assert_close(torch.tensor(stats["fvu"][lang], dtype=torch.float64), expected, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(stats["fvu"][lang], dtype=torch.float64), expected, rtol=1e-6, atol=1e-9
+        )
         k = stats["langs"].index(lang)
         active = acts > 0
         mean_when_active = acts.sum(0) / active.sum(0).clamp_min(1)
@@ -60,7 +77,9 @@ def test_a_model_diffed_with_itself_shows_no_change(tiny):
     identity = diff.identity_features(stats["frequency"], stats["langs"], per_layer=3)
     for lang, by_layer in diff.brightening(stats, stats, identity).items():
         for entry in by_layer.values():
-            assert entry["frequency_log2_ratio"] == 0.0 and entry["strength_log2_ratio"] == pytest.approx(0.0, abs=1e-6)
+            assert entry["frequency_log2_ratio"] == 0.0 and entry["strength_log2_ratio"] == pytest.approx(
+                0.0, abs=1e-6
+            )
             assert entry["mass_log2_ratio"] == pytest.approx(0.0, abs=1e-6)
     for values in diff.lens_kl(model, model, blocks).values():
         assert max(abs(v) for v in values) < 1e-6
@@ -77,15 +96,17 @@ def test_lens_kl_at_the_last_layer_is_the_output_kl(tiny):
     expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     kl = diff.lens_kl(model, other, {"en": blocks["en"]})["en"]
     assert kl[-1] == pytest.approx(expected, rel=1e-4)
-    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the edit is in the last block: earlier residuals are identical
+    assert kl[0] == pytest.approx(
+        0.0, abs=1e-6
+    )  # the edit is in the last block: earlier residuals are identical
 
 
 def test_identity_features_by_hand():
     frequency = torch.zeros(2, 4, 3)
-    frequency[0, 1] = torch.tensor([0.5, 0.1, 0.0])   # en-specific (0.4)
+    frequency[0, 1] = torch.tensor([0.5, 0.1, 0.0])  # en-specific (0.4)
     frequency[0, 2] = torch.tensor([0.3, 0.29, 0.0])  # barely en (0.01)
-    frequency[0, 3] = torch.tensor([0.0, 0.0, 0.2])   # de-specific
-    frequency[1, 0] = torch.tensor([0.2, 0.2, 0.2])   # shared: nobody's
+    frequency[0, 3] = torch.tensor([0.0, 0.0, 0.2])  # de-specific
+    frequency[1, 0] = torch.tensor([0.2, 0.2, 0.2])  # shared: nobody's
     features = diff.identity_features(frequency, ["en", "fr", "de"], per_layer=2)
     assert features["en"][0] == [1, 2] and features["de"][0] == [3] and features["fr"][0] == []
     assert features["en"][1] == [] and features["fr"][1] == []
@@ -98,7 +119,9 @@ def test_brightening_by_hand():
     after["frequency"][0, 1, 1] = 0.4  # feature 1 fires 4× as often on Basque, half as strongly
     after["strength"][0, 1, 1] = 1.0
     entry = diff.brightening(before, after, {"eu": {0: [1]}})["eu"]["0"]
-    assert entry["frequency_log2_ratio"] == pytest.approx(2.0) and entry["strength_log2_ratio"] == pytest.approx(-1.0)
+    assert entry["frequency_log2_ratio"] == pytest.approx(2.0) and entry[
+        "strength_log2_ratio"
+    ] == pytest.approx(-1.0)
     assert entry["mass_log2_ratio"] == pytest.approx(1.0) and entry["mass_before"] == pytest.approx(0.2)
 
 
@@ -124,7 +147,9 @@ def test_edge_change_and_cluster_strength_by_hand():
     after = hand_graph([("E5@0", "F1_7@0", 3.0), ("F1_7@0", "F2_9@1", 1.0), ("F2_9@1", "T0", 4.0)])
     change = diff.edge_change(before, after)
     # Target edges are left out; |3−2| + |0−1| + |1−0| over Σ|before| = 3.
-    assert change["relative_change"] == pytest.approx(3 / 3) and change["edge_jaccard"] == pytest.approx(1 / 3)
+    assert change["relative_change"] == pytest.approx(3 / 3) and change["edge_jaccard"] == pytest.approx(
+        1 / 3
+    )
     assert diff.cluster_strength(before, {(1, 7)}) == pytest.approx(1.0 / 4.0)
     with_error = hand_graph([("E5@0", "X1@0", 1.0), ("X1@0", "F2_3@1", 3.0)])
     assert diff.error_share(with_error) == pytest.approx(3.0 / 4.0) and diff.error_share(before) == 0.0
@@ -140,7 +165,11 @@ def test_edge_change_and_cluster_strength_by_hand():
 
 def test_model_diff_script_end_to_end(tmp_path, tiny, tiny_model_dir, real_slice_corpus_dir):
     model, tokenizer, clt, _ = tiny
-    clt_dir = save_native(clt, tmp_path / "clt", {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)})
+    clt_dir = save_native(
+        clt,
+        tmp_path / "clt",
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
     after_dir = tmp_path / "after"
     changed = type(model)(model.config)
     changed.load_state_dict(model.state_dict())
@@ -149,23 +178,56 @@ def test_model_diff_script_end_to_end(tmp_path, tiny, tiny_model_dir, real_slice
     changed.save_pretrained(after_dir)
     tokenizer.save_pretrained(after_dir)
     out = tmp_path / "diff"
-    command = [PYTHON, str(REPO / "scripts" / "model_diff.py"), "--before", str(tiny_model_dir), "--after", str(after_dir),
-               "--clt", str(clt_dir), "--corpus-dir", str(real_slice_corpus_dir), "--langs", "en,fr,de", "--focus-lang", "fr",
-               "--n-ctx", "16", "--blocks-per-lang", "4", "--graph-prompts", "2", "--graph-tokens", "6", "--out-dir", str(out)]
+    command = [
+        PYTHON,
+        str(REPO / "scripts" / "model_diff.py"),
+        "--before",
+        str(tiny_model_dir),
+        "--after",
+        str(after_dir),
+        "--clt",
+        str(clt_dir),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--langs",
+        "en,fr,de",
+        "--focus-lang",
+        "fr",
+        "--n-ctx",
+        "16",
+        "--blocks-per-lang",
+        "4",
+        "--graph-prompts",
+        "2",
+        "--graph-tokens",
+        "6",
+        "--run-dir",
+        str(out),
+    ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["clt_trained_on"] == {"before": True, "after": False}
     # Layer 0 is untouched: its lens KL is 0 and the CLT reconstructs it equally well on both models.
     for lang in ("en", "fr", "de"):
-        assert report["lens_kl"][lang][0] == pytest.approx(0.0, abs=1e-6) and report["lens_kl"][lang][1] > 1e-6
-        assert report["clt_fvu"]["after"][lang][0] == pytest.approx(report["clt_fvu"]["before"][lang][0], rel=1e-5)
+        assert (
+            report["lens_kl"][lang][0] == pytest.approx(0.0, abs=1e-6) and report["lens_kl"][lang][1] > 1e-6
+        )
+        assert report["clt_fvu"]["after"][lang][0] == pytest.approx(
+            report["clt_fvu"]["before"][lang][0], rel=1e-5
+        )
     assert report["graphs"]["n_prompts"] == 2 and set(report["graphs"]["per_lang"]) == {"en", "fr", "de"}
     assert {f["claim"].split(" ")[0] for f in report["findings"]} >= {"fine-tuning", "the"}
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64") >= 3 and "Findings" in page
     # Refusals: a CLT trained on neither model, and mismatched tokenizers are caught early.
     other_clt = save_native(clt, tmp_path / "clt-other", {"model_sha256": "0" * 64})
-    refused = subprocess.run(command[:-2] + ["--clt", str(other_clt), "--out-dir", str(tmp_path / "x")], env=script_env(),
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        command[:-2] + ["--clt", str(other_clt), "--run-dir", str(tmp_path / "x")],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "trained on neither model" in refused.stderr

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, script_env, run_torchrun
+from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, run_torchrun, script_env
 from training.config import config_to_dict
 from training.loop import learning_rate
 from training.pretrain import PretrainConfig, pretrain
@@ -20,9 +20,24 @@ MICRO_MODEL = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ctx", "
 
 
 def micro_args(run_dir, corpus_dir, tokenizer_dir, **overrides) -> list[str]:
-    args = {"run-dir": run_dir, "corpus-dir": corpus_dir, "tokenizer-dir": tokenizer_dir, "mixture": "en=0.5,fr=0.25,de=0.25",
-            "token-budget": 12000, "max-steps": 24, "micro-batch": 4, "warmup-steps": 4, "eval-every": 8, "eval-blocks": 4,
-            "ckpt-every": 8, "log-every": 4, "gen-prompts": 3, "gen-prompt-tokens": 8, "gen-new-tokens": 8, "lr": 3e-3}
+    args = {
+        "run-dir": run_dir,
+        "corpus-dir": corpus_dir,
+        "tokenizer-dir": tokenizer_dir,
+        "mixture": "en=0.5,fr=0.25,de=0.25",
+        "token-budget": 12000,
+        "max-steps": 24,
+        "micro-batch": 4,
+        "warmup-steps": 4,
+        "eval-every": 8,
+        "eval-blocks": 4,
+        "ckpt-every": 8,
+        "log-every": 4,
+        "gen-prompts": 3,
+        "gen-prompt-tokens": 8,
+        "gen-new-tokens": 8,
+        "lr": 3e-3,
+    }
     args.update(overrides)
     flat = []
     for key, value in args.items():
@@ -32,7 +47,9 @@ def micro_args(run_dir, corpus_dir, tokenizer_dir, **overrides) -> list[str]:
 
 def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     command = [PYTHON, str(REPO / "scripts" / "pretrain.py")] + args
-    result = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(
+        command, env=script_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -69,12 +86,19 @@ def test_run_directory_contents(finished_run):
     assert len(generations) == 2 * 3 * 3 and {"prompt", "continuation", "detected"} <= set(generations[0])
 
 
-def test_resume_after_real_kill_gives_identical_weights(finished_run, tmp_path, real_slice_corpus_dir, slice_tokenizer_dir):
+def test_resume_after_real_kill_gives_identical_weights(
+    finished_run, tmp_path, real_slice_corpus_dir, slice_tokenizer_dir
+):
     run_dir = tmp_path / "killed"
     # Same run, but checkpointing every 2 steps; eval/log cadence does not touch the training state.
     args = micro_args(run_dir, real_slice_corpus_dir, slice_tokenizer_dir, **{"ckpt-every": 2})
-    process = subprocess.Popen([PYTHON, str(REPO / "scripts" / "pretrain.py")] + args, env=script_env(), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [PYTHON, str(REPO / "scripts" / "pretrain.py")] + args,
+        env=script_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_when(process, lambda: checkpoint_step(run_dir), 6)
     assert not (run_dir / "summary.json").exists()
     run_script(args)  # resumes from the last complete checkpoint
@@ -82,7 +106,11 @@ def test_resume_after_real_kill_gives_identical_weights(finished_run, tmp_path, 
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), f"{name} differs after resume"
-    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    steps = [
+        r["step"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "train"
+    ]
     assert steps == sorted(set(steps)), "metrics after the checkpoint were not truncated on resume"
 
 
@@ -95,12 +123,16 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, real_slice_corp
     a, b = final_weights(single), final_weights(ddp)
     for name in a:
         # Same blocks, same averaged gradients: equal up to float summation order.
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs between DDP and accumulation")
+        torch.testing.assert_close(
+            a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs between DDP and accumulation"
+        )
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["tokens_trained"] == 6 * 2 * 2 * 32
 
 
-def test_changed_config_in_existing_run_dir_is_refused(finished_run, real_slice_corpus_dir, slice_tokenizer_dir):
+def test_changed_config_in_existing_run_dir_is_refused(
+    finished_run, real_slice_corpus_dir, slice_tokenizer_dir
+):
     (finished_run / "summary.json").rename(finished_run / "summary.json.bak")
     try:
         config = PretrainConfig(**{**json.loads((finished_run / "config.json").read_text()), "lr": 0.5})
@@ -119,8 +151,16 @@ def test_learning_rate_schedule():
 
 
 def test_unknown_preset_is_refused(tmp_path, real_slice_corpus_dir, slice_tokenizer_dir):
-    config = PretrainConfig(run_dir=str(tmp_path / "r"), corpus_dir=str(real_slice_corpus_dir),
-                            tokenizer_dir=str(slice_tokenizer_dir), preset="huge", mixture="en=1.0", token_budget=1000)
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; presets: \['gpt2', 'small', 'tiny'\]"):
+    config = PretrainConfig(
+        run_dir=str(tmp_path / "r"),
+        corpus_dir=str(real_slice_corpus_dir),
+        tokenizer_dir=str(slice_tokenizer_dir),
+        preset="huge",
+        mixture="en=1.0",
+        token_budget=1000,
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown model preset 'huge'; presets: \['gpt2', 'small', 'tiny'\]"
+    ):
         pretrain(config)
     assert config_to_dict(config)["preset"] == "huge"

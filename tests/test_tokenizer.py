@@ -3,7 +3,12 @@ from transformers import AutoTokenizer
 
 from training.tokenizer import EOS_TOKEN, PAD_TOKEN, count_tokens, fertility, train_bpe_tokenizer
 
-TEXTS = ["the cat sat on the mat " * 3, "le chat est sur le tapis " * 3, "猫坐在垫子上。" * 3, "кошка сидит на коврике " * 3]
+TEXTS = [
+    "the cat sat on the mat " * 3,
+    "le chat est sur le tapis " * 3,
+    "猫坐在垫子上。" * 3,
+    "кошка сидит на коврике " * 3,
+]
 
 
 @pytest.fixture(scope="module")
@@ -11,8 +16,15 @@ def tokenizer():
     return train_bpe_tokenizer(TEXTS * 20, vocab_size=300)
 
 
-@pytest.mark.parametrize("text", ["the cat sat", "Überraschung — ça va? 猫坐在垫子上。", "emoji 🐈‍⬛ and tabs\tand\nnewlines",
-                                  "Kaixo, zer moduz? Ez dut ulertzen."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the cat sat",
+        "Überraschung — ça va? 猫坐在垫子上。",
+        "emoji 🐈‍⬛ and tabs\tand\nnewlines",
+        "Kaixo, zer moduz? Ez dut ulertzen.",
+    ],
+)
 def test_round_trip_is_exact_for_any_text(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -37,8 +49,14 @@ def test_fertility_units(tokenizer):
     report = fertility(tokenizer, ["the cat sat", "猫坐在垫子上"], ["en", "zh"])
     n_en = len(tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
     n_zh = len(tokenizer("猫坐在垫子上", add_special_tokens=False)["input_ids"])
-    assert report["en"]["fertility"] == pytest.approx(n_en / 3) and report["en"]["fertility_unit"] == "tokens/word"
-    assert report["zh"]["fertility"] == pytest.approx(n_zh / 6) and report["zh"]["fertility_unit"] == "tokens/char"
+    assert (
+        report["en"]["fertility"] == pytest.approx(n_en / 3)
+        and report["en"]["fertility_unit"] == "tokens/word"
+    )
+    assert (
+        report["zh"]["fertility"] == pytest.approx(n_zh / 6)
+        and report["zh"]["fertility_unit"] == "tokens/char"
+    )
     assert count_tokens(tokenizer)(["the cat sat", "猫坐在垫子上"]) == [n_en, n_zh]
 
 

@@ -43,7 +43,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -73,7 +75,9 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+        )
     from safetensors import safe_open
 
     with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:

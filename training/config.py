@@ -67,10 +67,18 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         description=description or (config_cls.__doc__ or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", type=str, default=None,
-                        help="JSON file with a saved config (e.g. a run directory's config.json); flags override it")
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an input error instead of one line")
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="JSON file with a saved config (e.g. a run directory's config.json); flags override it",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an input error instead of one line",
+    )
     defaults = config_cls()
     for field in dataclasses.fields(config_cls):
         if not field.init:
@@ -82,7 +90,9 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
             type=_parser_for(tp),
             default=argparse.SUPPRESS,
             # argparse %-formats help strings: a literal "%" (e.g. "top 1%") must be doubled.
-            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})".replace("%", "%%"),
+            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})".replace(
+                "%", "%%"
+            ),
         )
     return parser
 
@@ -133,6 +143,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 # Atomic files and run directories
 # ---------------------------------------------------------------------------------------------
 
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same directory + os.replace: readers see old or new, never half."""
     path = Path(path)
@@ -169,8 +180,13 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, config: Any, may_change: typing.Iterable[str] = ("device",),
-             save: bool = True) -> "RunDir":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        config: Any,
+        may_change: typing.Iterable[str] = ("device",),
+        save: bool = True,
+    ) -> "RunDir":
         run = cls(path)
         run.check_config(config, may_change)
         if save:
@@ -186,11 +202,15 @@ class RunDir:
         saved = json.loads(self.config_path.read_text())
         current = json.loads(json.dumps(config_to_dict(config), default=str))  # as it would be saved
         allowed = set(may_change)
-        differing = sorted(k for k in set(saved) | set(current) if k not in allowed and saved.get(k) != current.get(k))
+        differing = sorted(
+            k for k in set(saved) | set(current) if k not in allowed and saved.get(k) != current.get(k)
+        )
         if differing:
             details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
-            raise ConfigMismatch(f"{self.path} holds a run with a different config ({details}); "
-                                 "use another --run-dir or delete that one")
+            raise ConfigMismatch(
+                f"{self.path} holds a run with a different config ({details}); "
+                "use another --run-dir or delete that one"
+            )
 
     def keyed(self, fields: typing.Sequence[str]) -> dict[tuple, dict[str, Any]]:
         """Records that carry every key field, by their key (a later record replaces an earlier one)."""

@@ -16,7 +16,9 @@ from jaxtyping import Int
 from torch import Tensor
 
 
-def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int, n_ctx: int) -> Int[Tensor, "blocks n_ctx"]:
+def pack_documents(
+    token_lists: Sequence[Sequence[int]], eos_id: int, n_ctx: int
+) -> Int[Tensor, "blocks n_ctx"]:
     """Concatenate `[eos] + doc` for every document and cut into full blocks (the tail is dropped)."""
     stream: list[int] = []
     for ids in token_lists:
@@ -29,8 +31,12 @@ def pack_documents(token_lists: Sequence[Sequence[int]], eos_id: int, n_ctx: int
     return rearrange(flat, "(blocks n_ctx) -> blocks n_ctx", n_ctx=n_ctx)
 
 
-def pack_by_language(token_lists: Sequence[Sequence[int]], langs: Sequence[str], eos_id: int, n_ctx: int,
-                     ) -> tuple[Int[Tensor, "blocks n_ctx"], list[str]]:
+def pack_by_language(
+    token_lists: Sequence[Sequence[int]],
+    langs: Sequence[str],
+    eos_id: int,
+    n_ctx: int,
+) -> tuple[Int[Tensor, "blocks n_ctx"], list[str]]:
     """Pack each language separately so every block is monolingual; return blocks and their languages."""
     blocks, block_langs = [], []
     for lang in sorted(set(langs)):
@@ -52,13 +58,14 @@ def block_order(n_blocks: int, seed: int, start: int, count: int) -> Int[Tensor,
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         permutation = torch.randperm(n_blocks, generator=generator)
         take = min(count - filled, n_blocks - offset)
-        out[filled: filled + take] = permutation[offset: offset + take]
+        out[filled : filled + take] = permutation[offset : offset + take]
         filled += take
     return out
 
 
-def micro_batch_indices(step: int, micro_batch: int, grad_accum: int, rank: int, world_size: int, n_blocks: int,
-                        seed: int) -> list[Int[Tensor, " micro_batch"]]:
+def micro_batch_indices(
+    step: int, micro_batch: int, grad_accum: int, rank: int, world_size: int, n_blocks: int, seed: int
+) -> list[Int[Tensor, " micro_batch"]]:
     """The blocks rank `rank` reads at optimizer step `step`, one tensor per accumulation micro-step.
 
     The global batch of a step is one contiguous window of the stream; micro-step a of rank r takes its
@@ -67,4 +74,7 @@ def micro_batch_indices(step: int, micro_batch: int, grad_accum: int, rank: int,
     """
     global_batch = micro_batch * grad_accum * world_size
     window = block_order(n_blocks, seed, step * global_batch, global_batch)
-    return [window[(a * world_size + rank) * micro_batch: (a * world_size + rank + 1) * micro_batch] for a in range(grad_accum)]
+    return [
+        window[(a * world_size + rank) * micro_batch : (a * world_size + rank + 1) * micro_batch]
+        for a in range(grad_accum)
+    ]

@@ -20,7 +20,7 @@ def mean_loss(model, blocks: Int[Tensor, "blocks n_ctx"], micro_batch: int, devi
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), micro_batch):
-        batch = blocks[start: start + micro_batch].long().to(device)
+        batch = blocks[start : start + micro_batch].long().to(device)
         loss = model(input_ids=batch, labels=batch).loss  # mean over batch × (n_ctx − 1) predictions
         n = batch.shape[0] * (batch.shape[1] - 1)
         total += loss.item() * n
@@ -29,14 +29,26 @@ def mean_loss(model, blocks: Int[Tensor, "blocks n_ctx"], micro_batch: int, devi
     return total / count
 
 
-def loss_per_language(model, blocks_by_lang: dict[str, Tensor], micro_batch: int, device: torch.device) -> dict[str, float]:
-    return {lang: mean_loss(model, blocks, micro_batch, device) for lang, blocks in sorted(blocks_by_lang.items())}
+def loss_per_language(
+    model, blocks_by_lang: dict[str, Tensor], micro_batch: int, device: torch.device
+) -> dict[str, float]:
+    return {
+        lang: mean_loss(model, blocks, micro_batch, device) for lang, blocks in sorted(blocks_by_lang.items())
+    }
 
 
 @torch.no_grad()
-def generate_continuations(model, tokenizer, texts: Sequence[str], prompt_tokens: int, new_tokens: int,
-                           greedy: bool, device: torch.device, seed: int = 0, batch_size: int = 32,
-                           ) -> tuple[list[str], list[str]]:
+def generate_continuations(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    prompt_tokens: int,
+    new_tokens: int,
+    greedy: bool,
+    device: torch.device,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[list[str], list[str]]:
     """Continue the first `prompt_tokens` tokens of each text (after a BOS); return (prompts, continuations).
 
     Every prompt has the same length, so batches need no padding. Texts shorter than the prompt are
@@ -50,7 +62,7 @@ def generate_continuations(model, tokenizer, texts: Sequence[str], prompt_tokens
     prompts, continuations = [], []
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     for start in range(0, len(encoded), batch_size):
-        chunk = [[bos] + ids[:prompt_tokens] for ids in encoded[start: start + batch_size]]
+        chunk = [[bos] + ids[:prompt_tokens] for ids in encoded[start : start + batch_size]]
         input_ids = torch.tensor(chunk, device=device)
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "top_k": 50}
         output = model.generate(
@@ -62,15 +74,20 @@ def generate_continuations(model, tokenizer, texts: Sequence[str], prompt_tokens
             eos_token_id=None,  # always generate `new_tokens`: equal-length continuations are judged alike
         )
         for row in output.tolist():
-            prompts.append(tokenizer.decode(row[1: 1 + prompt_tokens]))
-            continuations.append(tokenizer.decode(row[1 + prompt_tokens:], skip_special_tokens=True))
+            prompts.append(tokenizer.decode(row[1 : 1 + prompt_tokens]))
+            continuations.append(tokenizer.decode(row[1 + prompt_tokens :], skip_special_tokens=True))
     torch.set_rng_state(generator_state)
     model.train(was_training)
     return prompts, continuations
 
 
-def usable_prompts(tokenizer, texts: Sequence[str], langs: Sequence[str], prompt_tokens: int, per_lang: int,
-                   ) -> tuple[list[str], list[str]]:
+def usable_prompts(
+    tokenizer,
+    texts: Sequence[str],
+    langs: Sequence[str],
+    prompt_tokens: int,
+    per_lang: int,
+) -> tuple[list[str], list[str]]:
     """The first `per_lang` texts of each language with more than `prompt_tokens` tokens."""
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     chosen_texts, chosen_langs, taken = [], [], {}
@@ -82,16 +99,33 @@ def usable_prompts(tokenizer, texts: Sequence[str], langs: Sequence[str], prompt
     return chosen_texts, chosen_langs
 
 
-def continuation_consistency(model, tokenizer, texts: Sequence[str], langs: Sequence[str], prompt_tokens: int,
-                             new_tokens: int, greedy: bool, device: torch.device, seed: int = 0,
-                             ) -> tuple[dict[str, dict[str, float]], list[dict]]:
+def continuation_consistency(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    langs: Sequence[str],
+    prompt_tokens: int,
+    new_tokens: int,
+    greedy: bool,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Per prompt language: share of continuations the language identifier assigns to that language."""
-    prompts, continuations = generate_continuations(model, tokenizer, texts, prompt_tokens, new_tokens, greedy, device, seed)
+    prompts, continuations = generate_continuations(
+        model, tokenizer, texts, prompt_tokens, new_tokens, greedy, device, seed
+    )
     records, report = [], {}
     for lang in sorted(set(langs)):
         rows = [i for i, l in enumerate(langs) if l == lang]
         report[lang] = langid.consistency([continuations[i] for i in rows], [lang] * len(rows))
     for prompt, continuation, lang in zip(prompts, continuations, langs):
-        records.append({"lang": lang, "prompt": prompt, "continuation": continuation,
-                        "detected": langid.detect(continuation), "greedy": greedy})
+        records.append(
+            {
+                "lang": lang,
+                "prompt": prompt,
+                "continuation": continuation,
+                "detected": langid.detect(continuation),
+                "greedy": greedy,
+            }
+        )
     return report, records

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from training import evaluate
+from training import evaluate, paths
 from training import selection as select
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus
-from training.lora import add_lora, lora_count, merge_lora
 from training.loop import OptimizerConfig, make_optimizer, resume, start_run, train_steps
+from training.lora import add_lora, lora_count, merge_lora
 from training.pretrain import load_data
 
 
@@ -43,7 +43,9 @@ class Scenario:
 
 SCENARIOS = {
     "adapt-eu": Scenario("eu=1.0", ("eu",), ("en", "fr", "de", "es", "ru", "zh"), "target_loss"),
-    "consistency": Scenario("fr=0.2,de=0.2,es=0.2,ru=0.2,zh=0.2", ("fr", "de", "es", "ru", "zh"), ("en",), "consistency"),
+    "consistency": Scenario(
+        "fr=0.2,de=0.2,es=0.2,ru=0.2,zh=0.2", ("fr", "de", "es", "ru", "zh"), ("en",), "consistency"
+    ),
 }
 
 
@@ -51,23 +53,51 @@ SCENARIOS = {
 class FinetuneConfig(OptimizerConfig):
     """Fine-tune a pretrained model on a scenario with a parameter-selection strategy."""
 
-    model_dir: str = field(default="runs/pretrain-tiny-en-heavy/model", metadata={"help": "pretrained HF model directory"})
-    run_dir: str = field(default="runs/finetune/adapt-eu-lape-0", metadata={"help": "run directory (resumed if it holds a checkpoint)"})
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "pretrained HF model directory"})
+    run_dir: str = field(
+        default="runs/finetune/adapt-eu-lape-0",
+        metadata={"help": "run directory (resumed if it holds a checkpoint)"},
+    )
     scenario: str = field(default="adapt-eu", metadata={"help": f"named scenario: {', '.join(SCENARIOS)}"})
-    strategy: str = field(default="lape", metadata={"help": f"parameter selection: {', '.join(select.STRATEGIES)}"})
-    corpus_dir: str = field(default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus DatasetDict"})
-    located: str = field(default="runs/locate-tiny-en-heavy-eu/located.json", metadata={"help": "located-units file (lape, located, random of those)"})
+    strategy: str = field(
+        default="lape", metadata={"help": f"parameter selection: {', '.join(select.STRATEGIES)}"}
+    )
+    corpus_dir: str = field(
+        default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus DatasetDict"}
+    )
+    located: str = field(
+        default=paths.LOCATED_WITH_EU,
+        metadata={"help": "located-units file (lape, located, random of those)"},
+    )
     last_k: int = field(default=1, metadata={"help": "last-k: number of final blocks"})
-    outermost_share: float = field(default=0.25, metadata={"help": "outermost: share of blocks, split first/last"})
-    lape_units: str = field(default="neurons_5pct", metadata={"help": "lape: 'neurons_5pct' or 'neurons' (top 1%: none for eu on the tiny model)"})
-    located_units: str = field(default="feature_aligned_neurons", metadata={"help": "located: 'feature_aligned_neurons' or 'feature_layers'"})
-    random_reference: str = field(default="lape", metadata={"help": "random: the strategy whose kind and size it matches"})
-    train_embeddings: bool = field(default=False, metadata={"help": "also train wte (tied with the LM head) and wpe"})
+    outermost_share: float = field(
+        default=0.25, metadata={"help": "outermost: share of blocks, split first/last"}
+    )
+    lape_units: str = field(
+        default="neurons_5pct",
+        metadata={"help": "lape: 'neurons_5pct' or 'neurons' (top 1%: none for eu on the tiny model)"},
+    )
+    located_units: str = field(
+        default="feature_aligned_neurons",
+        metadata={"help": "located: 'feature_aligned_neurons' or 'feature_layers'"},
+    )
+    random_reference: str = field(
+        default="lape", metadata={"help": "random: the strategy whose kind and size it matches"}
+    )
+    train_embeddings: bool = field(
+        default=False, metadata={"help": "also train wte (tied with the LM head) and wpe"}
+    )
     lora_rank: int = field(default=8, metadata={"help": "lora: adapter rank"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "lora: scaling numerator (scale = alpha / rank)"})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "lora: scaling numerator (scale = alpha / rank)"}
+    )
     mixture: str = field(default="", metadata={"help": "training mixture ('' = the scenario's)"})
-    target_langs: list[str] = field(default_factory=list, metadata={"help": "target languages ('' = the scenario's)"})
-    token_budget: int = field(default=200_000, metadata={"help": "distinct fine-tuning tokens sampled from the corpus"})
+    target_langs: list[str] = field(
+        default_factory=list, metadata={"help": "target languages ('' = the scenario's)"}
+    )
+    token_budget: int = field(
+        default=200_000, metadata={"help": "distinct fine-tuning tokens sampled from the corpus"}
+    )
     max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
     micro_batch: int = field(default=8, metadata={"help": "blocks per forward pass per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -78,7 +108,9 @@ class FinetuneConfig(OptimizerConfig):
     gen_prompts: int = field(default=40, metadata={"help": "held-out parallel prompts per target language"})
     gen_prompt_tokens: int = field(default=16, metadata={"help": "prompt length in tokens"})
     gen_new_tokens: int = field(default=32, metadata={"help": "continuation length in tokens"})
-    seed: int = field(default=0, metadata={"help": "seed for data sample and order, random subsets and LoRA init"})
+    seed: int = field(
+        default=0, metadata={"help": "seed for data sample and order, random subsets and LoRA init"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
 
 
@@ -91,8 +123,11 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
     if config.strategy == "random" and config.random_reference in ("random", "full", "lora"):
         raise ValueError(f"random must match a layer or neuron strategy, not {config.random_reference!r}")
     scenario = SCENARIOS[config.scenario]
-    return dataclasses.replace(config, mixture=config.mixture or scenario.mixture,
-                               target_langs=list(config.target_langs) or list(scenario.target_langs))
+    return dataclasses.replace(
+        config,
+        mixture=config.mixture or scenario.mixture,
+        target_langs=list(config.target_langs) or list(scenario.target_langs),
+    )
 
 
 def load_pretrained(model_dir: str | Path, device: torch.device):
@@ -100,7 +135,9 @@ def load_pretrained(model_dir: str | Path, device: torch.device):
 
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{model_dir} holds no model.safetensors: give a save_pretrained directory (--model-dir)")
+        raise FileNotFoundError(
+            f"{model_dir} holds no model.safetensors: give a save_pretrained directory (--model-dir)"
+        )
     model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True).to(device)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
@@ -109,20 +146,30 @@ def load_pretrained(model_dir: str | Path, device: torch.device):
 # Parameter selection
 # ---------------------------------------------------------------------------------------------
 
+
 def _located_units(config: FinetuneConfig, model, key: str) -> list:
     from analysis.located import load_located
 
     doc = load_located(config.located, model=model, model_dir=config.model_dir)
     missing = [lang for lang in config.target_langs if lang not in doc["langs"]]
     if missing:
-        raise ValueError(f"{config.located} has no units for {missing}: run scripts/locate_language.py with "
-                         f"--langs including them (and --run-dir elsewhere), then pass --located")
+        raise ValueError(
+            f"{config.located} has no units for {missing}: run scripts/locate_language.py with "
+            f"--langs including them (and --run-dir elsewhere), then pass --located"
+        )
     if key == "feature_layers":
         # The layer holding most of each target language's identity features.
-        return sorted({doc["layers"]["language_features"][lang][0] for lang in config.target_langs
-                       if doc["layers"]["language_features"].get(lang)})
+        return sorted(
+            {
+                doc["layers"]["language_features"][lang][0]
+                for lang in config.target_langs
+                if doc["layers"]["language_features"].get(lang)
+            }
+        )
     if key not in doc:
-        raise ValueError(f"{config.located} has no {key!r} units (known: neurons, neurons_5pct, feature_aligned_neurons)")
+        raise ValueError(
+            f"{config.located} has no {key!r} units (known: neurons, neurons_5pct, feature_aligned_neurons)"
+        )
     return [tuple(unit) for lang in config.target_langs for unit in doc[key].get(lang, [])]
 
 
@@ -146,7 +193,9 @@ def build_selection(config: FinetuneConfig, model, strategy: str | None = None) 
         else:
             chosen = select.neurons(model, units, "located")
     elif strategy == "random":
-        chosen = select.random_like(model, build_selection(config, model, config.random_reference), config.seed)
+        chosen = select.random_like(
+            model, build_selection(config, model, config.random_reference), config.seed
+        )
     else:
         raise ValueError(f"no parameter selection for strategy {strategy!r}")
     return select.with_embeddings(model, chosen) if config.train_embeddings else chosen
@@ -156,17 +205,33 @@ def build_selection(config: FinetuneConfig, model, strategy: str | None = None) 
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_model(model, tokenizer, corpus, val_blocks: dict, config: FinetuneConfig, device: torch.device) -> dict:
+
+def evaluate_model(
+    model, tokenizer, corpus, val_blocks: dict, config: FinetuneConfig, device: torch.device
+) -> dict:
     """Validation loss per language and greedy continuation consistency of the target languages."""
     losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
     parallel = corpus["parallel"]
     texts, langs = list(parallel["text"]), list(parallel["lang"])
     keep = [i for i, lang in enumerate(langs) if lang in config.target_langs]
-    texts, langs = evaluate.usable_prompts(tokenizer, [texts[i] for i in keep], [langs[i] for i in keep],
-                                           config.gen_prompt_tokens, config.gen_prompts)
-    consistency, records = evaluate.continuation_consistency(model, tokenizer, texts, langs, config.gen_prompt_tokens,
-                                                             config.gen_new_tokens, greedy=True, device=device,
-                                                             seed=config.seed)
+    texts, langs = evaluate.usable_prompts(
+        tokenizer,
+        [texts[i] for i in keep],
+        [langs[i] for i in keep],
+        config.gen_prompt_tokens,
+        config.gen_prompts,
+    )
+    consistency, records = evaluate.continuation_consistency(
+        model,
+        tokenizer,
+        texts,
+        langs,
+        config.gen_prompt_tokens,
+        config.gen_new_tokens,
+        greedy=True,
+        device=device,
+        seed=config.seed,
+    )
     return {"loss": losses, "consistency": consistency, "generations": records}
 
 
@@ -177,17 +242,25 @@ def scores(before: dict, after: dict, config: FinetuneConfig) -> dict:
     def target(result: dict) -> float:
         if scenario.metric == "target_loss":
             return sum(result["loss"][lang] for lang in config.target_langs) / len(config.target_langs)
-        return sum(result["consistency"][lang]["consistent"] for lang in config.target_langs) / len(config.target_langs)
+        return sum(result["consistency"][lang]["consistent"] for lang in config.target_langs) / len(
+            config.target_langs
+        )
 
     retained = [lang for lang in scenario.retain_langs if lang in after["loss"]]
     forgetting = sum(after["loss"][lang] - before["loss"][lang] for lang in retained) / len(retained)
-    return {"metric": scenario.metric, "target_before": target(before), "target_after": target(after),
-            "forgetting": forgetting, "forgetting_langs": retained}
+    return {
+        "metric": scenario.metric,
+        "target_before": target(before),
+        "target_after": target(after),
+        "forgetting": forgetting,
+        "forgetting_langs": retained,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
 
 def finetune(config: FinetuneConfig) -> dict:
     """Run (or resume, or just report) a fine-tuning run; returns the summary."""
@@ -211,14 +284,29 @@ def finetune(config: FinetuneConfig) -> dict:
     masked = None
     if config.strategy == "lora":
         model = add_lora(model, config.lora_rank, config.lora_alpha, seed=config.seed)
-        counts, chosen = lora_count(model), {"strategy": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha}
+        counts, chosen = (
+            lora_count(model),
+            {"strategy": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha},
+        )
     else:
         masked = select.MaskedTraining(model, selection)
         counts, chosen = select.count(model, selection), selection.describe()
     optimizer = make_optimizer(model, config)
     state = resume(run, model, optimizer, ranks)
-    state = train_steps(model, optimizer, train_blocks, val_blocks, config, run, ranks, device, state, config.max_steps,
-                        desc=f"finetune {config.strategy}", after_step=masked.restore if masked else None)
+    state = train_steps(
+        model,
+        optimizer,
+        train_blocks,
+        val_blocks,
+        config,
+        run,
+        ranks,
+        device,
+        state,
+        config.max_steps,
+        desc=f"finetune {config.strategy}",
+        after_step=masked.restore if masked else None,
+    )
     ranks.shutdown()
     if not ranks.is_main:
         return {}
@@ -226,11 +314,25 @@ def finetune(config: FinetuneConfig) -> dict:
         masked.remove()
     else:
         model = merge_lora(model)
-    return finish(config, run, model, tokenizer, corpus, val_blocks, meta, state, counts, chosen, device, started)
+    return finish(
+        config, run, model, tokenizer, corpus, val_blocks, meta, state, counts, chosen, device, started
+    )
 
 
-def finish(config: FinetuneConfig, run: RunDir, model, tokenizer, corpus, val_blocks, meta, state, counts,
-           chosen, device, started: float) -> dict:
+def finish(
+    config: FinetuneConfig,
+    run: RunDir,
+    model,
+    tokenizer,
+    corpus,
+    val_blocks,
+    meta,
+    state,
+    counts,
+    chosen,
+    device,
+    started: float,
+) -> dict:
     model.save_pretrained(run.path / "model", safe_serialization=True)
     tokenizer.save_pretrained(run.path / "model")
     before = json.loads((run.path / "before.json").read_text())
@@ -240,12 +342,21 @@ def finish(config: FinetuneConfig, run: RunDir, model, tokenizer, corpus, val_bl
             for record in result.pop("generations"):
                 handle.write(json.dumps({"when": when, **record}, ensure_ascii=False) + "\n")
     summary = {
-        "run_dir": str(run.path), "scenario": config.scenario, "strategy": config.strategy, "seed": config.seed,
-        "model_dir": config.model_dir, "mixture": meta["mixture"], "target_langs": config.target_langs,
-        "selection": chosen, "parameters": counts,
+        "run_dir": str(run.path),
+        "scenario": config.scenario,
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "model_dir": config.model_dir,
+        "mixture": meta["mixture"],
+        "target_langs": config.target_langs,
+        "selection": chosen,
+        "parameters": counts,
         **scores(before, after, config),
-        "before": before, "after": after,
-        "steps": state["step"], "tokens_trained": state["tokens"], "train_time_s": state["train_time_s"],
+        "before": before,
+        "after": after,
+        "steps": state["step"],
+        "tokens_trained": state["tokens"],
+        "train_time_s": state["train_time_s"],
         "run_time_s": time.perf_counter() - started,
     }
     atomic_write_json(run.path / "summary.json", summary)

@@ -37,8 +37,10 @@ from training.errors import UserError
 
 HookFn = Callable[[Tensor], "Tensor | None"]
 
-_LAYER_POINT = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|ln1\.hook_normalized|hook_resid_mid|ln2\.hook_normalized|"
-                          r"mlp\.hook_post|hook_mlp_out|hook_resid_post)")
+_LAYER_POINT = re.compile(
+    r"blocks\.(\d+)\.(hook_resid_pre|ln1\.hook_normalized|hook_resid_mid|ln2\.hook_normalized|"
+    r"mlp\.hook_post|hook_mlp_out|hook_resid_post)"
+)
 
 
 class GPT2Adapter:
@@ -69,9 +71,11 @@ class GPT2Adapter:
             return self.body.ln_f, "input"
         match = _LAYER_POINT.fullmatch(name)
         if match is None:
-            raise UserError(f"unknown hook point {name!r}; known: blocks.L.{{hook_resid_pre, ln1.hook_normalized, "
-                            "hook_resid_mid, ln2.hook_normalized, mlp.hook_post, hook_mlp_out, hook_resid_post}, "
-                            "ln_final.hook_input, hook_forward_kwargs")
+            raise UserError(
+                f"unknown hook point {name!r}; known: blocks.L.{{hook_resid_pre, ln1.hook_normalized, "
+                "hook_resid_mid, ln2.hook_normalized, mlp.hook_post, hook_mlp_out, hook_resid_post}, "
+                "ln_final.hook_input, hook_forward_kwargs"
+            )
         layer, suffix = int(match.group(1)), match.group(2)
         if not 0 <= layer < self.n_layers:
             raise UserError(f"hook point {name!r}: the model has {self.n_layers} layers")
@@ -93,22 +97,29 @@ ADAPTERS = {"gpt2": GPT2Adapter}
 def adapter(model: nn.Module) -> GPT2Adapter:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise UserError(f"no hook adapter for model type {model_type!r} (have {sorted(ADAPTERS)}): "
-                        "add one in training/hook_points.py")
+        raise UserError(
+            f"no hook adapter for model type {model_type!r} (have {sorted(ADAPTERS)}): "
+            "add one in training/hook_points.py"
+        )
     return ADAPTERS[model_type](model)
 
 
 def _register(module: nn.Module, kind: str, fn: HookFn):
     if kind == "output":
+
         def on_output(mod, args, output):
             return fn(output)
+
         return module.register_forward_hook(on_output)
     if kind == "block":
+
         def on_block_output(mod, args, output):
             replaced = fn(output[0])
             return None if replaced is None else (replaced,) + tuple(output[1:])
+
         return module.register_forward_hook(on_block_output)
     if kind == "input":
+
         def on_input(mod, args, kwargs):
             # HF calls blocks with hidden_states positionally today; accept the keyword form too.
             positional = len(args) > 0
@@ -119,10 +130,13 @@ def _register(module: nn.Module, kind: str, fn: HookFn):
             if positional:
                 return (replaced,) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": replaced}
+
         return module.register_forward_pre_hook(on_input, with_kwargs=True)
     if kind == "kwargs":
+
         def on_call(mod, args, kwargs):
             fn(kwargs)
+
         return module.register_forward_pre_hook(on_call, with_kwargs=True)
     raise AssertionError(kind)
 

@@ -20,7 +20,11 @@ _CLD2_ALIASES = {"zh-Hant": "zh", "zh-TW": "zh", "zh-CN": "zh", "iw": "he", "jw"
 
 def _clean_for_cld2(text: str) -> str:
     # CLD2 rejects some control characters and invalid surrogates; drop them rather than fail.
-    return "".join(ch for ch in text if ch.isprintable() or ch in "\n\t").encode("utf-8", "ignore").decode("utf-8")
+    return (
+        "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+        .encode("utf-8", "ignore")
+        .decode("utf-8")
+    )
 
 
 def detect(text: str) -> str:

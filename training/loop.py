@@ -39,7 +39,9 @@ class OptimizerConfig:
 
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only; masked entries exempt)"})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (matrices only; masked entries exempt)"}
+    )
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
@@ -86,8 +88,10 @@ def release_data_parallel() -> None:
     gc.collect()
     alive = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.parallel.DistributedDataParallel)]
     if alive:
-        raise RuntimeError(f"{len(alive)} DistributedDataParallel wrapper(s) still referenced at shutdown: "
-                           "release them (del) before leaving the process group, or the rank hangs at exit")
+        raise RuntimeError(
+            f"{len(alive)} DistributedDataParallel wrapper(s) still referenced at shutdown: "
+            "release them (del) before leaving the process group, or the rank hangs at exit"
+        )
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
@@ -102,13 +106,16 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     else:
         # Processes share the machine's cores; oversubscribing threads slows everything down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        )
     if world_size > 1 and not dist.is_initialized():
         # A bounded timeout turns a stuck collective into an error instead of a silent 30-minute hang.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=int(os.environ.get("MLCLT_DIST_TIMEOUT_S", "600"))))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=int(os.environ.get("MLCLT_DIST_TIMEOUT_S", "600"))),
+        )
     return Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=local_rank), device
-
 
 
 def learning_rate(step: int, total_steps: int, config) -> float:
@@ -124,7 +131,10 @@ def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     # Decay matrices (incl. embeddings) but not biases and LayerNorm gains, as in GPT-2/nanoGPT.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
 
 
@@ -153,10 +163,20 @@ def resume(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return state
 
 
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_blocks: Int[torch.Tensor, "blocks ctx"],
-                val_blocks: dict[str, Int[torch.Tensor, "blocks ctx"]], config, run: RunDir, ranks: Dist,
-                device: torch.device, state: dict, total_steps: int, desc: str = "train",
-                after_step: Callable[[], None] | None = None) -> dict:
+def train_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_blocks: Int[torch.Tensor, "blocks ctx"],
+    val_blocks: dict[str, Int[torch.Tensor, "blocks ctx"]],
+    config,
+    run: RunDir,
+    ranks: Dist,
+    device: torch.device,
+    state: dict,
+    total_steps: int,
+    desc: str = "train",
+    after_step: Callable[[], None] | None = None,
+) -> dict:
     """Run optimizer steps `state['step']` … `total_steps` and return the updated `state`.
 
     `config` provides lr, min_lr_ratio, warmup_steps, micro_batch, grad_accum, grad_clip, bf16, seed,
@@ -167,7 +187,9 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_
 
     tokens_per_step = config.micro_batch * config.grad_accum * ranks.world_size * n_ctx
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
-    progress = tqdm(total=total_steps, initial=state["step"], desc=desc, disable=not ranks.is_main, unit="step")
+    progress = tqdm(
+        total=total_steps, initial=state["step"], desc=desc, disable=not ranks.is_main, unit="step"
+    )
     window_start, window_tokens = time.perf_counter(), 0
     segment_start = time.perf_counter()
     model.train()
@@ -176,19 +198,34 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_
         lr = learning_rate(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = micro_batch_indices(step, config.micro_batch, config.grad_accum, ranks.rank, ranks.world_size,
-                                            len(train_blocks), config.seed)
+        micro_batches = micro_batch_indices(
+            step,
+            config.micro_batch,
+            config.grad_accum,
+            ranks.rank,
+            ranks.world_size,
+            len(train_blocks),
+            config.seed,
+        )
         step_loss = torch.zeros((), device=device)
         for micro_step, indices in enumerate(micro_batches):
             batch = train_blocks[indices].long().to(device)
             # Skip the gradient all-reduce on all but the last micro-step of an accumulation.
-            sync = nullcontext() if (ranks.world_size == 1 or micro_step == len(micro_batches) - 1) else ddp_model.no_sync()
+            sync = (
+                nullcontext()
+                if (ranks.world_size == 1 or micro_step == len(micro_batches) - 1)
+                else ddp_model.no_sync()
+            )
             with sync:
                 with autocast:
                     loss = ddp_model(input_ids=batch, labels=batch).loss / config.grad_accum
                 loss.backward()
             step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if config.grad_clip > 0
+            else None
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
@@ -207,14 +244,28 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_
             window_start, window_tokens = time.perf_counter(), 0
             if ranks.is_main:
                 progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                run.log_metrics({"step": state["step"], "split": "train", "loss": step_loss.item(), "lr": lr,
-                                 "grad_norm": None if grad_norm is None else grad_norm.item(),
-                                 "tokens": state["tokens"], "tokens_per_s": tokens_per_s})
+                run.log_metrics(
+                    {
+                        "step": state["step"],
+                        "split": "train",
+                        "loss": step_loss.item(),
+                        "lr": lr,
+                        "grad_norm": None if grad_norm is None else grad_norm.item(),
+                        "tokens": state["tokens"],
+                        "tokens_per_s": tokens_per_s,
+                    }
+                )
         if ranks.is_main and (state["step"] % config.eval_every == 0 or state["step"] == total_steps):
             with autocast:
                 losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
-            run.log_metrics({"step": state["step"], "split": "validation", "tokens": state["tokens"],
-                             **{f"loss/{lang}": value for lang, value in losses.items()}})
+            run.log_metrics(
+                {
+                    "step": state["step"],
+                    "split": "validation",
+                    "tokens": state["tokens"],
+                    **{f"loss/{lang}": value for lang, value in losses.items()},
+                }
+            )
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if state["step"] % config.ckpt_every == 0 or state["step"] == total_steps:
             state["wall_time_s"] += time.perf_counter() - segment_start

@@ -12,13 +12,22 @@ import torch
 LORA_MODULES = ("c_attn", "c_proj", "c_fc")  # attention qkv, attention and MLP output, MLP input
 
 
-def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, layers: list[int] | None = None, seed: int = 0):
+def add_lora(
+    model, rank: int, alpha: float, dropout: float = 0.0, layers: list[int] | None = None, seed: int = 0
+):
     """Wrap `model` with LoRA adapters (base weights frozen by peft); `layers` limits them to some blocks."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # the adapters' A matrices are random
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_MODULES),
-                        fan_in_fan_out=True, layers_to_transform=layers, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(LORA_MODULES),
+        fan_in_fan_out=True,
+        layers_to_transform=layers,
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 

@@ -23,7 +23,11 @@ PRESETS: dict[str, dict[str, float]] = {
     # Seed 003 trained a model without English to see whether the shared space survives.
     "no-en": {lang: 1 / (len(MAJOR_LANGS) - 1) for lang in MAJOR_LANGS if lang != "en"},
     # English-heavy with Basque scarce (1.5%): the starting point for low-resource adaptation.
-    "en-heavy+eu": {"en": 0.885, **{lang: 0.02 for lang in MAJOR_LANGS if lang != "en"}, LOW_RESOURCE_LANG: 0.015},
+    "en-heavy+eu": {
+        "en": 0.885,
+        **{lang: 0.02 for lang in MAJOR_LANGS if lang != "en"},
+        LOW_RESOURCE_LANG: 0.015,
+    },
 }
 
 _SUM_TOLERANCE = 1e-3
@@ -39,7 +43,9 @@ def parse_mixture(spec: str) -> dict[str, float]:
     if spec in PRESETS:
         return dict(PRESETS[spec])
     if "=" not in spec:
-        raise MixtureError(f"unknown mixture {spec!r}: use a preset {sorted(PRESETS)} or a spec like en=0.5,fr=0.5")
+        raise MixtureError(
+            f"unknown mixture {spec!r}: use a preset {sorted(PRESETS)} or a spec like en=0.5,fr=0.5"
+        )
     shares: dict[str, float] = {}
     for item in spec.split(","):
         if not item.strip():
@@ -110,10 +116,12 @@ def sample_mixture(
         target = int(round(share * budget))
         targets[lang] = target
         rows = list(rows_by_lang[lang])
-        random.Random(f"{seed}:{lang}").shuffle(rows)  # per-language stream: adding a language never reshuffles another
+        random.Random(f"{seed}:{lang}").shuffle(
+            rows
+        )  # per-language stream: adding a language never reshuffles another
         drawn, taken = 0, 0
         while drawn < target and taken < len(rows):
-            chunk = rows[taken: taken + chunk_size]
+            chunk = rows[taken : taken + chunk_size]
             lengths = measure([texts[r] for r in chunk])
             for row, length in zip(chunk, lengths):
                 if drawn >= target:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from training.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,19 @@ PRESETS = {
 }
 
 
-def gpt2_config(preset: str, vocab_size: int, bos_token_id: int, eos_token_id: int, dropout: float = 0.0,
-                n_layer: int | None = None, n_embd: int | None = None, n_head: int | None = None,
-                n_ctx: int | None = None) -> GPT2Config:
+def gpt2_config(
+    preset: str,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    dropout: float = 0.0,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    n_head: int | None = None,
+    n_ctx: int | None = None,
+) -> GPT2Config:
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; presets: {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {preset!r}; presets: {sorted(PRESETS)}")
     base = PRESETS[preset]
     n_embd = n_embd or base.n_embd
     n_head = n_head or base.n_head
@@ -54,3 +66,28 @@ def build_model(config: GPT2Config, seed: int) -> GPT2LMHeadModel:
 
     torch.manual_seed(seed)  # initialisation depends only on the seed
     return GPT2LMHeadModel(config)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The one device rule: "auto" is CUDA when there is one, else the CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """A saved model and its tokenizer, in eval mode: `AutoModelForCausalLM` on safetensors weights only
+    (never unpickled), so a user's GPT-2-family directory loads the same way as ours."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise UserError(
+            f"no model at {path}: expected a save_pretrained directory with config.json and model.safetensors "
+            "(train one with scripts/pretrain.py)"
+        )
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)

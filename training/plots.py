@@ -16,7 +16,13 @@ def plot_loss_curves(metrics: list[dict], path: Path, title: str = "") -> None:
     val = [r for r in metrics if r.get("split") == "validation"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], color="0.6", lw=1, label="train (mixture)")
+        ax.plot(
+            [r["tokens"] / 1e6 for r in train],
+            [r["loss"] for r in train],
+            color="0.6",
+            lw=1,
+            label="train (mixture)",
+        )
     langs = sorted({k.split("/", 1)[1] for r in val for k in r if k.startswith("loss/")})
     for lang in langs:
         points = [(r["tokens"] / 1e6, r[f"loss/{lang}"]) for r in val if f"loss/{lang}" in r]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training import evaluate
+from training import evaluate, paths
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
 from training.data import pack_by_language
@@ -35,29 +35,51 @@ from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
 class PretrainConfig(OptimizerConfig):
     """Pretrain a GPT-2-style model on a language mixture of the project's corpus."""
 
-    run_dir: str = field(default="runs/pretrain-tiny-en-heavy", metadata={"help": "run directory (resumed if it holds a checkpoint)"})
-    corpus_dir: str = field(default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus DatasetDict (built with defaults if missing)"})
-    mixture: str = field(default="en-heavy", metadata={"help": "preset (en-heavy, balanced, no-en, en-heavy+eu) or spec like en=0.5,fr=0.5"})
-    token_budget: int = field(default=500_000, metadata={"help": "distinct training tokens sampled from the corpus"})
-    train_tokens: int = field(default=3_000_000, metadata={"help": "tokens processed in training (epochs over the sample)"})
+    run_dir: str = field(
+        default=paths.PRETRAIN_RUN_DIR, metadata={"help": "run directory (resumed if it holds a checkpoint)"}
+    )
+    corpus_dir: str = field(
+        default_factory=lambda: str(default_corpus_dir()),
+        metadata={"help": "corpus DatasetDict (built with defaults if missing)"},
+    )
+    mixture: str = field(
+        default="en-heavy",
+        metadata={"help": "preset (en-heavy, balanced, no-en, en-heavy+eu) or spec like en=0.5,fr=0.5"},
+    )
+    token_budget: int = field(
+        default=500_000, metadata={"help": "distinct training tokens sampled from the corpus"}
+    )
+    train_tokens: int = field(
+        default=3_000_000, metadata={"help": "tokens processed in training (epochs over the sample)"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides train_tokens"})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "use this saved tokenizer instead of training one"})
-    tokenizer_mixture: str = field(default="same", metadata={"help": "mixture the tokenizer is trained on: 'same' or a preset/spec"})
-    tokenizer_chars: int = field(default=2_000_000, metadata={"help": "characters sampled to train the tokenizer"})
+    tokenizer_dir: str | None = field(
+        default=None, metadata={"help": "use this saved tokenizer instead of training one"}
+    )
+    tokenizer_mixture: str = field(
+        default="same", metadata={"help": "mixture the tokenizer is trained on: 'same' or a preset/spec"}
+    )
+    tokenizer_chars: int = field(
+        default=2_000_000, metadata={"help": "characters sampled to train the tokenizer"}
+    )
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
     preset: str = field(default="tiny", metadata={"help": "model size: tiny, small, gpt2"})
     n_layer: int | None = field(default=None, metadata={"help": "override the preset's layers"})
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
     n_ctx: int | None = field(default=None, metadata={"help": "override the preset's context length"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout (GPT-2 used 0.1; 0 is usual for short runs)"})
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout (GPT-2 used 0.1; 0 is usual for short runs)"}
+    )
     micro_batch: int = field(default=16, metadata={"help": "blocks per forward pass per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     eval_every: int = field(default=200, metadata={"help": "steps between validation-loss evaluations"})
     eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
-    gen_prompts: int = field(default=50, metadata={"help": "held-out parallel prompts per language for the final consistency eval"})
+    gen_prompts: int = field(
+        default=50, metadata={"help": "held-out parallel prompts per language for the final consistency eval"}
+    )
     gen_prompt_tokens: int = field(default=16, metadata={"help": "prompt length in tokens"})
     gen_new_tokens: int = field(default=32, metadata={"help": "continuation length in tokens"})
     seed: int = field(default=0, metadata={"help": "seed for init, mixture sampling and data order"})
@@ -67,6 +89,7 @@ class PretrainConfig(OptimizerConfig):
 # ---------------------------------------------------------------------------------------------
 # Preparation: tokenizer and packed data (rank 0 writes, the others read)
 # ---------------------------------------------------------------------------------------------
+
 
 def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
     from transformers import AutoTokenizer
@@ -80,8 +103,15 @@ def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
         spec = config.mixture if config.tokenizer_mixture == "same" else config.tokenizer_mixture
         train = corpus["train"]
         texts, langs = list(train["text"]), list(train["lang"])
-        sample = sample_mixture(texts, langs, parse_mixture(spec), config.tokenizer_chars, count_chars,
-                                seed=config.seed, unit_name="characters")
+        sample = sample_mixture(
+            texts,
+            langs,
+            parse_mixture(spec),
+            config.tokenizer_chars,
+            count_chars,
+            seed=config.seed,
+            unit_name="characters",
+        )
         texts = [texts[i] for i in sample.indices]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
     tokenizer.save_pretrained(model_dir)
@@ -96,10 +126,13 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
         return json.loads(meta_path.read_text())
     texts, langs = list(corpus["train"]["text"]), list(corpus["train"]["lang"])
     mixture = parse_mixture(config.mixture)
-    sample = sample_mixture(texts, langs, mixture, config.token_budget, count_tokens(tokenizer), seed=config.seed)
+    sample = sample_mixture(
+        texts, langs, mixture, config.token_budget, count_tokens(tokenizer), seed=config.seed
+    )
     token_lists = tokenizer([texts[i] for i in sample.indices], add_special_tokens=False)["input_ids"]
-    train_blocks, block_langs = pack_by_language(token_lists, [langs[i] for i in sample.indices],
-                                                 tokenizer.eos_token_id, n_ctx)
+    train_blocks, block_langs = pack_by_language(
+        token_lists, [langs[i] for i in sample.indices], tokenizer.eos_token_id, n_ctx
+    )
 
     # Validation blocks for every corpus language, also those outside the mixture (e.g. held-out Basque).
     val_texts, val_langs = list(corpus["validation"]["text"]), list(corpus["validation"]["lang"])
@@ -123,7 +156,9 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
     return meta
 
 
-def load_data(config, corpus, tokenizer, n_ctx: int, run: RunDir, ranks: Dist) -> tuple[dict, torch.Tensor, dict]:
+def load_data(
+    config, corpus, tokenizer, n_ctx: int, run: RunDir, ranks: Dist
+) -> tuple[dict, torch.Tensor, dict]:
     """Rank 0 prepares (or finds) the run's packed data, every rank then reads it:
     returns (meta, train blocks, validation blocks by language)."""
     if ranks.is_main:
@@ -140,6 +175,7 @@ def load_data(config, corpus, tokenizer, n_ctx: int, run: RunDir, ranks: Dist) -
 # Training
 # ---------------------------------------------------------------------------------------------
 
+
 def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
@@ -154,17 +190,28 @@ def pretrain(config: PretrainConfig) -> dict:
         return finished
 
     if ranks.is_main:
-        corpus = build_corpus(CorpusConfig(out_dir=config.corpus_dir)) if not Path(config.corpus_dir, "dataset_dict.json").exists() \
+        corpus = (
+            build_corpus(CorpusConfig(out_dir=config.corpus_dir))
+            if not Path(config.corpus_dir, "dataset_dict.json").exists()
             else load_corpus(config.corpus_dir)
+        )
         tokenizer = prepare_tokenizer(config, corpus, run)
     ranks.barrier()
     if not ranks.is_main:
         corpus = load_corpus(config.corpus_dir)
         tokenizer = prepare_tokenizer(config, corpus, run)
 
-    model_config = gpt2_config(config.preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, dropout=config.dropout, n_layer=config.n_layer,
-                               n_embd=config.n_embd, n_head=config.n_head, n_ctx=config.n_ctx)
+    model_config = gpt2_config(
+        config.preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dropout=config.dropout,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        n_head=config.n_head,
+        n_ctx=config.n_ctx,
+    )
     n_ctx = model_config.n_positions
     meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, ranks)
 
@@ -172,8 +219,19 @@ def pretrain(config: PretrainConfig) -> dict:
     optimizer = make_optimizer(model, config)
     state = resume(run, model, optimizer, ranks)
     total_steps = total_steps_for(config, n_ctx, ranks.world_size)
-    state = train_steps(model, optimizer, train_blocks, val_blocks, config, run, ranks, device, state, total_steps,
-                        desc="pretrain")
+    state = train_steps(
+        model,
+        optimizer,
+        train_blocks,
+        val_blocks,
+        config,
+        run,
+        ranks,
+        device,
+        state,
+        total_steps,
+        desc="pretrain",
+    )
     ranks.shutdown()
 
     summary = None
@@ -182,7 +240,9 @@ def pretrain(config: PretrainConfig) -> dict:
     return summary if summary is not None else {}
 
 
-def finish(config: PretrainConfig, run: RunDir, model, tokenizer, corpus, val_blocks, meta, state, device) -> dict:
+def finish(
+    config: PretrainConfig, run: RunDir, model, tokenizer, corpus, val_blocks, meta, state, device
+) -> dict:
     """Save the model, evaluate validation loss and continuation consistency, plot, write summary.json."""
     from training.plots import plot_loss_curves
 
@@ -192,16 +252,34 @@ def finish(config: PretrainConfig, run: RunDir, model, tokenizer, corpus, val_bl
     val_loss = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
 
     parallel = corpus["parallel"]
-    texts, langs = evaluate.usable_prompts(tokenizer, list(parallel["text"]), list(parallel["lang"]), config.gen_prompt_tokens,
-                                           config.gen_prompts)
+    texts, langs = evaluate.usable_prompts(
+        tokenizer,
+        list(parallel["text"]),
+        list(parallel["lang"]),
+        config.gen_prompt_tokens,
+        config.gen_prompts,
+    )
     consistency, records = {}, []
     for greedy in (True, False):
-        report, rows = evaluate.continuation_consistency(model, tokenizer, texts, langs, config.gen_prompt_tokens,
-                                                         config.gen_new_tokens, greedy, device, seed=config.seed)
+        report, rows = evaluate.continuation_consistency(
+            model,
+            tokenizer,
+            texts,
+            langs,
+            config.gen_prompt_tokens,
+            config.gen_new_tokens,
+            greedy,
+            device,
+            seed=config.seed,
+        )
         consistency["greedy" if greedy else "sampled"] = report
         records += rows
-    (run.path / "generations.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    plot_loss_curves(run.read_metrics(), run.path / "loss_curves.png", title=f"{config.preset} · {config.mixture}")
+    (run.path / "generations.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
+    plot_loss_curves(
+        run.read_metrics(), run.path / "loss_curves.png", title=f"{config.preset} · {config.mixture}"
+    )
     train_records = [r for r in run.read_metrics() if r["split"] == "train"]
     steady = [r["tokens_per_s"] for r in train_records[1:]] or [r["tokens_per_s"] for r in train_records]
     summary = {

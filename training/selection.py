@@ -51,8 +51,12 @@ class Selection:
     neurons: list[tuple[int, int]] = field(default_factory=list)
 
     def describe(self) -> dict:
-        return {"strategy": self.strategy, "layers": self.layers, "neurons": [list(u) for u in self.neurons],
-                "tensors": sorted(self.masks)}
+        return {
+            "strategy": self.strategy,
+            "layers": self.layers,
+            "neurons": [list(u) for u in self.neurons],
+            "tensors": sorted(self.masks),
+        }
 
 
 def n_layers(model) -> int:
@@ -63,7 +67,9 @@ def n_neurons(model) -> int:
     return hook_points.adapter(model).d_mlp
 
 
-def random_matched(neurons: list[tuple[int, int]], n_units: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
+def random_matched(
+    neurons: list[tuple[int, int]], n_units: int, seed: int, exclude: set | None = None
+) -> list[tuple[int, int]]:
     """Random neurons with the same count per layer (excluding `exclude`): the control for any neuron set."""
     generator = np.random.default_rng(seed)
     exclude = exclude or set()
@@ -78,7 +84,9 @@ def random_matched(neurons: list[tuple[int, int]], n_units: int, seed: int, excl
 
 
 def full(model) -> Selection:
-    return Selection("full", {name: None for name, _ in model.named_parameters()}, layers=list(range(n_layers(model))))
+    return Selection(
+        "full", {name: None for name, _ in model.named_parameters()}, layers=list(range(n_layers(model)))
+    )
 
 
 def blocks(model, layers: list[int], strategy: str = "layers") -> Selection:
@@ -88,8 +96,11 @@ def blocks(model, layers: list[int], strategy: str = "layers") -> Selection:
     if bad or not layers:
         raise ValueError(f"layers {layers} must be a non-empty subset of 0…{n_layers(model) - 1}")
     prefixes = tuple(f"transformer.h.{layer}." for layer in layers)
-    return Selection(strategy, {name: None for name, _ in model.named_parameters() if name.startswith(prefixes)},
-                     layers=layers)
+    return Selection(
+        strategy,
+        {name: None for name, _ in model.named_parameters() if name.startswith(prefixes)},
+        layers=layers,
+    )
 
 
 def last_k(model, k: int) -> Selection:
@@ -102,7 +113,11 @@ def outermost(model, share: float = 0.25) -> Selection:
     """`share` of the blocks split between the first and the last ones (the first side gets the smaller half)."""
     total = max(2, round(share * n_layers(model)))
     first = total // 2
-    return blocks(model, list(range(first)) + list(range(n_layers(model) - (total - first), n_layers(model))), "outermost")
+    return blocks(
+        model,
+        list(range(first)) + list(range(n_layers(model) - (total - first), n_layers(model))),
+        "outermost",
+    )
 
 
 def neurons(model, units: list[tuple[int, int]], strategy: str = "neurons") -> Selection:
@@ -113,7 +128,9 @@ def neurons(model, units: list[tuple[int, int]], strategy: str = "neurons") -> S
     width = n_neurons(model)
     bad = [u for u in units if not (0 <= u[0] < n_layers(model) and 0 <= u[1] < width)]
     if bad:
-        raise ValueError(f"{strategy}: neurons {bad[:3]} do not exist in a {n_layers(model)}-layer model with {width} neurons")
+        raise ValueError(
+            f"{strategy}: neurons {bad[:3]} do not exist in a {n_layers(model)}-layer model with {width} neurons"
+        )
     params = dict(model.named_parameters())
     masks: dict[str, Tensor] = {}
     for layer, j in units:
@@ -132,7 +149,9 @@ def random_like(model, reference: Selection, seed: int) -> Selection:
         units = random_matched(reference.neurons, n_neurons(model), seed, exclude=set(reference.neurons))
         return neurons(model, units, "random")
     if reference.strategy in ("full", "lora") or not reference.layers:
-        raise ValueError(f"random: cannot match a {reference.strategy!r} selection (use a layer or neuron strategy)")
+        raise ValueError(
+            f"random: cannot match a {reference.strategy!r} selection (use a layer or neuron strategy)"
+        )
     pool = [layer for layer in range(n_layers(model)) if layer not in reference.layers]
     if len(pool) < len(reference.layers):
         raise ValueError(f"random: {len(reference.layers)} blocks outside {reference.layers} do not exist")
@@ -142,8 +161,12 @@ def random_like(model, reference: Selection, seed: int) -> Selection:
 
 def with_embeddings(model, selection: Selection) -> Selection:
     params = dict(model.named_parameters())
-    return Selection(selection.strategy, {**selection.masks, **{name: None for name in EMBEDDINGS if name in params}},
-                     selection.layers, selection.neurons)
+    return Selection(
+        selection.strategy,
+        {**selection.masks, **{name: None for name in EMBEDDINGS if name in params}},
+        selection.layers,
+        selection.neurons,
+    )
 
 
 def embeddings(model) -> Selection:
@@ -154,7 +177,9 @@ def embeddings(model) -> Selection:
 def count(model, selection: Selection) -> dict:
     """Trainable entries vs all parameters (tied tensors counted once)."""
     params = dict(model.named_parameters())
-    trainable = sum(params[name].numel() if mask is None else int(mask.sum()) for name, mask in selection.masks.items())
+    trainable = sum(
+        params[name].numel() if mask is None else int(mask.sum()) for name, mask in selection.masks.items()
+    )
     total = sum(p.numel() for p in params.values())
     return {"trainable": trainable, "total": total, "share": trainable / total}
 
@@ -175,11 +200,15 @@ class MaskedTraining:
             if mask is None:
                 continue
             if mask.shape != param.shape:
-                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"mask for {name} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}"
+                )
             mask = mask.to(param.device)
             self.partial.append((param, mask, param.detach().clone()))
             # torch.where, not g * mask: a NaN/inf gradient in a frozen entry must not leak into Adam's moments.
-            self.handles.append(param.register_hook(lambda grad, mask=mask: torch.where(mask, grad, torch.zeros_like(grad))))
+            self.handles.append(
+                param.register_hook(lambda grad, mask=mask: torch.where(mask, grad, torch.zeros_like(grad)))
+            )
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -19,9 +19,13 @@ SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN]
 PER_CHAR_LANGS = {"zh", "ja", "th", "km", "lo", "my"}
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + special tokens), got {vocab_size}"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -56,10 +60,14 @@ def count_tokens(tokenizer: PreTrainedTokenizerFast) -> "callable":
     return measure
 
 
-def fertility(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], langs: Sequence[str]) -> dict[str, dict[str, float]]:
+def fertility(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], langs: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """Per language: tokens per whitespace word, tokens per character, and the headline number
     (`fertility`: per character for scripts without spaces, per word otherwise)."""
-    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "words": 0, "chars": 0, "paragraphs": 0})
+    totals: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"tokens": 0, "words": 0, "chars": 0, "paragraphs": 0}
+    )
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     for ids, text, lang in zip(encoded, texts, langs):
         entry = totals[lang]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
+from training.errors import UnknownLanguage, UserError
 
 DEFAULT_LANGS = ["en", "fr", "de", "es", "ru", "zh", "eu"]
 COLUMNS = ["text", "lang", "source", "parallel_id", "detected_lang"]
@@ -40,25 +41,64 @@ def default_corpus_dir() -> Path:
 class CorpusConfig:
     """Build a multilingual corpus (DatasetDict on disk) from Debian's LibreOffice help and other sources."""
 
-    out_dir: str = field(default_factory=lambda: str(default_corpus_dir()), metadata={"help": "where to save the DatasetDict"})
-    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()), metadata={"help": "cache for downloaded .deb files and extracted trees"})
-    langs: list[str] = field(default_factory=lambda: list(DEFAULT_LANGS), metadata={"help": "comma-separated language codes"})
-    libreoffice: bool = field(default=True, metadata={"help": "use the LibreOffice help packages (paragraph-parallel)"})
-    libreoffice_subdirs: list[str] = field(default_factory=list, metadata={"help": "only these folders under text/ (e.g. shared/optionen) for quick slices; empty = all"})
-    wesnoth: bool = field(default=False, metadata={"help": "add Battle for Wesnoth dialogue/lore (sentence-aligned, ~160 MB of downloads)"})
-    text_files: list[str] = field(default_factory=list, metadata={"help": "extra plain-text files as lang=path, paragraphs separated by blank lines"})
-    hf_dataset: str | None = field(default=None, metadata={"help": "extra source: a datasets.load_dataset path or hub name"})
+    out_dir: str = field(
+        default_factory=lambda: str(default_corpus_dir()), metadata={"help": "where to save the DatasetDict"}
+    )
+    cache_dir: str = field(
+        default_factory=lambda: str(default_cache_dir()),
+        metadata={"help": "cache for downloaded .deb files and extracted trees"},
+    )
+    langs: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LANGS), metadata={"help": "comma-separated language codes"}
+    )
+    libreoffice: bool = field(
+        default=True, metadata={"help": "use the LibreOffice help packages (paragraph-parallel)"}
+    )
+    libreoffice_subdirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "only these folders under text/ (e.g. shared/optionen) for quick slices; empty = all"
+        },
+    )
+    wesnoth: bool = field(
+        default=False,
+        metadata={"help": "add Battle for Wesnoth dialogue/lore (sentence-aligned, ~160 MB of downloads)"},
+    )
+    text_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "extra plain-text files as lang=path, paragraphs separated by blank lines"},
+    )
+    hf_dataset: str | None = field(
+        default=None, metadata={"help": "extra source: a datasets.load_dataset path or hub name"}
+    )
     hf_config: str | None = field(default=None, metadata={"help": "its config name"})
     hf_split: str = field(default="train", metadata={"help": "its split"})
     hf_text_column: str = field(default="text", metadata={"help": "its text column"})
-    hf_lang: str | None = field(default=None, metadata={"help": "language of every row (or use --hf-lang-column)"})
+    hf_lang: str | None = field(
+        default=None, metadata={"help": "language of every row (or use --hf-lang-column)"}
+    )
     hf_lang_column: str | None = field(default=None, metadata={"help": "column with each row's language"})
     hf_max_rows: int | None = field(default=None, metadata={"help": "read at most this many rows"})
     n_parallel: int = field(default=1000, metadata={"help": "held-out parallel paragraphs per language"})
-    min_parallel_chars: int = field(default=40, metadata={"help": "held-out parallel paragraphs must be at least this long in every language"})
-    val_fraction: float = field(default=0.02, metadata={"help": "share of non-parallel paragraphs held out for validation loss"})
-    require_langid_match: bool = field(default=True, metadata={"help": "drop paragraphs the language identifier assigns to another language or cannot decide"})
-    reference_lang: str = field(default="en", metadata={"help": "aligned paragraphs identical to this language's are untranslated fallbacks and dropped"})
+    min_parallel_chars: int = field(
+        default=40,
+        metadata={"help": "held-out parallel paragraphs must be at least this long in every language"},
+    )
+    val_fraction: float = field(
+        default=0.02, metadata={"help": "share of non-parallel paragraphs held out for validation loss"}
+    )
+    require_langid_match: bool = field(
+        default=True,
+        metadata={
+            "help": "drop paragraphs the language identifier assigns to another language or cannot decide"
+        },
+    )
+    reference_lang: str = field(
+        default="en",
+        metadata={
+            "help": "aligned paragraphs identical to this language's are untranslated fallbacks and dropped"
+        },
+    )
     workers: int = field(default=2, metadata={"help": "processes for parsing"})
     seed: int = field(default=0, metadata={"help": "seed for the held-out selection"})
     overwrite: bool = field(default=False, metadata={"help": "rebuild even if out_dir holds a corpus"})
@@ -71,13 +111,17 @@ def _parse_libreoffice_lang(args: tuple[str, str, list[str] | None]) -> list[Par
     return list(iter_help_tree(Path(help_root), lang, subdirs or None))
 
 
-def collect_libreoffice(langs: list[str], cache_dir: Path, subdirs: list[str], workers: int) -> list[Paragraph]:
+def collect_libreoffice(
+    langs: list[str], cache_dir: Path, subdirs: list[str], workers: int
+) -> list[Paragraph]:
     from concurrent.futures import ProcessPoolExecutor
 
     from training.corpus.libreoffice import LibreOfficeHelpSource
 
     source = LibreOfficeHelpSource(langs, cache_dir, subdirs or None)
-    jobs = [(str(source.help_root(lang)), lang, subdirs) for lang in tqdm(langs, desc="fetch libreoffice-help")]
+    jobs = [
+        (str(source.help_root(lang)), lang, subdirs) for lang in tqdm(langs, desc="fetch libreoffice-help")
+    ]
     paragraphs: list[Paragraph] = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for chunk in tqdm(pool.map(_parse_libreoffice_lang, jobs), total=len(jobs), desc="parse help pages"):
@@ -112,7 +156,9 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     paragraphs: list[Paragraph] = []
     if config.libreoffice:
         reference_extra = [] if config.reference_lang in langs else [config.reference_lang]
-        paragraphs += collect_libreoffice(langs + reference_extra, cache_dir, config.libreoffice_subdirs, config.workers)
+        paragraphs += collect_libreoffice(
+            langs + reference_extra, cache_dir, config.libreoffice_subdirs, config.workers
+        )
     extra: list[TextSource] = list(sources or [])
     if config.wesnoth:
         from training.corpus.wesnoth import WesnothSource
@@ -122,8 +168,17 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         files = dict(item.split("=", 1) for item in config.text_files)
         extra.append(PlainTextSource(files))
     if config.hf_dataset:
-        extra.append(HFDatasetSource(config.hf_dataset, config.hf_text_column, config.hf_lang, config.hf_lang_column,
-                                     config.hf_config, config.hf_split, max_rows=config.hf_max_rows))
+        extra.append(
+            HFDatasetSource(
+                config.hf_dataset,
+                config.hf_text_column,
+                config.hf_lang,
+                config.hf_lang_column,
+                config.hf_config,
+                config.hf_split,
+                max_rows=config.hf_max_rows,
+            )
+        )
     for source in extra:
         paragraphs += list(tqdm(source.iter_paragraphs(), desc=f"read {source.name}"))
 
@@ -150,11 +205,20 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     rng = random.Random(config.seed)
     parallel_ids = _choose_parallel_ids(rows, langs, config, rng)
     parallel_texts = {(p.lang, p.text) for p, _ in rows if p.parallel_id in parallel_ids}
-    parallel_rows = sorted((r for r in rows if r[0].parallel_id in parallel_ids), key=lambda r: (r[0].parallel_id, r[0].lang))
-    rest = [r for r in rows if r[0].parallel_id not in parallel_ids and (r[0].lang, r[0].text) not in parallel_texts]
+    parallel_rows = sorted(
+        (r for r in rows if r[0].parallel_id in parallel_ids), key=lambda r: (r[0].parallel_id, r[0].lang)
+    )
+    rest = [
+        r
+        for r in rows
+        if r[0].parallel_id not in parallel_ids and (r[0].lang, r[0].text) not in parallel_texts
+    ]
     rng.shuffle(rest)
     # At least one validation paragraph per language: every later stage needs validation loss per language.
-    n_val = {lang: max(1, int(round(config.val_fraction * sum(1 for p, _ in rest if p.lang == lang)))) for lang in langs}
+    n_val = {
+        lang: max(1, int(round(config.val_fraction * sum(1 for p, _ in rest if p.lang == lang))))
+        for lang in langs
+    }
     taken: Counter = Counter()
     train_rows, val_rows = [], []
     for row in rest:
@@ -165,11 +229,13 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         else:
             train_rows.append(row)
 
-    corpus = datasets.DatasetDict({
-        "train": _to_dataset(train_rows),
-        "validation": _to_dataset(val_rows),
-        "parallel": _to_dataset(parallel_rows),
-    })
+    corpus = datasets.DatasetDict(
+        {
+            "train": _to_dataset(train_rows),
+            "validation": _to_dataset(val_rows),
+            "parallel": _to_dataset(parallel_rows),
+        }
+    )
     stats = {
         "config": config_to_dict(config),
         "langs": langs,
@@ -191,14 +257,19 @@ def _choose_parallel_ids(rows, langs, config: CorpusConfig, rng: random.Random) 
         if p.parallel_id is not None:
             by_id[p.parallel_id][p.lang] = p.text
     candidates = sorted(
-        pid for pid, texts in by_id.items()
+        pid
+        for pid, texts in by_id.items()
         if len(texts) == len(langs) and all(len(t) >= config.min_parallel_chars for t in texts.values())
     )
     if config.n_parallel < 1:
-        raise ValueError("n_parallel must be at least 1: the held-out parallel split drives the cross-lingual evaluations")
+        raise ValueError(
+            "n_parallel must be at least 1: the held-out parallel split drives the cross-lingual evaluations"
+        )
     if not candidates:
-        raise ValueError(f"no paragraph of at least {config.min_parallel_chars} characters is aligned across all of {langs}; "
-                         "add an aligned source or lower --min-parallel-chars")
+        raise ValueError(
+            f"no paragraph of at least {config.min_parallel_chars} characters is aligned across all of {langs}; "
+            "add an aligned source or lower --min-parallel-chars"
+        )
     rng.shuffle(candidates)
     return set(candidates[: config.n_parallel])
 
@@ -225,7 +296,12 @@ def _langid_report(paragraphs: list[Paragraph], detected: list[str]) -> dict:
     for lang, counts in sorted(by_lang.items()):
         n = sum(counts.values())
         others = {k: v for k, v in counts.most_common(4) if k not in (lang, langid.UNKNOWN)}
-        report[lang] = {"n": n, "accuracy": counts[lang] / n, "unknown": counts[langid.UNKNOWN] / n, "confusions": others}
+        report[lang] = {
+            "n": n,
+            "accuracy": counts[lang] / n,
+            "unknown": counts[langid.UNKNOWN] / n,
+            "confusions": others,
+        }
     return report
 
 
@@ -256,11 +332,15 @@ def _save_atomically(corpus, out_dir: Path, stats: dict) -> None:
 
 
 def corpus_summary_markdown(stats: dict) -> str:
-    lines = ["# Corpus summary", "",
-             "Language-ID columns: CLD2's agreement with the source label on all cleaned paragraphs before the",
-             "language-ID filter, for paragraphs of at least 40 characters (and all lengths); `unknown` = undecided.", "",
-             "| lang | train paragraphs | train chars | validation | parallel | langid acc. ≥40 chars | unknown ≥40 | langid acc. all | unknown all |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Corpus summary",
+        "",
+        "Language-ID columns: CLD2's agreement with the source label on all cleaned paragraphs before the",
+        "language-ID filter, for paragraphs of at least 40 characters (and all lengths); `unknown` = undecided.",
+        "",
+        "| lang | train paragraphs | train chars | validation | parallel | langid acc. ≥40 chars | unknown ≥40 | langid acc. all | unknown all |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     splits = stats["splits"]
     for lang in stats["langs"]:
         acc = stats["langid_on_all_cleaned_paragraphs"].get(lang, {})
@@ -280,8 +360,30 @@ def load_corpus(path: str | Path):
 
     path = Path(path)
     if not (path / "dataset_dict.json").exists():
-        raise FileNotFoundError(f"no corpus at {path}; build one with `python scripts/build_corpus.py --out-dir {path}`")
+        raise CorpusNotFound(
+            f"no corpus at {path}; build one with `python scripts/build_corpus.py --out-dir {path}`"
+        )
     return datasets.load_from_disk(str(path))
+
+
+class CorpusNotFound(UserError, FileNotFoundError):
+    """No built corpus at the given directory."""
+
+
+def unknown_language_message(missing: list[str], present: list[str], split: str) -> str:
+    return (
+        f"no text in {missing} in the corpus's {split} split (it has {', '.join(sorted(present))}); "
+        f"add a language with `python scripts/build_corpus.py --langs {','.join(sorted(set(present) | set(missing)))}` "
+        "(LibreOffice help must exist for it in Debian) or pass --text-files / --hf-dataset sources"
+    )
+
+
+def require_langs(corpus, langs: list[str], split: str = "parallel") -> None:
+    """Fail early, in one line, if the corpus has no text in some of `langs` in `split`."""
+    present = sorted(set(corpus[split]["lang"]))
+    missing = sorted(set(langs) - set(present))
+    if missing:
+        raise UnknownLanguage(unknown_language_message(missing, present, split))
 
 
 def load_corpus_stats(path: str | Path) -> dict:
@@ -291,10 +393,8 @@ def load_corpus_stats(path: str | Path) -> dict:
 def parallel_sets(corpus, langs: list[str]) -> dict[str, dict[str, str]]:
     """The held-out parallel split as {parallel_id: {lang: text}}, only ids present in all `langs`
     (sorted by id, so any seeded selection from it is reproducible)."""
+    require_langs(corpus, langs, "parallel")
     split = corpus["parallel"]
-    missing = sorted(set(langs) - set(split["lang"]))
-    if missing:
-        raise ValueError(f"the corpus's parallel split has no {missing}; it has {sorted(set(split['lang']))}")
     by_id: dict[str, dict[str, str]] = {}
     for text, lang, pid in zip(list(split["text"]), list(split["lang"]), list(split["parallel_id"])):
         if lang in langs:

@@ -58,8 +58,10 @@ def extract_deb(deb: Path, target: Path, patterns: list[str] | None = None) -> P
     tmp.mkdir(parents=True)
     if patterns:
         # Only some members of a large package (e.g. translation catalogs): stream the data tarball.
-        command = f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(tmp))} --wildcards " + \
-            " ".join(shlex.quote(p) for p in patterns)
+        command = (
+            f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(tmp))} --wildcards "
+            + " ".join(shlex.quote(p) for p in patterns)
+        )
         result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     else:
         result = subprocess.run(["dpkg", "-x", str(deb), str(tmp)], capture_output=True, text=True)

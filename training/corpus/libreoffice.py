@@ -70,7 +70,11 @@ class _HelpPageParser(HTMLParser):
             self._in_display_depth = depth
         if self._paragraph is None:
             element_id = attributes.get("id", "")
-            if self._in_display_depth is not None and tag in _PARAGRAPH_TAGS and _PARAGRAPH_ID.match(element_id):
+            if (
+                self._in_display_depth is not None
+                and tag in _PARAGRAPH_TAGS
+                and _PARAGRAPH_ID.match(element_id)
+            ):
                 classes = set(attributes.get("class", "").split())
                 self._paragraph = (element_id, depth, bool(classes & _CODE_CLASSES))
                 self._chunks = []
@@ -132,7 +136,9 @@ def iter_help_tree(help_root: Path, lang: str, subdirs: list[str] | None = None)
         for page in sorted(root.rglob("*.html")):
             relative = page.relative_to(lang_root).as_posix()
             for element_id, text in parse_help_page(page.read_text(encoding="utf-8", errors="replace")):
-                yield Paragraph(text=text, lang=lang, source=SOURCE_NAME, parallel_id=f"lo:{relative}#{element_id}")
+                yield Paragraph(
+                    text=text, lang=lang, source=SOURCE_NAME, parallel_id=f"lo:{relative}#{element_id}"
+                )
 
 
 class LibreOfficeHelpSource:

@@ -85,7 +85,9 @@ class HFDatasetSource:
     def iter_paragraphs(self) -> Iterator[Paragraph]:
         import datasets  # imported here: the corpus code runs without touching the hub otherwise
 
-        dataset = datasets.load_dataset(self.path, self.config_name, split=self.split, data_files=self.data_files)
+        dataset = datasets.load_dataset(
+            self.path, self.config_name, split=self.split, data_files=self.data_files
+        )
         for column in [self.text_column, self.lang_column, self.parallel_id_column]:
             if column is not None and column not in dataset.column_names:
                 raise KeyError(f"column {column!r} not in {self.name}; columns are {dataset.column_names}")

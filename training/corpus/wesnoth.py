@@ -17,8 +17,27 @@ from training.corpus.debian import fetch_package
 from training.corpus.sources import Paragraph
 
 SOURCE_NAME = "wesnoth"
-DEFAULT_PACKAGES = ["wesnoth-1.16-data"] + [f"wesnoth-1.16-{c}" for c in (
-    "httt", "trow", "ei", "did", "l", "low", "nr", "sof", "sota", "sotbe", "thot", "tsg", "ttb", "utbs", "dm", "dw")]
+DEFAULT_PACKAGES = ["wesnoth-1.16-data"] + [
+    f"wesnoth-1.16-{c}"
+    for c in (
+        "httt",
+        "trow",
+        "ei",
+        "did",
+        "l",
+        "low",
+        "nr",
+        "sof",
+        "sota",
+        "sotbe",
+        "thot",
+        "tsg",
+        "ttb",
+        "utbs",
+        "dm",
+        "dw",
+    )
+]
 _LOCALE_SUBDIR = "usr/share/games/wesnoth/1.16/locale"
 _MARKUP = [re.compile(p) for p in (r"<[^>]*>", r"&[#\w]+;", r"\{[^}]*\}", r"\$[\w|.]+", r"@")]
 _WHITESPACE = re.compile(r"\s+")
