@@ -1,7 +1,8 @@
 """Attribution speed and memory: ours vs circuit-tracer, same model, CLT and prompts, CPU.
 
-    python benchmarks/bench_attribution.py --model-dir runs/tiny-en-heavy/model \
-        --clt runs/sweep-clt-plt/clt-lambda1/clt --lengths 16,64,128 --out docs/attribution_bench.json
+    python benchmarks/bench_attribution.py --model-dir runs/pretrain-tiny-en-heavy/model \
+        --clt runs/sweep-clt-per-layer/clt-lambda1/clt --lengths 16,64,128 --run-dir runs/bench-attribution
+    cp runs/bench-attribution/results.json docs/attribution_bench.json
 
 Each (implementation, prompt length, prompt) runs in a fresh subprocess, so that its peak resident
 memory is its own (VmHWM from /proc/self/status: unlike ru_maxrss, it is not inherited from the parent
@@ -12,17 +13,48 @@ forward pass is batched over `batch_size` copies of the prompt) and its best is 
 graphs is checked for identical active features and edges (max |Δ| / max |A|).
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from training import paths
+from training.config import RunDir, atomic_write_json, parse_config, run_main
+
+
+@dataclass
+class BenchAttributionConfig:
+    """Attribution speed and memory, ours vs circuit-tracer (each measurement in a fresh subprocess)."""
+
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF model directory"})
+    clt: str = field(
+        default="runs/sweep-clt-per-layer/clt-lambda1/clt", metadata={"help": "CLT directory (native)"}
+    )
+    lengths: list[int] = field(
+        default_factory=lambda: [16, 64, 128], metadata={"help": "prompt lengths (BOS included)"}
+    )
+    langs: list[str] = field(
+        default_factory=lambda: ["en", "fr", "de"], metadata={"help": "one prompt per language"}
+    )
+    repeats: int = field(default=2, metadata={"help": "timed runs after one warm-up (best is reported)"})
+    threads: int = field(default=2, metadata={"help": "torch threads per worker"})
+    batch_size: int = field(default=64, metadata={"help": "our targets per backward pass"})
+    ct_batch_sizes: list[int] = field(
+        default_factory=lambda: [64, 256, 512],
+        metadata={"help": "circuit-tracer batch sizes (its default is 512)"},
+    )
+    run_dir: str = field(default="runs/bench-attribution", metadata={"help": "run directory (results.json)"})
+    # One measurement in this process (set by the parent for its workers):
+    worker: bool = field(default=False, metadata={"help": "internal: run one measurement and print JSON"})
+    impl: str = field(default="ours", metadata={"help": "internal: ours or circuit-tracer"})
+    length: int = field(default=16, metadata={"help": "internal: the worker's prompt length"})
+    prompt_index: int = field(default=0, metadata={"help": "internal: the worker's prompt"})
+    save: str = field(default="", metadata={"help": "internal: where the worker saves its graph"})
 
 
 def load(model_dir: str, clt_dir: str):
@@ -49,7 +81,7 @@ def worker(args) -> None:
     """One measurement in this process: prints a JSON line."""
     torch.set_num_threads(args.threads)
     model, tokenizer, clt = load(args.model_dir, args.clt)
-    tokens = prompts_of_length(tokenizer, args.length, args.langs.split(","))[args.prompt_index]
+    tokens = prompts_of_length(tokenizer, args.length, args.langs)[args.prompt_index]
     if args.impl == "ours":
         from attribution.attribute import attribute
 
@@ -114,6 +146,7 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
         sys.executable,
         __file__,
         "--worker",
+        "true",
         "--impl",
         impl,
         "--length",
@@ -127,7 +160,7 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
         "--clt",
         args.clt,
         "--langs",
-        args.langs,
+        ",".join(args.langs),
         "--repeats",
         str(args.repeats),
         "--threads",
@@ -141,36 +174,20 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", default=paths.MODEL_DIR)
-    parser.add_argument("--clt", default="runs/sweep-clt-plt/clt-lambda1/clt")
-    parser.add_argument("--lengths", default="16,64,128")
-    parser.add_argument("--langs", default="en,fr,de")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64, help="ours")
-    parser.add_argument("--ct-batch-sizes", default="64,256,512", help="circuit-tracer (its default is 512)")
-    parser.add_argument("--out", default="docs/attribution_bench.json")
-    # worker-only
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--impl", default="ours")
-    parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--prompt-index", type=int, default=0)
-    parser.add_argument("--save", default="")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args = parse_config(BenchAttributionConfig, argv)
     if args.worker:
         return worker(args)
-
+    run = RunDir.open(args.run_dir, args, may_change=())
     from safetensors.torch import load_file
 
     results = []
     tmp = Path(tempfile.mkdtemp())
-    for length in [int(x) for x in args.lengths.split(",")]:
-        for prompt_index in range(len(args.langs.split(","))):
+    for length in args.lengths:
+        for prompt_index in range(len(args.langs)):
             ours = measure(args, "ours", length, prompt_index, args.batch_size, str(tmp / "ours.safetensors"))
             theirs = []
-            for batch_size in [int(x) for x in args.ct_batch_sizes.split(",")]:
+            for batch_size in args.ct_batch_sizes:
                 theirs.append(
                     measure(
                         args,
@@ -190,7 +207,7 @@ def main() -> None:
             best = min(theirs, key=lambda r: r["time_s"])
             row = {
                 "length": length,
-                "lang": args.langs.split(",")[prompt_index],
+                "lang": args.langs[prompt_index],
                 "n_active_features": ours["n_active_features"],
                 "ours": ours,
                 "circuit_tracer": theirs,
@@ -212,23 +229,9 @@ def main() -> None:
                 f"| same features {same_features}, max rel edge diff {edge_error:.1e}",
                 flush=True,
             )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "config": {
-                    k: v
-                    for k, v in vars(args).items()
-                    if k not in ("worker", "impl", "length", "prompt_index", "save")
-                },
-                "torch_threads": args.threads,
-                "results": results,
-            },
-            indent=1,
-        )
-    )
-    print(f"written to {args.out}")
+    atomic_write_json(run.path / "results.json", {"torch_threads": args.threads, "results": results})
+    print(f"written to {run.path / 'results.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,43 +1,49 @@
 """CLT throughput: training tokens/s with dense vs sparse decoding, and activation collection vs the
 model's forward pass alone.
 
-    python benchmarks/bench_clt.py --model-dir runs/tiny-en-heavy/model --steps 60
+    python benchmarks/bench_clt.py --model-dir runs/pretrain-tiny-en-heavy/model --steps 60 --run-dir runs/bench-clt
 
 Both decoders train the same transcoder from the same initial weights on the same batches; the sparse
 one gathers only the active features' decoder rows. Collection writes a fresh Zarr store of `--tokens`
 tokens and is compared with a bare forward pass over exactly the same blocks.
-Prints a JSON record; docs/clt.md holds the measured numbers.
+Prints a JSON record and writes it to <run-dir>/results.json; docs/clt.md holds the measured numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from clt.activations import CollectConfig, collect_activations, collection_blocks, forward_only_throughput
 from clt.train import CLTTrainConfig, train_clt
+from training import paths
+from training.config import RunDir, atomic_write_json, config_from_dict, parse_config, run_main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass
+class BenchCLTConfig:
+    """CLT training throughput (dense vs sparse decoding) and collection vs the bare forward."""
+
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF model directory"})
+    corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
+    tokens: int = field(default=200_000, metadata={"help": "tokens to collect"})
+    steps: int = field(default=60, metadata={"help": "CLT training steps per decoder"})
+    n_features: int = field(default=512, metadata={"help": "features per layer"})
+    activations: list[str] = field(
+        default_factory=lambda: ["topk", "jumprelu"],
+        metadata={"help": "sparse decoding is exact for topk, approximate for jumprelu"},
     )
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--corpus-dir", default=None)
-    parser.add_argument("--tokens", type=int, default=200_000, help="tokens to collect")
-    parser.add_argument("--steps", type=int, default=60, help="CLT training steps per decoder")
-    parser.add_argument("--n-features", type=int, default=512)
-    parser.add_argument(
-        "--activations",
-        default="topk,jumprelu",
-        help="sparse decoding is exact for topk, approximate for jumprelu (see clt/model.py)",
-    )
-    parser.add_argument("--k", type=int, default=16)
-    args = parser.parse_args()
+    k: int = field(default=16, metadata={"help": "k for topk"})
+    run_dir: str = field(default="runs/bench-clt", metadata={"help": "run directory (results.json)"})
+
+
+def main(argv: list[str]) -> None:
+    args = parse_config(BenchCLTConfig, argv)
+    run = RunDir.open(args.run_dir, args, may_change=())
     result: dict = {"threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         collect = CollectConfig(
@@ -79,21 +85,24 @@ def main() -> None:
             "zarr_overhead": forward_tps / collect_tps - 1,
         }
 
-        for activation in args.activations.split(","):
+        for activation in args.activations:
             for sparse in ("false", "true"):
-                config = CLTTrainConfig(
-                    run_dir=str(Path(tmp) / f"clt-{activation}-{sparse}"),
-                    model_dir=args.model_dir,
-                    store=store.url,
-                    corpus_dir=args.corpus_dir,
-                    n_features=args.n_features,
-                    activation=activation,
-                    k=args.k,
-                    max_steps=args.steps,
-                    sparse_decode=sparse,
-                    eval_blocks=2,
-                    log_every=10,
-                    ckpt_every=10**9,
+                config = config_from_dict(
+                    CLTTrainConfig,
+                    {
+                        "run_dir": str(Path(tmp) / f"clt-{activation}-{sparse}"),
+                        "model_dir": args.model_dir,
+                        "store": store.url,
+                        "corpus_dir": args.corpus_dir,
+                        "n_features": args.n_features,
+                        "activation": activation,
+                        "k": args.k,
+                        "max_steps": args.steps,
+                        "sparse_decode": sparse,
+                        "eval_blocks": 2,
+                        "log_every": 10,
+                        "ckpt_every": 10**9,
+                    },
                 )
                 report = train_clt(config)
                 result[f"{activation}_sparse_{sparse}"] = {
@@ -105,8 +114,9 @@ def main() -> None:
                 result[f"{activation}_sparse_true"]["tokens_per_s"]
                 / result[f"{activation}_sparse_false"]["tokens_per_s"]
             )
+    atomic_write_json(run.path / "results.json", result)
     print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

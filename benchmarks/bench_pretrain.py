@@ -1,20 +1,20 @@
 """Pretraining throughput: the project's training loop vs a bare PyTorch loop on the same model and batches.
 
-    python benchmarks/bench_pretrain.py --tokenizer-dir runs/tiny-en-heavy/model --steps 100
+    python benchmarks/bench_pretrain.py --tokenizer-dir runs/pretrain-tiny-en-heavy/model --steps 100
 
 Both loops start from the same initial weights, read the same blocks in the same order, and use the same
 AdamW parameter groups. The project loop adds what a real run needs (lr schedule, gradient clipping,
 logging, tqdm, periodic checkpoints); evaluation and the final generation are excluded from its time.
-Prints a JSON record; docs/pretraining.md holds the measured numbers.
+Prints a JSON record and writes it to <run-dir>/results.json; docs/pretraining.md holds the measured numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,23 @@ from safetensors.torch import load_file
 from training.data import micro_batch_indices
 from training.loop import make_optimizer
 from training.models import PRESETS, build_model, gpt2_config
+from training import paths
+from training.config import RunDir, atomic_write_json, parse_config, run_main
 from training.pretrain import PretrainConfig, pretrain
+
+
+@dataclass
+class BenchPretrainConfig:
+    """Pretraining throughput: the project's loop vs a bare PyTorch loop."""
+
+    tokenizer_dir: str = field(
+        default=paths.MODEL_DIR, metadata={"help": "a saved tokenizer (e.g. a run's model dir)"}
+    )
+    mixture: str = field(default="en-heavy", metadata={"help": "language mixture"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps per loop"})
+    repeats: int = field(default=2, metadata={"help": "alternate the two loops this many times"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    run_dir: str = field(default="runs/bench-pretrain", metadata={"help": "run directory (results.json)"})
 
 
 def bare_loop(
@@ -45,16 +61,9 @@ def bare_loop(
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tokenizer-dir", required=True, help="a saved tokenizer (e.g. a run's model dir)")
-    parser.add_argument("--mixture", default="en-heavy")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
-    parser.add_argument("--bf16", action="store_true")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args = parse_config(BenchPretrainConfig, argv)
+    run = RunDir.open(args.run_dir, args, may_change=())
     torch.set_num_threads(torch.get_num_threads())
 
     results = {"project_s": [], "bare_s": []}
@@ -91,23 +100,20 @@ def main() -> None:
                 )
     tokens = args.steps * config.micro_batch * PRESETS[config.preset].n_ctx
     project, bare = min(results["project_s"]), min(results["bare_s"])
-    print(
-        json.dumps(
-            {
-                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "preset": config.preset,
-                "micro_batch": config.micro_batch,
-                "steps": args.steps,
-                "bf16": args.bf16,
-                "project_tokens_per_s": tokens / project,
-                "bare_tokens_per_s": tokens / bare,
-                "slowdown_project_vs_bare": project / bare,
-                "raw_seconds": results,
-            },
-            indent=1,
-        )
-    )
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "preset": config.preset,
+        "micro_batch": config.micro_batch,
+        "steps": args.steps,
+        "bf16": args.bf16,
+        "project_tokens_per_s": tokens / project,
+        "bare_tokens_per_s": tokens / bare,
+        "slowdown_project_vs_bare": project / bare,
+        "raw_seconds": results,
+    }
+    atomic_write_json(run.path / "results.json", result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

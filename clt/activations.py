@@ -44,17 +44,9 @@ OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"  # MLP output
 
 
 @dataclass
-class CollectConfig:
-    """Collect MLP input/output activations of a GPT-2 model into a Zarr v3 store."""
+class CollectOptions:
+    """What to collect: the token mixture, how much, and how it is laid out in the store."""
 
-    model_dir: str = field(
-        default=paths.MODEL_DIR, metadata={"help": "HF model directory (save_pretrained) with its tokenizer"}
-    )
-    store: str = field(default=paths.STORE, metadata={"help": "Zarr store path or fsspec URL"})
-    corpus_dir: str | None = field(
-        default=None, metadata={"help": "corpus DatasetDict (default: the project's default corpus)"}
-    )
-    split: str = field(default="train", metadata={"help": "corpus split to read"})
     mixture: str = field(default="balanced", metadata={"help": "language mixture of the collected tokens"})
     n_tokens: int = field(
         default=400_000, metadata={"help": "tokens to collect (rounded up to whole shards)"}
@@ -68,6 +60,20 @@ class CollectConfig:
     )
     batch_size: int = field(default=32, metadata={"help": "blocks per forward pass"})
     dtype: str = field(default="float16", metadata={"help": "float16 or float32"})
+
+
+@dataclass
+class CollectConfig(CollectOptions):
+    """Collect MLP input/output activations of a GPT-2 model into a Zarr v3 store."""
+
+    model_dir: str = field(
+        default=paths.MODEL_DIR, metadata={"help": "HF model directory (save_pretrained) with its tokenizer"}
+    )
+    store: str = field(default=paths.STORE, metadata={"help": "Zarr store path or fsspec URL"})
+    corpus_dir: str | None = field(
+        default=None, metadata={"help": "corpus DatasetDict (default: the project's default corpus)"}
+    )
+    split: str = field(default="train", metadata={"help": "corpus split to read"})
     seed: int = field(default=0, metadata={"help": "mixture sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
 

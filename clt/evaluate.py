@@ -9,7 +9,10 @@ language.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from clt.activations import INPUT_HOOK, OUTPUT_HOOK, ActivationStore
 from clt.model import CrossLayerTranscoder
-from training import hook_points
+from training import hook_points, paths
 from training.errors import ModelMismatch
 
 
@@ -162,4 +165,60 @@ def store_metrics(
             "tokens": n,
         }
     report["all"]["never_active_fraction"] = (~ever_active).float().mean(1).tolist()
+    return report
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a transcoder saved by train_clt.py."""
+
+    clt: str = field(default=paths.CLT_DIR, metadata={"help": "transcoder directory (native format)"})
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF model directory"})
+    store: str | None = field(default=None, metadata={"help": "activation store for FVU/L0 (optional)"})
+    shards: list[int] = field(
+        default_factory=list, metadata={"help": "store shards to evaluate on (default: the last)"}
+    )
+    corpus_dir: str | None = field(
+        default=None, metadata={"help": "corpus for the replacement-model evaluation"}
+    )
+    eval_blocks: int = field(default=32, metadata={"help": "validation blocks per language"})
+    n_ctx: int = field(default=64, metadata={"help": "block length"})
+    run_dir: str | None = field(
+        default=None, metadata={"help": "run directory for config.json + summary.json (optional)"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def evaluate_clt(config: EvalConfig) -> dict:
+    """Held-out reconstruction (with a store) and replacement-model metrics of a saved transcoder."""
+    from clt.activations import model_fingerprint
+    from clt.export import load_model_and_clt
+    from clt.train import evaluation_blocks
+    from training.config import RunDir, atomic_write_json
+    from training.corpus.build import default_corpus_dir, load_corpus
+
+    run = RunDir.open(config.run_dir, config) if config.run_dir else None
+    model, tokenizer, clt = load_model_and_clt(
+        config.model_dir, config.clt, config.device, allow_model_mismatch=True
+    )
+    trained_on = json.loads((Path(config.clt) / "config.json").read_text()).get("model_sha256")
+    if trained_on and trained_on != model_fingerprint(config.model_dir):
+        print(
+            f"warning: {config.clt} was trained on other weights than {config.model_dir}'s "
+            "(expected when diffing a fine-tuned model; reconstruction will be worse)"
+        )
+    report: dict = {}
+    langs = None
+    if config.store:
+        store = ActivationStore(config.store)
+        report["heldout"] = store_metrics(clt, store, config.shards or store.done_shards[-1:])
+        langs = store.langs
+    langs = langs or sorted(set(load_corpus(config.corpus_dir or default_corpus_dir())["validation"]["lang"]))
+    blocks, block_langs = evaluation_blocks(
+        config.corpus_dir, tokenizer, langs, config.n_ctx, config.eval_blocks
+    )
+    with torch.no_grad():
+        report["replacement"] = replacement_metrics(model, clt, blocks.to(model.device), block_langs)
+    if run is not None:
+        atomic_write_json(run.path / "summary.json", report)
     return report

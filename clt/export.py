@@ -16,12 +16,14 @@ Hook names are TransformerLens's, which circuit-tracer and sae-lens use: the MLP
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from clt.model import CLTConfig, CrossLayerTranscoder
+from training import paths
 from training.config import atomic_write_json
 from training.errors import ModelMismatch, UserError
 
@@ -185,7 +187,7 @@ def export_sae_lens(
     """One sae-lens transcoder directory per layer (`layer_{i}/cfg.json` + `sae_weights.safetensors`)."""
     if clt.config.cross_layer:
         raise ValueError(
-            "sae-lens holds per-layer transcoders only: train with --plt true, or use the "
+            "sae-lens holds per-layer transcoders only: train with --cross-layer false, or use the "
             "circuit-tracer export for cross-layer transcoders"
         )
     thresholded = _check_exportable(clt, "sae-lens")
@@ -234,3 +236,27 @@ def export_sae_lens(
         (layer_dir / "cfg.json").write_text(json.dumps(cfg, indent=2))
         paths.append(layer_dir)
     return paths
+
+
+@dataclass
+class ExportConfig:
+    """Export a transcoder saved by train_clt.py for circuit-tracer or sae-lens."""
+
+    clt: str = field(default=paths.CLT_DIR, metadata={"help": "transcoder directory (native format)"})
+    format: str = field(default="circuit-tracer", metadata={"help": "circuit-tracer or sae-lens"})
+    run_dir: str = field(
+        default="runs/clt-export", metadata={"help": "run directory; the export goes to its <format>/ folder"}
+    )
+
+
+def export(config: ExportConfig) -> list[Path]:
+    """Write the export into `run_dir/circuit_tracer` or `run_dir/sae_lens`; returns the written paths."""
+    from training.config import RunDir
+
+    if config.format not in ("circuit-tracer", "sae-lens"):
+        raise UserError(f"unknown format {config.format!r}: circuit-tracer or sae-lens")
+    run = RunDir.open(config.run_dir, config)
+    clt, _ = load_native(config.clt)
+    if config.format == "circuit-tracer":
+        return [export_circuit_tracer(clt, run.path / "circuit_tracer")]
+    return export_sae_lens(clt, run.path / "sae_lens")

@@ -14,7 +14,7 @@ Training happens on normalised activations (`input_scale`, `output_scale` per la
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from einops import einsum, rearrange
@@ -25,22 +25,40 @@ ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
 
 
 @dataclass
-class CLTConfig:
-    n_layers: int
-    d_model: int
-    n_features: int  # per layer
-    activation: str = "jumprelu"
-    k: int = 16  # active features per token and layer for topk / batchtopk
-    cross_layer: bool = True  # False: per-layer transcoder (PLT)
-    skip: bool = False
-    threshold_init: float = 0.03
-    bandwidth: float = 1.0  # JumpReLU straight-through rectangle width, in normalised units
+class CLTOptions:
+    """The transcoder's shape and activation, as a user chooses them (the model fixes layers and width)."""
+
+    n_features: int = field(default=512, metadata={"help": "features per layer"})
+    activation: str = field(default="jumprelu", metadata={"help": "jumprelu, topk, batchtopk or relu"})
+    k: int = field(
+        default=16, metadata={"help": "k for topk/batchtopk (active features per token and layer)"}
+    )
+    cross_layer: bool = field(
+        default=True, metadata={"help": "decoders write to every later layer; false = per-layer transcoder"}
+    )
+    skip: bool = field(default=False, metadata={"help": "add a linear skip connection per layer"})
+    threshold_init: float = field(
+        default=0.03, metadata={"help": "initial JumpReLU threshold (normalised units)"}
+    )
+    bandwidth: float = field(default=1.0, metadata={"help": "JumpReLU straight-through rectangle width ε"})
+
+
+@dataclass
+class CLTConfig(CLTOptions):
+    """A transcoder's full configuration: the options plus the model's layers and width."""
+
+    n_layers: int = 0
+    d_model: int = 0
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if min(self.n_layers, self.d_model, self.n_features) < 1:
             raise ValueError(f"n_layers, d_model and n_features must be positive: {self}")
+
+    @classmethod
+    def for_model(cls, options: CLTOptions, n_layers: int, d_model: int) -> "CLTConfig":
+        return cls(**asdict(options), n_layers=n_layers, d_model=d_model)
 
     def to_dict(self) -> dict:
         return asdict(self)

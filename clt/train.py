@@ -8,17 +8,24 @@ weights, tqdm progress, JSONL metrics and DDP under torchrun (each rank reads it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from clt.activations import ActivationStore, CollectConfig, bos_blocks, collect_activations, collection_blocks
+from clt.activations import (
+    ActivationStore,
+    CollectConfig,
+    CollectOptions,
+    bos_blocks,
+    collect_activations,
+    collection_blocks,
+)
 from clt.evaluate import replacement_metrics, store_metrics
 from clt.export import save_native
 from clt.loader import StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
-from clt.model import CLTConfig, CrossLayerTranscoder
+from clt.model import CLTConfig, CLTOptions, CrossLayerTranscoder
 from training import paths
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
@@ -40,18 +47,11 @@ class CLTTrainConfig:
     corpus_dir: str | None = field(
         default=None, metadata={"help": "corpus for collection and evaluation (default corpus if unset)"}
     )
-    collect_tokens: int = field(
-        default=400_000, metadata={"help": "tokens to collect when the store is missing"}
+    collect: CollectOptions = field(
+        default_factory=CollectOptions,
+        metadata={"prefix": "collect_", "help": "collection of a missing store (flags --collect-*)"},
     )
-    collect_mixture: str = field(
-        default="balanced", metadata={"help": "language mixture of collected activations"}
-    )
-    collect_ctx: int = field(default=64, metadata={"help": "block length for collection (incl. BOS)"})
-    n_features: int = field(default=512, metadata={"help": "features per layer"})
-    activation: str = field(default="jumprelu", metadata={"help": "jumprelu, topk, batchtopk or relu"})
-    k: int = field(default=16, metadata={"help": "k for topk/batchtopk (per token and layer)"})
-    plt: bool = field(default=False, metadata={"help": "per-layer transcoder (same-layer decoders only)"})
-    skip: bool = field(default=False, metadata={"help": "add a linear skip connection per layer"})
+    clt: CLTOptions = field(default_factory=CLTOptions, metadata={"help": "the transcoder's options"})
     batch_size: int = field(default=1024, metadata={"help": "tokens per step (per process)"})
     train_tokens: int = field(
         default=1_000_000, metadata={"help": "tokens to train on (epochs over the store)"}
@@ -72,10 +72,6 @@ class CLTTrainConfig:
     preact_coefficient: float = field(
         default=3e-6, metadata={"help": "μ of the pre-activation (dead feature) term"}
     )
-    threshold_init: float = field(
-        default=0.03, metadata={"help": "initial JumpReLU threshold (normalised units)"}
-    )
-    bandwidth: float = field(default=1.0, metadata={"help": "JumpReLU straight-through bandwidth ε"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     target_l0: float | None = field(
         default=None, metadata={"help": "stop once the mean L0 per layer falls to this (after λ warm-up)"}
@@ -105,13 +101,12 @@ def sparse_flag(value: str) -> bool | None:
 
 def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> ActivationStore:
     collect = CollectConfig(
+        **asdict(config.collect),
         model_dir=config.model_dir,
         store=config.store,
         corpus_dir=config.corpus_dir,
-        mixture=config.collect_mixture,
-        n_tokens=config.collect_tokens,
-        n_ctx=config.collect_ctx,
         seed=config.seed,
+        device=config.device,
     )
     try:
         store = ActivationStore(config.store)
@@ -123,20 +118,10 @@ def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> Activati
 
 
 def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayerTranscoder:
-    clt_config = CLTConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_features=config.n_features,
-        activation=config.activation,
-        k=config.k,
-        cross_layer=not config.plt,
-        skip=config.skip,
-        threshold_init=config.threshold_init,
-        bandwidth=config.bandwidth,
-    )
+    clt_config = CLTConfig.for_model(config.clt, n_layers, d_model)
     torch.manual_seed(config.seed)
     clt = CrossLayerTranscoder(clt_config)
-    if config.activation != "jumprelu":
+    if config.clt.activation != "jumprelu":
         clt.log_threshold.requires_grad_(False)  # unused: keep it out of the optimizer and of DDP's reducer
     return clt
 
@@ -176,9 +161,9 @@ def train_clt(config: CLTTrainConfig) -> dict:
             tokenizer,
             list(train_split["text"]),
             list(train_split["lang"]),
-            parse_mixture(config.collect_mixture),
-            config.collect_tokens,
-            config.collect_ctx,
+            parse_mixture(config.collect.mixture),
+            config.collect.n_tokens,
+            config.collect.n_ctx,
             config.seed,
         )
         blocks = blocks[ranks.rank :: ranks.world_size]
@@ -186,7 +171,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
             model, blocks, config.batch_size, seed=config.seed + ranks.rank, device=device
         )
         scales = _streaming_scales(loader)
-        store, eval_shards, langs = None, [], sorted(parse_mixture(config.collect_mixture))
+        store, eval_shards, langs = None, [], sorted(parse_mixture(config.collect.mixture))
     else:
         store = ensure_store(config, ranks.rank, ranks.world_size)
         store.check_model(config.model_dir)
@@ -233,7 +218,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
             _scaled(x0.to(device), clt.input_scale), _scaled(y0.to(device), clt.output_scale)
         )
     tokens_since_fired = (
-        torch.zeros(n_layers, config.n_features, dtype=torch.long)
+        torch.zeros(n_layers, config.clt.n_features, dtype=torch.long)
         if state["tokens_since_fired"] is None
         else torch.tensor(state["tokens_since_fired"], dtype=torch.long)
     )
@@ -389,7 +374,7 @@ def finish(
     if store is not None:
         report["heldout"] = store_metrics(clt, store, eval_shards)
     blocks, block_langs = evaluation_blocks(
-        config.corpus_dir, tokenizer, langs, config.collect_ctx, config.eval_blocks
+        config.corpus_dir, tokenizer, langs, config.collect.n_ctx, config.eval_blocks
     )
     report["replacement"] = replacement_metrics(model, clt, blocks.to(device), block_langs)
     atomic_write_json(run.path / "summary.json", report)

@@ -18,6 +18,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interventions.hooks import Edit, Where, _apply
+from training import paths
+from training.errors import UserError
 
 
 def train_residual_sae(
@@ -145,3 +147,76 @@ class SAEEdit(Edit):
             return hidden + delta.to(hidden.dtype)
 
         return [(f"blocks.{self.layer}.hook_resid_post", hook)]
+
+
+@dataclass
+class SAEConfig:
+    """Train a residual SAE with sae-lens."""
+
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF model directory"})
+    layer: int = field(default=2, metadata={"help": "the SAE reads the residual after this block"})
+    run_dir: str = field(
+        default="runs/sae-tiny-en-heavy-l2",
+        metadata={"help": "run directory, also the SAE's (sae-lens format)"},
+    )
+    corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
+    langs: list[str] = field(
+        default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh"],
+        metadata={"help": "languages, equal shares"},
+    )
+    texts_per_lang: int = field(default=3000, metadata={"help": "training paragraphs per language"})
+    n_ctx: int = field(default=64, metadata={"help": "block length (BOS included)"})
+    d_sae: int = field(default=1024, metadata={"help": "SAE latents"})
+    training_tokens: int = field(default=500_000, metadata={"help": "tokens to train on"})
+    l1_coefficient: float = field(
+        default=2.0, metadata={"help": "sparsity penalty (on inputs normalised to norm sqrt(d))"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def train_sae(config: SAEConfig) -> dict:
+    """Train the SAE with sae-lens's runner, save it in the run directory, and evaluate it held out."""
+    from analysis.residuals import residual_stream
+    from analysis.text_blocks import blocks_by_lang, texts_by_lang
+    from analysis.token_language import corpus_texts_by_lang
+    from training.config import RunDir, atomic_write_json
+    from training.corpus.build import default_corpus_dir, load_corpus
+    from training.models import load_model
+
+    run = RunDir.open(config.run_dir, config)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model_dir, config.device)
+    if not 0 <= config.layer < model.config.n_layer:
+        raise UserError(f"--layer must be in 0…{model.config.n_layer - 1}")
+    texts = corpus_texts_by_lang(config.corpus_dir, config.langs, "train", config.texts_per_lang, config.seed)
+    per_lang = blocks_by_lang(tokenizer, texts, config.n_ctx, 10**9)
+    n = min(len(b) for b in per_lang.values())  # equal shares
+    blocks = torch.cat([b[:n] for b in per_lang.values()])
+    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))]
+    train_residual_sae(
+        model,
+        tokenizer,
+        blocks,
+        config.layer,
+        str(run.path),
+        config.d_sae,
+        config.training_tokens,
+        config.l1_coefficient,
+        seed=config.seed,
+    )
+    sae = load_sae(run.path)
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    held_out = blocks_by_lang(tokenizer, texts_by_lang(corpus["validation"], config.langs), config.n_ctx, 16)
+    report = {}
+    with torch.no_grad():
+        for lang, lang_blocks in held_out.items():
+            hidden = residual_stream(model, lang_blocks)[config.layer][:, 1:]
+            z = sae.encode(hidden)
+            error = (sae.decode(z) - hidden).pow(2).sum()
+            report[lang] = {
+                "fvu": float(error / (hidden - hidden.mean((0, 1))).pow(2).sum()),
+                "l0": float((z > 0).float().sum(-1).mean()),
+            }
+    atomic_write_json(run.path / "eval.json", {"config": vars(config), "heldout": report})
+    return report

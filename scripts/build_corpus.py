@@ -7,8 +7,8 @@ from training.corpus.build import CorpusConfig, build_corpus, corpus_summary_mar
 def main(argv=None) -> None:
     config = parse_config(CorpusConfig, argv)
     build_corpus(config)
-    print(corpus_summary_markdown(load_corpus_stats(config.out_dir)))
-    print(f"corpus saved in {config.out_dir}")
+    print(corpus_summary_markdown(load_corpus_stats(config.corpus_dir)))
+    print(f"corpus saved in {config.corpus_dir}")
 
 
 if __name__ == "__main__":

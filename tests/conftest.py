@@ -23,7 +23,7 @@ def real_slice_corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "slice"
     build_corpus(
         CorpusConfig(
-            out_dir=str(out),
+            corpus_dir=str(out),
             langs=SLICE_LANGS,
             libreoffice_subdirs=["shared/optionen"],
             n_parallel=40,

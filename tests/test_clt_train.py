@@ -13,6 +13,7 @@ from clt.evaluate import ReplacementMLPs, replacement_metrics
 from clt.export import export_circuit_tracer, export_sae_lens, folded_weights, load_native, save_native
 from clt.train import CLTTrainConfig, train_clt
 from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, run_torchrun, script_env
+from training.config import config_from_dict
 
 
 def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> dict:
@@ -30,7 +31,7 @@ def train_args(run_dir, tiny_model_dir, tiny_store, corpus_dir, **overrides) -> 
         "log_every": 5,
         "ckpt_every": 20,
         "eval_blocks": 4,
-        "collect_ctx": 16,
+        "collect_n_ctx": 16,
         "dead_window_tokens": 3000,
     }
     args.update(overrides)
@@ -48,7 +49,9 @@ def as_flags(args: dict) -> list[str]:
 def trained(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     run_dir = tmp_path_factory.mktemp("clt") / "reference"
     report = train_clt(
-        CLTTrainConfig(**train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir))
+        config_from_dict(
+            CLTTrainConfig, train_args(run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir)
+        )
     )
     return run_dir, report
 
@@ -125,10 +128,17 @@ def test_circuit_tracer_loads_our_clt_and_reconstructs_identically(trained, tiny
 def trained_plt(tmp_path_factory, tiny_model_dir, tiny_store, real_slice_corpus_dir):
     run_dir = tmp_path_factory.mktemp("plt") / "plt"
     train_clt(
-        CLTTrainConfig(
-            **train_args(
-                run_dir, tiny_model_dir, tiny_store, real_slice_corpus_dir, plt=True, skip=True, max_steps=20
-            )
+        config_from_dict(
+            CLTTrainConfig,
+            train_args(
+                run_dir,
+                tiny_model_dir,
+                tiny_store,
+                real_slice_corpus_dir,
+                cross_layer=False,
+                skip=True,
+                max_steps=20,
+            ),
         )
     )
     clt, _ = load_native(run_dir / "clt")
@@ -240,7 +250,7 @@ def test_stop_at_target_l0(tmp_path, tiny_model_dir, tiny_store, real_slice_corp
         lambda_warmup_frac=0.25,
         target_l0=1e9,
     )
-    report = train_clt(CLTTrainConfig(**args))
+    report = train_clt(config_from_dict(CLTTrainConfig, args))
     assert report["stopped_early"] and report["steps"] == 10  # right after the λ warm-up (25% of 40 steps)
 
 
@@ -252,10 +262,10 @@ def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_sl
         real_slice_corpus_dir,
         streaming=True,
         max_steps=15,
-        collect_tokens=2000,
+        collect_n_tokens=2000,
         collect_mixture="en=0.5,fr=0.25,de=0.25",
     )
-    report = train_clt(CLTTrainConfig(**args))
+    report = train_clt(config_from_dict(CLTTrainConfig, args))
     assert not (tmp_path / "unused.zarr").exists()
     assert report["steps"] == 15 and "heldout" not in report and report["replacement"]["all"]["kl"] >= 0
     metrics = [json.loads(line) for line in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
@@ -291,12 +301,12 @@ def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, 
         "16",
         "--eval-blocks",
         "4",
-        "--out",
+        "--run-dir",
         str(out),
     ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads(out.read_text())
+    evaluated = json.loads((out / "summary.json").read_text())
     # Same transcoder, same held-out shard (the store's last), same validation blocks: same numbers.
     assert evaluated["heldout"]["all"]["fvu"] == pytest.approx(report["heldout"]["all"]["fvu"], rel=1e-6)
     assert evaluated["replacement"]["all"]["kl"] == pytest.approx(
@@ -310,7 +320,7 @@ def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, 
             str(run_dir / "clt"),
             "--format",
             "circuit-tracer",
-            "--out",
+            "--run-dir",
             str(tmp_path / "ct"),
         ],
         env=script_env(),
@@ -320,7 +330,7 @@ def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, 
         timeout=120,
     )
     assert export.returncode == 0, export.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "ct").iterdir())[:3] == [
+    assert sorted(p.name for p in (tmp_path / "ct" / "circuit_tracer").iterdir())[:3] == [
         "W_dec_0.safetensors",
         "W_dec_1.safetensors",
         "W_enc_0.safetensors",

@@ -82,7 +82,7 @@ def aligned_text_files(tmp_path):
 
 def test_build_corpus_from_plain_text(tmp_path, aligned_text_files):
     config = CorpusConfig(
-        out_dir=str(tmp_path / "corpus"),
+        corpus_dir=str(tmp_path / "corpus"),
         langs=["en", "fr"],
         libreoffice=False,
         n_parallel=2,
@@ -123,7 +123,11 @@ def test_hf_dataset_source_on_a_local_dataset(tmp_path):
     assert len(paragraphs) == 11 and paragraphs[0] == Paragraph(EN[0], "en", "hf:json", "hf:json:0")
     corpus = build_corpus(
         CorpusConfig(
-            out_dir=str(tmp_path / "c"), langs=["en", "fr"], libreoffice=False, n_parallel=3, val_fraction=0.0
+            corpus_dir=str(tmp_path / "c"),
+            langs=["en", "fr"],
+            libreoffice=False,
+            n_parallel=3,
+            val_fraction=0.0,
         ),
         sources=[source],
     )
@@ -141,7 +145,7 @@ def test_hf_source_errors_name_the_columns(tmp_path):
 
 def test_missing_language_and_missing_corpus_errors(tmp_path, aligned_text_files):
     config = CorpusConfig(
-        out_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], libreoffice=False, n_parallel=1
+        corpus_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], libreoffice=False, n_parallel=1
     )
     with pytest.raises(
         ValueError, match=r"no text found for languages \['ja'\]; languages with text: \['en', 'fr'\]"

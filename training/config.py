@@ -79,43 +79,94 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         default=argparse.SUPPRESS,
         help="show the full traceback of an input error instead of one line",
     )
-    defaults = config_cls()
-    for field in dataclasses.fields(config_cls):
-        if not field.init:
-            continue
-        tp = _field_type(field, config_cls)
+    for flag, (path, field, owner, default) in _flags(config_cls).items():
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            type=_parser_for(tp),
+            "--" + flag.replace("_", "-"),
+            dest=".".join(path),
+            type=_parser_for(_field_type(field, owner)),
             default=argparse.SUPPRESS,
             # argparse %-formats help strings: a literal "%" (e.g. "top 1%") must be doubled.
-            help=f"{field.metadata.get('help', '')} (default: {getattr(defaults, field.name)!r})".replace(
-                "%", "%%"
-            ),
+            help=f"{field.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
         )
     return parser
 
 
+def _flags(config_cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults: Any = None) -> dict:
+    """flag name → (path of field names, field, owning class, default) for every leaf field.
+
+    A field whose type is itself a config dataclass is *composed*: its fields become flags of their own,
+    named with the field's `metadata["prefix"]` (e.g. `collect_` → `--collect-n-tokens`), so one
+    dataclass (CollectOptions, CLTOptions) is declared once and reused by every config that needs it."""
+    defaults = config_cls() if defaults is None else defaults
+    flags = {}
+    for field in dataclasses.fields(config_cls):
+        if not field.init:
+            continue
+        tp = _field_type(field, config_cls)
+        value = getattr(defaults, field.name)
+        if dataclasses.is_dataclass(tp):
+            flags.update(_flags(tp, prefix + field.metadata.get("prefix", ""), path + (field.name,), value))
+        else:
+            flags[prefix + field.name] = (path + (field.name,), field, config_cls, value)
+    return flags
+
+
 def config_from_dict(config_cls: type[T], values: dict[str, Any]) -> T:
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - known)
+    """Build a config from its saved (nested) form, from flat flag names, or a mix of both."""
+    flags = _flags(config_cls)
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in flags:
+            path = flags[key][0]
+        elif "." in key and tuple(key.split(".")) in {f[0] for f in flags.values()}:
+            path = tuple(key.split("."))
+        else:
+            path = (key,)
+        target = nested
+        for name in path[:-1]:
+            target = target.setdefault(name, {})
+        if isinstance(value, dict) and isinstance(target.get(path[-1]), dict):
+            target[path[-1]].update(value)
+        else:
+            target[path[-1]] = value
+    return _construct(config_cls, nested)
+
+
+def _construct(config_cls: type[T], values: dict[str, Any]) -> T:
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} fields {unknown}; known fields: {sorted(known)}")
-    return config_cls(**values)
+        from training.errors import UserError
+
+        raise UserError(f"unknown {config_cls.__name__} fields {unknown}; known fields: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = _field_type(fields[name], config_cls)
+        kwargs[name] = (
+            _construct(tp, value) if dataclasses.is_dataclass(tp) and isinstance(value, dict) else value
+        )
+    return config_cls(**kwargs)
 
 
 def parse_config(config_cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Build `config_cls` from `--config FILE` (optional) overridden by explicit flags."""
     parser = build_parser(config_cls, description)
     namespace = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
     namespace.pop("debug", None)  # consumed by run_main
     config_path = namespace.pop("config")
-    if config_path is not None:
-        values.update(json.loads(Path(config_path).read_text()))
-    values.update(namespace)
-    return config_from_dict(config_cls, values)
+    values: dict[str, Any] = json.loads(Path(config_path).read_text()) if config_path is not None else {}
+    # Explicit flags override the file, field by field (also inside composed configs).
+    return config_from_dict(config_cls, {**_flatten(values), **namespace})
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):  # a composed config, saved nested
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def run_main(main: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
@@ -199,8 +250,10 @@ class RunDir:
 
         if not self.config_path.exists():
             return
-        saved = json.loads(self.config_path.read_text())
-        current = json.loads(json.dumps(config_to_dict(config), default=str))  # as it would be saved
+        saved = _flatten(json.loads(self.config_path.read_text()))
+        current = _flatten(
+            json.loads(json.dumps(config_to_dict(config), default=str))
+        )  # as it would be saved
         allowed = set(may_change)
         differing = sorted(
             k for k in set(saved) | set(current) if k not in allowed and saved.get(k) != current.get(k)

@@ -298,3 +298,66 @@ def finish(
     }
     atomic_write_json(run.path / "summary.json", summary)
     return summary
+
+
+@dataclass
+class SummarizeConfig:
+    """Markdown tables comparing finished pretraining runs."""
+
+    runs: list[str] = field(
+        default_factory=lambda: [paths.PRETRAIN_RUN_DIR],
+        metadata={"help": "finished pretraining run directories (comma-separated)"},
+    )
+
+
+def summarize_runs(run_dirs: list[str]) -> str:
+    """Markdown tables comparing pretraining runs, from their summary.json files."""
+    out: list[str] = []
+    summaries = {Path(d).name: json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs}
+    names = list(summaries)
+    langs = sorted({lang for s in summaries.values() for lang in s["validation_loss"]})
+    header = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    rows = [
+        ("parameters", lambda s: f"{s['parameters']:,}"),
+        ("distinct tokens sampled", lambda s: f"{sum(s['tokens_per_language_sampled'].values()):,}"),
+        ("tokens trained", lambda s: f"{s['tokens_trained']:,}"),
+        ("steps", lambda s: f"{s['steps']:,}"),
+        ("median tokens/s (training steps)", lambda s: f"{s['tokens_per_s_median']:,.0f}"),
+        ("wall time (s)", lambda s: f"{s['wall_time_s']:,.0f}"),
+    ]
+    out.append("### Runs\n\n" + header)
+    for label, fn in rows:
+        out.append(f"| {label} | " + " | ".join(fn(summaries[n]) for n in names) + " |")
+    out.append("\n### Tokens sampled per language\n\n" + header)
+    for lang in langs:
+        out.append(
+            f"| {lang} | "
+            + " | ".join(f"{summaries[n]['tokens_per_language_sampled'].get(lang, 0):,}" for n in names)
+            + " |"
+        )
+    out.append("\n### Validation loss per language (nats/token; each model's own tokenizer)\n\n" + header)
+    for lang in langs:
+        out.append(
+            f"| {lang} | " + " | ".join(f"{summaries[n]['validation_loss'][lang]:.3f}" for n in names) + " |"
+        )
+    out.append("\n### Tokenizer fertility on the validation split\n\n" + header)
+    for lang in langs:
+        cells = [summaries[n]["fertility_on_validation"][lang] for n in names]
+        out.append(
+            f"| {lang} ({cells[0]['fertility_unit']}) | "
+            + " | ".join(f"{c['fertility']:.3f}" for c in cells)
+            + " |"
+        )
+    for mode in ("greedy", "sampled"):
+        out.append(
+            f"\n### Language consistency of {mode} continuations (share in the prompt's language; unknown)\n\n"
+            + header
+        )
+        for lang in langs:
+            cells = [summaries[n]["language_consistency"][mode][lang] for n in names]
+            out.append(
+                f"| {lang} | "
+                + " | ".join(f"{c['consistent']:.2f} ({c['unknown']:.2f}) n={c['n']}" for c in cells)
+                + " |"
+            )
+    return "\n".join(out)

@@ -41,7 +41,7 @@ def default_corpus_dir() -> Path:
 class CorpusConfig:
     """Build a multilingual corpus (DatasetDict on disk) from Debian's LibreOffice help and other sources."""
 
-    out_dir: str = field(
+    corpus_dir: str = field(
         default_factory=lambda: str(default_corpus_dir()), metadata={"help": "where to save the DatasetDict"}
     )
     cache_dir: str = field(
@@ -101,7 +101,7 @@ class CorpusConfig:
     )
     workers: int = field(default=2, metadata={"help": "processes for parsing"})
     seed: int = field(default=0, metadata={"help": "seed for the held-out selection"})
-    overwrite: bool = field(default=False, metadata={"help": "rebuild even if out_dir holds a corpus"})
+    overwrite: bool = field(default=False, metadata={"help": "rebuild even if corpus_dir holds a corpus"})
 
 
 def _parse_libreoffice_lang(args: tuple[str, str, list[str] | None]) -> list[Paragraph]:
@@ -145,7 +145,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     """Build and save the corpus; returns the DatasetDict. Extra `sources` are added to the configured ones."""
     import datasets
 
-    out_dir = Path(config.out_dir)
+    out_dir = Path(config.corpus_dir)
     if (out_dir / "dataset_dict.json").exists() and not config.overwrite:
         return datasets.load_from_disk(str(out_dir))
     langs = list(dict.fromkeys(config.langs))
@@ -361,7 +361,7 @@ def load_corpus(path: str | Path):
     path = Path(path)
     if not (path / "dataset_dict.json").exists():
         raise CorpusNotFound(
-            f"no corpus at {path}; build one with `python scripts/build_corpus.py --out-dir {path}`"
+            f"no corpus at {path}; build one with `python scripts/build_corpus.py --corpus-dir {path}`"
         )
     return datasets.load_from_disk(str(path))
 
