@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from training import paths
+from training.config import RunDir, atomic_write_json, parse_config, run_main
 from training.data import micro_batch_indices
 from training.loop import make_optimizer
 from training.models import PRESETS, build_model, gpt2_config
-from training import paths
-from training.config import RunDir, atomic_write_json, parse_config, run_main
 from training.pretrain import PretrainConfig, pretrain
 
 
