@@ -7,11 +7,9 @@ weights, tqdm progress, JSONL metrics and DDP under torchrun (each rank reads it
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from clt.activations import (
     ActivationStore,
@@ -27,9 +25,10 @@ from clt.loader import StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CLTOptions, CrossLayerTranscoder
 from training import paths
-from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import find_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
-from training.loop import start_run
+from training.loop import StepResult, resume, run_steps, start_run, warmup_factor
+from training.models import load_model
 
 
 @dataclass
@@ -141,14 +140,11 @@ def evaluation_blocks(
 
 
 def train_clt(config: CLTTrainConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     ranks, device, run, finished = start_run(config)
     if finished is not None:
         return finished
 
-    model = AutoModelForCausalLM.from_pretrained(config.model_dir).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    model, tokenizer = load_model(config.model_dir, device)
     n_layers, d_model = model.config.n_layer, model.config.n_embd
     clt = build_clt(config, n_layers, d_model).to(device)
 
@@ -195,24 +191,18 @@ def train_clt(config: CLTTrainConfig) -> dict:
     clt.output_scale.copy_(torch.tensor(scales[1]))
 
     total_steps = config.max_steps or max(1, config.train_tokens // (config.batch_size * ranks.world_size))
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "tokens": 0,
-        "train_time_s": 0.0,
-        "stopped_early": False,
-        "tokens_since_fired": None,
-    }
     optimizer = torch.optim.Adam(
         [p for p in clt.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999)
     )
-    checkpoint = find_checkpoint(run.path)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, clt, optimizer)
-        if ranks.is_main:
-            run.truncate_metrics(lambda record: record["step"] <= state["step"])
-    else:
+    fresh = find_checkpoint(run.path) is None
+    state = resume(
+        run,
+        clt,
+        optimizer,
+        ranks,
+        initial={"epoch": 0, "batch_in_epoch": 0, "stopped_early": False, "tokens_since_fired": None},
+    )
+    if fresh:
         x0, y0 = next(iter(loader.epoch(0)))
         clt.initialize_from_batch(
             _scaled(x0.to(device), clt.input_scale), _scaled(y0.to(device), clt.output_scale)
@@ -222,21 +212,38 @@ def train_clt(config: CLTTrainConfig) -> dict:
         if state["tokens_since_fired"] is None
         else torch.tensor(state["tokens_since_fired"], dtype=torch.long)
     )
-    trained = torch.nn.parallel.DistributedDataParallel(clt) if ranks.world_size > 1 else clt
+    _fit(config, clt, optimizer, loader, state, tokens_since_fired, total_steps, run, ranks, device)
+    ranks.shutdown()  # after _fit returned: its DDP wrapper is gone (see training.loop.release_data_parallel)
 
+    summary = {}
+    if ranks.is_main:
+        summary = finish(
+            config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device
+        )
+    return summary
+
+
+def _fit(
+    config: CLTTrainConfig,
+    clt,
+    optimizer,
+    loader,
+    state: dict,
+    tokens_since_fired: torch.Tensor,
+    total_steps: int,
+    run: RunDir,
+    ranks,
+    device,
+) -> None:
+    """The optimizer steps (the shared loop, training.loop.run_steps); the DDP wrapper lives only in here."""
+    trained = torch.nn.parallel.DistributedDataParallel(clt) if ranks.world_size > 1 else clt
     batches = _batch_stream(loader, state)
-    progress = tqdm(
-        total=total_steps, initial=state["step"], desc="train CLT", disable=not ranks.is_main, unit="step"
-    )
     lambda_steps = max(1, int(config.lambda_warmup_frac * total_steps))
-    window_start, window_tokens = time.perf_counter(), 0
-    clt.train()
-    while state["step"] < total_steps:
-        step_start = time.perf_counter()
-        step = state["step"]
+
+    def one_step(step: int) -> StepResult:
         x, y = next(batches)
         x, y = _scaled(x.to(device), clt.input_scale), _scaled(y.to(device), clt.output_scale)
-        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        lr = config.lr * warmup_factor(step, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         sparsity = config.sparsity_coefficient * min(1.0, (step + 1) / lambda_steps)
@@ -255,20 +262,14 @@ def train_clt(config: CLTTrainConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(clt.parameters(), config.grad_clip)
         optimizer.step()
         fired = (terms.acts > 0).any(0).cpu()
-        tokens_since_fired += x.shape[0]
+        tokens_since_fired.add_(x.shape[0])
         tokens_since_fired[fired] = 0
-        state["step"] = step + 1
-        state["tokens"] += x.shape[0] * ranks.world_size
-        state["train_time_s"] += time.perf_counter() - step_start
-        window_tokens += x.shape[0] * ranks.world_size
-        progress.update(1)
-
         mean_l0 = (terms.acts > 0).float().sum(-1).mean().item()
-        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": state["step"],
-                "split": "train",
+        stop = config.target_l0 is not None and step + 1 >= lambda_steps and mean_l0 <= config.target_l0
+        state["stopped_early"] = state["stopped_early"] or stop
+
+        def record() -> dict:
+            return {
                 "loss": terms.total.item(),
                 "mse": terms.reconstruction.item(),
                 "sparsity": terms.sparsity.item(),
@@ -279,35 +280,24 @@ def train_clt(config: CLTTrainConfig) -> dict:
                 "mean_l0": mean_l0,
                 "fvu_per_layer": fraction_of_variance_unexplained(y, terms.reconstruction_out).tolist(),
                 "dead_fraction": (tokens_since_fired >= config.dead_window_tokens).float().mean().item(),
-                "tokens": state["tokens"],
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
             }
-            window_start, window_tokens = time.perf_counter(), 0
-            if ranks.is_main:
-                run.log_metrics(record)
-                progress.set_postfix(
-                    mse=f"{record['mse']:.3f}", l0=f"{mean_l0:.1f}", tok_s=f"{record['tokens_per_s']:,.0f}"
-                )
-        stop = config.target_l0 is not None and state["step"] >= lambda_steps and mean_l0 <= config.target_l0
-        if stop:
-            state["stopped_early"] = True
-        if state["step"] % config.ckpt_every == 0 or state["step"] == total_steps or stop:
-            state["tokens_since_fired"] = tokens_since_fired.tolist()
-            if ranks.is_main:
-                save_checkpoint(run.path, clt, optimizer, state)
-            ranks.barrier()
-        if stop:
-            break
-    progress.close()
-    del trained  # the DDP wrapper must die before the process group (see training.loop.release_data_parallel)
-    ranks.shutdown()
 
-    summary = {}
-    if ranks.is_main:
-        summary = finish(
-            config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device
+        return StepResult(
+            x.shape[0] * ranks.world_size,
+            record,
+            stop=stop,
+            postfix=lambda r: {"mse": f"{r['mse']:.3f}", "l0": f"{r['mean_l0']:.1f}"},
         )
-    return summary
+
+    def checkpoint(state: dict) -> None:
+        state["tokens_since_fired"] = tokens_since_fired.tolist()
+        if ranks.is_main:
+            save_checkpoint(run.path, clt, optimizer, state)
+
+    clt.train()
+    run_steps(
+        state, total_steps, one_step, ranks, run, config.log_every, config.ckpt_every, checkpoint, "train CLT"
+    )
 
 
 def _scaled(activations: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

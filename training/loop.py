@@ -121,7 +121,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 def learning_rate(step: int, total_steps: int, config) -> float:
     """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio × lr` at the last step."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return config.lr * warmup_factor(step, config.warmup_steps)
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -152,14 +152,96 @@ def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
     return ranks, device, run, None
 
 
-def resume(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Dist) -> dict:
-    """The loop state of a new run, or the checkpoint's (model and optimizer restored, metrics past it dropped)."""
+def resume(
+    run: RunDir,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ranks: Dist,
+    initial: dict | None = None,
+) -> dict:
+    """The loop state of a new run (`initial` adds trainer-specific keys), or the checkpoint's (model and
+    optimizer restored, metrics past it dropped)."""
     checkpoint = find_checkpoint(run.path)
     if checkpoint is None:
-        return {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+        return {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0, **(initial or {})}
     state = load_checkpoint(checkpoint, model, optimizer)
     if ranks.is_main:
         run.truncate_metrics(lambda record: record["step"] <= state["step"])
+    return state
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to `run_steps`."""
+
+    tokens: int  # tokens the step processed, over all ranks
+    record: Callable[[], dict]  # its metrics, called on every rank only when a record is due (may all-reduce)
+    postfix: Callable[[dict], dict] = lambda record: {}  # progress-bar fields from that record
+    stop: bool = False  # end training after this step (e.g. a target reached)
+
+
+def run_steps(
+    state: dict,
+    total_steps: int,
+    step: Callable[[int], StepResult],
+    world: Dist,
+    run: RunDir,
+    log_every: int,
+    ckpt_every: int,
+    checkpoint: Callable[[dict], None],
+    desc: str,
+    after_step: Callable[[dict], bool] | None = None,
+) -> dict:
+    """The optimizer-step loop every trainer shares: progress bar, step/token/time accounting, throughput
+    per logging window, JSONL records, periodic checkpoints (and one at the end or on `stop`), resumable
+    from `state`.
+
+    `step(i)` performs optimizer step i and returns a `StepResult`. `checkpoint(state)` runs on every
+    rank when one is due (the caller writes files on the main rank only); a barrier follows it.
+    `after_step(state)` (e.g. periodic validation) runs after each step; if it returns True, the time it
+    took is left out of the throughput window.
+    """
+    progress = tqdm(
+        total=total_steps, initial=state["step"], desc=desc, disable=not world.is_main, unit="step"
+    )
+    window_start, window_tokens = time.perf_counter(), 0
+    segment_start = time.perf_counter()
+    while state["step"] < total_steps:
+        step_start = time.perf_counter()
+        result = step(state["step"])
+        state["step"] += 1
+        state["tokens"] += result.tokens
+        state["train_time_s"] += time.perf_counter() - step_start
+        window_tokens += result.tokens
+        progress.update(1)
+        last = state["step"] == total_steps or result.stop
+        if state["step"] % log_every == 0 or last:
+            record = {
+                "step": state["step"],
+                "split": "train",
+                **result.record(),
+                "tokens": state["tokens"],
+                "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9),
+            }
+            window_start, window_tokens = time.perf_counter(), 0
+            if world.is_main:
+                run.log_metrics(record)
+                progress.set_postfix(**result.postfix(record), tok_s=f"{record['tokens_per_s']:,.0f}")
+        if after_step is not None and after_step(state):
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        if state["step"] % ckpt_every == 0 or last:
+            state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - segment_start
+            segment_start = time.perf_counter()
+            checkpoint(state)
+            world.barrier()
+        if result.stop:
+            break
+    progress.close()
     return state
 
 
@@ -177,24 +259,17 @@ def train_steps(
     desc: str = "train",
     after_step: Callable[[], None] | None = None,
 ) -> dict:
-    """Run optimizer steps `state['step']` … `total_steps` and return the updated `state`.
+    """Run language-model optimizer steps `state['step']` … `total_steps` and return the updated `state`.
 
     `config` provides lr, min_lr_ratio, warmup_steps, micro_batch, grad_accum, grad_clip, bf16, seed,
     log_every, eval_every and ckpt_every (PretrainConfig and FinetuneConfig both do).
     """
     n_ctx = train_blocks.shape[1]
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ranks.world_size > 1 else model
-
     tokens_per_step = config.micro_batch * config.grad_accum * ranks.world_size * n_ctx
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
-    progress = tqdm(
-        total=total_steps, initial=state["step"], desc=desc, disable=not ranks.is_main, unit="step"
-    )
-    window_start, window_tokens = time.perf_counter(), 0
-    segment_start = time.perf_counter()
-    model.train()
-    for step in range(state["step"], total_steps):
-        step_start = time.perf_counter()
+
+    def one_step(step: int) -> StepResult:
         lr = learning_rate(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -211,67 +286,60 @@ def train_steps(
         for micro_step, indices in enumerate(micro_batches):
             batch = train_blocks[indices].long().to(device)
             # Skip the gradient all-reduce on all but the last micro-step of an accumulation.
-            sync = (
-                nullcontext()
-                if (ranks.world_size == 1 or micro_step == len(micro_batches) - 1)
-                else ddp_model.no_sync()
-            )
-            with sync:
+            last_micro = ranks.world_size == 1 or micro_step == len(micro_batches) - 1
+            with nullcontext() if last_micro else ddp_model.no_sync():
                 with autocast:
                     loss = ddp_model(input_ids=batch, labels=batch).loss / config.grad_accum
                 loss.backward()
             step_loss += loss.detach()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if config.grad_clip > 0
-            else None
-        )
+        clip = config.grad_clip > 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if clip else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step()
-        state["step"] = step + 1
-        state["tokens"] += tokens_per_step
-        state["train_time_s"] += time.perf_counter() - step_start
-        window_tokens += tokens_per_step
-        progress.update(1)
 
-        if state["step"] % config.log_every == 0 or state["step"] == total_steps:
+        def record() -> dict:
             if ranks.world_size > 1:
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            window_start, window_tokens = time.perf_counter(), 0
-            if ranks.is_main:
-                progress.set_postfix(loss=f"{step_loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                run.log_metrics(
-                    {
-                        "step": state["step"],
-                        "split": "train",
-                        "loss": step_loss.item(),
-                        "lr": lr,
-                        "grad_norm": None if grad_norm is None else grad_norm.item(),
-                        "tokens": state["tokens"],
-                        "tokens_per_s": tokens_per_s,
-                    }
-                )
-        if ranks.is_main and (state["step"] % config.eval_every == 0 or state["step"] == total_steps):
-            with autocast:
-                losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
-            run.log_metrics(
-                {
-                    "step": state["step"],
-                    "split": "validation",
-                    "tokens": state["tokens"],
-                    **{f"loss/{lang}": value for lang, value in losses.items()},
-                }
-            )
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if state["step"] % config.ckpt_every == 0 or state["step"] == total_steps:
-            state["wall_time_s"] += time.perf_counter() - segment_start
-            segment_start = time.perf_counter()
-            if ranks.is_main:
-                save_checkpoint(run.path, model, optimizer, state)
-            ranks.barrier()
-    progress.close()
-    return state
+            return {
+                "loss": step_loss.item(),
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else grad_norm.item(),
+            }
+
+        return StepResult(tokens_per_step, record, postfix=lambda r: {"loss": f"{r['loss']:.3f}"})
+
+    def validate(state: dict) -> bool:
+        if not ranks.is_main or (state["step"] % config.eval_every and state["step"] != total_steps):
+            return False
+        with autocast:
+            losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
+        run.log_metrics(
+            {
+                "step": state["step"],
+                "split": "validation",
+                "tokens": state["tokens"],
+                **{f"loss/{lang}": value for lang, value in losses.items()},
+            }
+        )
+        return True
+
+    def checkpoint(state: dict) -> None:
+        if ranks.is_main:
+            save_checkpoint(run.path, model, optimizer, state)
+
+    model.train()
+    state = run_steps(
+        state,
+        total_steps,
+        one_step,
+        ranks,
+        run,
+        config.log_every,
+        config.ckpt_every,
+        checkpoint,
+        desc,
+        after_step=validate,
+    )
+    return state  # ddp_model dies with this frame, before any shutdown (see release_data_parallel)
