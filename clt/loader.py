@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from clt.activations import ActivationStore, mlp_activations
+from training.errors import UserError
 
 Batch = tuple[Float[Tensor, "batch layer d"], Float[Tensor, "batch layer d"]]
 
@@ -88,6 +89,28 @@ class StoreLoader:
         while True:
             yield from self.epoch(epoch)
             epoch += 1
+
+
+class RankUnionLoader:
+    """The batches of several data-parallel ranks, concatenated: one process reproduces a W-rank DDP run.
+
+    DDP averages the ranks' gradients of per-token-mean losses over equal batches, which equals the
+    gradient of the mean over their union; so training on the union is the same optimisation, step for
+    step (used to test DDP against one process). The ranks' epochs must have equal lengths."""
+
+    def __init__(self, loaders: list[StoreLoader]):
+        lengths = {loader.batches_per_epoch() for loader in loaders}
+        if len(lengths) != 1 or any(loader.tokens_per_epoch() % loader.batch_size for loader in loaders):
+            raise UserError("emulated ranks need equal shard counts and batches that divide each rank's tokens: "
+                            "change --eval-shards or --batch-size")
+        self.loaders = loaders
+
+    def batches_per_epoch(self) -> int:
+        return self.loaders[0].batches_per_epoch()
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        for parts in zip(*(loader.epoch(epoch, skip_batches) for loader in self.loaders)):
+            yield torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
 def _to_tensors(inputs: np.ndarray, outputs: np.ndarray) -> Batch:

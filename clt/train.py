@@ -21,13 +21,14 @@ from clt.activations import (
 )
 from clt.evaluate import replacement_metrics, store_metrics
 from clt.export import save_native
-from clt.loader import StoreLoader, StreamingLoader
+from clt.loader import RankUnionLoader, StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CLTOptions, CrossLayerTranscoder
 from training import paths
 from training.checkpoint import find_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.loop import StepResult, resume, run_steps, start_run, warmup_factor
+from training.errors import UserError
 from training.models import load_model
 
 
@@ -40,6 +41,11 @@ class CLTTrainConfig:
     )
     model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF GPT-2 model directory"})
     store: str = field(default=paths.STORE, metadata={"help": "activation store (collected if missing)"})
+    emulate_ranks: int = field(
+        default=1,
+        metadata={"help": "train one process on the union of this many data-parallel ranks' batches "
+                          "(reproduces a torchrun run of that many ranks)"},
+    )
     streaming: bool = field(
         default=False, metadata={"help": "train straight from the model, without a store"}
     )
@@ -177,14 +183,14 @@ def train_clt(config: CLTTrainConfig) -> dict:
                 f"the store has {len(done)} shards: need more than eval_shards={config.eval_shards}"
             )
         eval_shards, train_shards = done[-config.eval_shards :], done[: -config.eval_shards]
-        loader = StoreLoader(
-            store,
-            config.batch_size,
-            seed=config.seed,
-            shards=train_shards,
-            rank=ranks.rank,
-            world_size=ranks.world_size,
-        )
+        if config.emulate_ranks > 1 and ranks.world_size > 1:
+            raise UserError("--emulate-ranks reproduces a torchrun run on one process: do not use it under torchrun")
+        # Each rank reads its own shards; an emulated run reads every rank's and trains on their union.
+        data_world = config.emulate_ranks if config.emulate_ranks > 1 else ranks.world_size
+        data_ranks = range(config.emulate_ranks) if config.emulate_ranks > 1 else [ranks.rank]
+        loaders = [StoreLoader(store, config.batch_size, seed=config.seed, shards=train_shards, rank=r,
+                               world_size=data_world) for r in data_ranks]
+        loader = loaders[0] if len(loaders) == 1 else RankUnionLoader(loaders)
         scales = store.norm_scales()
         langs = store.langs
     clt.input_scale.copy_(torch.tensor(scales[0]))
@@ -203,7 +209,9 @@ def train_clt(config: CLTTrainConfig) -> dict:
         initial={"epoch": 0, "batch_in_epoch": 0, "stopped_early": False, "tokens_since_fired": None},
     )
     if fresh:
-        x0, y0 = next(iter(loader.epoch(0)))
+        # Under DDP every rank starts from rank 0's initialisation (the wrapper broadcasts it).
+        first = loader.loaders[0] if isinstance(loader, RankUnionLoader) else loader
+        x0, y0 = next(iter(first.epoch(0)))
         clt.initialize_from_batch(
             _scaled(x0.to(device), clt.input_scale), _scaled(y0.to(device), clt.output_scale)
         )
@@ -309,7 +317,7 @@ def _batch_stream(loader, state: dict):
     while True:
         iterator = (
             loader.epoch(state["epoch"], skip_batches=state["batch_in_epoch"])
-            if isinstance(loader, StoreLoader)
+            if isinstance(loader, (StoreLoader, RankUnionLoader))
             else loader.epoch(state["epoch"])
         )
         for batch in iterator:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = [
-    "tests/test_clt_train.py::test_ddp_training_with_torchrun",
+    "tests/test_clt_train.py::test_ddp_training_with_torchrun_matches_one_process",
     "tests/test_activations.py::test_two_torchrun_writers_fill_disjoint_shards_identically",
     "tests/test_pretrain.py::test_ddp_two_processes_match_gradient_accumulation",
     "tests/test_finetune.py::test_masked_finetuning_under_torchrun",
