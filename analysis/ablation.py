@@ -1,4 +1,4 @@
-"""Layer-ablation sweeps from the input and the output side (CogSym, METHODS §4).
+"""Layer-ablation sweeps from the input and the output side (CogSym, docs/methods.md §4).
 
 For k = 0 … L−1 the first k layers (input side) or the last k layers (output side) are skipped — each
 skipped block passes its input through, i.e. its attention and MLP updates are zeroed. k = 0 is the

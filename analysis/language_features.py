@@ -1,4 +1,4 @@
-"""Language-identity CLT features (seed 003; METHODS §4).
+"""Language-identity CLT features (Harrasse et al. 2025; docs/methods.md §4).
 
 For every feature of every layer: activation frequency per language (share of non-BOS tokens of text in
 that language where it fires), the LAPE-style entropy of its language mix (in bits, as the seed repo

@@ -1,4 +1,4 @@
-"""Language Activation Probability Entropy (LAPE, Tang et al. 2024; METHODS §4) — for MLP neurons and,
+"""Language Activation Probability Entropy (LAPE, Tang et al. 2024; docs/methods.md §4) — for MLP neurons and,
 with the same functions, for CLT features.
 
     p_k(unit) = P(activation > 0 | text in language k)

@@ -1,4 +1,4 @@
-"""Logit-lens language probabilities per layer (LinguaMap, METHODS §4).
+"""Logit-lens language probabilities per layer (LinguaMap, docs/methods.md §4).
 
 At every layer the residual is read through the model's own ln_f + unembedding:
 - soft: P^l(lang) = Σ_t softmax(z^l)_t · p(lang | t), averaged over the (non-BOS) positions of text in

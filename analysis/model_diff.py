@@ -1,4 +1,4 @@
-"""Diff two models of the same architecture through one shared CLT (METHODS.md §7, seed 003).
+"""Diff two models of the same architecture through one shared CLT (docs/methods.md §7, Harrasse et al. 2025).
 
 Typical pair: a model before and after fine-tuning, with the CLT trained on the *before* model; or two
 pretraining mixtures. Every measure runs both models on the same token blocks:
@@ -282,7 +282,7 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 
 def fertility_and_early_features(fertility: dict[str, dict], stats: dict[str, dict]) -> dict:
     """Tokens per word per language next to layer-0 L0 and mean layer-0 strength on each model, with
-    the across-language correlation (seed 003: English-biased tokenisation makes early layers work
+    the across-language correlation (Harrasse et al. 2025: English-biased tokenisation makes early layers work
     harder to reassemble words)."""
     langs = [lang for lang in stats["before"]["langs"] if lang in fertility]
     rows, out = {}, {}

@@ -1,4 +1,4 @@
-"""Linear probes of language identity (METHODS §4): multinomial logistic regression from per-token
+"""Linear probes of language identity (docs/methods.md §4): multinomial logistic regression from per-token
 representations — the token embedding, the residual after each layer, or each layer's CLT features —
 to the language of the text. Train and test tokens come from different blocks (no block contributes
 to both), features are standardised on the training split, and the fit is full-batch L-BFGS with a

@@ -1,4 +1,4 @@
-"""Cross-lingual similarity of hidden states per layer on parallel text (LinguaMap, METHODS §4).
+"""Cross-lingual similarity of hidden states per layer on parallel text (LinguaMap, docs/methods.md §4).
 
 Every paragraph of the held-out parallel set is encoded in each language; hidden states are mean-pooled
 over its tokens (BOS excluded) at every layer. For each language pair:

@@ -1,4 +1,4 @@
-"""Attribution graphs of the local replacement model (METHODS §3).
+"""Attribution graphs of the local replacement model (docs/methods.md §3).
 
 For one prompt: freeze attention patterns and LayerNorm scales (`FrozenGPT2`), replace each MLP output
 by its CLT reconstruction plus a constant error node, and compute every direct effect

@@ -1,4 +1,4 @@
-"""The frozen, linear GPT-2 of one prompt (METHODS §3).
+"""The frozen, linear GPT-2 of one prompt (docs/methods.md §3).
 
 Attribution works on the *local replacement model*: for one prompt, attention patterns and LayerNorm
 scales are frozen at their values on that prompt and every MLP output is a constant (CLT features'

@@ -1,4 +1,4 @@
-"""Cross-lingual overlap of attribution graphs (seed 003's "shared multilingual features").
+"""Cross-lingual overlap of attribution graphs (the multilingual-CLT paper's "shared multilingual features").
 
 For the same paragraph in several languages (the corpus's held-out parallel split), build each
 language's pruned graph and compare, layer by layer, the sets of CLT features it keeps (a feature is

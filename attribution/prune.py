@@ -1,4 +1,4 @@
-"""Influence, pruning and graph scores (METHODS §3, after Ameisen et al. 2025).
+"""Influence, pruning and graph scores (docs/methods.md §3, after Ameisen et al. 2025).
 
 Â = |A| with rows normalised to sum 1 (each target's inputs as shares). A node's influence on the
 targets is Σ_{k≥1} w Âᵏ — every path, weighted by the targets' weights w (logit probabilities) — which
@@ -37,10 +37,6 @@ def target_weights_vector(graph: AttributionGraph) -> Float[Tensor, " n"]:
     w = torch.zeros(graph.n_nodes, dtype=graph.adjacency.dtype)
     w[graph.target_start :] = graph.target_weights.to(w.dtype)
     return w
-
-
-def node_influence(graph: AttributionGraph) -> Float[Tensor, " n"]:
-    return influence(normalized_abs(graph.adjacency), target_weights_vector(graph))
 
 
 def _cumulative_threshold(scores: Float[Tensor, " m"], keep: float) -> Tensor:

@@ -6,7 +6,7 @@
 - A chosen token: the same vector for one token, weighted by its probability.
 - A custom direction, e.g. a **language direction**: for translations t_lang of the same word
   (Friday / vendredi / Freitag), W_U[:, t_lang] − mean_lang W_U[:, t_lang'] reads "this language
-  rather than the others" (seed 003). A multi-token translation uses its first token.
+  rather than the others" (Harrasse et al. 2025). A multi-token translation uses its first token.
 """
 
 from __future__ import annotations

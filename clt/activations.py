@@ -252,7 +252,7 @@ class ActivationStore:
             ) from error
 
     def norm_scales(self) -> tuple[list[float], list[float]]:
-        """Per-layer scale factors sqrt(d) / E‖x‖ for inputs and outputs (METHODS §1)."""
+        """Per-layer scale factors sqrt(d) / E‖x‖ for inputs and outputs (docs/methods.md §1)."""
         stats = self.attrs.get("norm_stats")
         if stats is None:
             raise ValueError(f"{self.url} has no normalisation statistics yet: finish collecting it first")

@@ -117,11 +117,15 @@ def folded_weights(clt: CrossLayerTranscoder) -> dict[str, torch.Tensor | list[t
     return folded
 
 
+class NotExportable(UserError):
+    """The target format cannot represent this transcoder (e.g. TopK for circuit-tracer)."""
+
+
 def _check_exportable(clt: CrossLayerTranscoder, target: str) -> bool:
     """Returns whether the export carries a threshold (JumpReLU semantics) or is a plain ReLU."""
     activation = clt.config.activation
     if activation == "topk":
-        raise ValueError(
+        raise NotExportable(
             f"{target} has no TopK transcoders; train with --activation jumprelu or batchtopk "
             "(BatchTopK exports as JumpReLU with its inference threshold)"
         )
@@ -134,6 +138,10 @@ def export_circuit_tracer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholded = _check_exportable(clt, "circuit-tracer")
+    if clt.config.cross_layer and clt.W_skip is not None:
+        raise NotExportable(
+            "circuit-tracer's CLT loader has no skip connection; export a per-layer transcoder with skip"
+        )
     weights = folded_weights(clt)
     L = clt.config.n_layers
     if clt.config.cross_layer:
@@ -148,10 +156,6 @@ def export_circuit_tracer(
             save_file(encoder, str(out_dir / f"W_enc_{i}.safetensors"))
             save_file(
                 {f"W_dec_{i}": weights["W_dec"][i].contiguous()}, str(out_dir / f"W_dec_{i}.safetensors")
-            )
-        if clt.W_skip is not None:
-            raise ValueError(
-                "circuit-tracer's CLT loader has no skip connection; export a PLT with skip instead"
             )
         config = {"model_kind": "cross_layer_transcoder"}
     else:
@@ -186,7 +190,7 @@ def export_sae_lens(
 ) -> list[Path]:
     """One sae-lens transcoder directory per layer (`layer_{i}/cfg.json` + `sae_weights.safetensors`)."""
     if clt.config.cross_layer:
-        raise ValueError(
+        raise NotExportable(
             "sae-lens holds per-layer transcoders only: train with --cross-layer false, or use the "
             "circuit-tracer export for cross-layer transcoders"
         )

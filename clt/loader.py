@@ -101,8 +101,10 @@ class RankUnionLoader:
     def __init__(self, loaders: list[StoreLoader]):
         lengths = {loader.batches_per_epoch() for loader in loaders}
         if len(lengths) != 1 or any(loader.tokens_per_epoch() % loader.batch_size for loader in loaders):
-            raise UserError("emulated ranks need equal shard counts and batches that divide each rank's tokens: "
-                            "change --eval-shards or --batch-size")
+            raise UserError(
+                "emulated ranks need equal shard counts and batches that divide each rank's tokens: "
+                "change --eval-shards or --batch-size"
+            )
         self.loaders = loaders
 
     def batches_per_epoch(self) -> int:

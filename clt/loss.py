@@ -1,4 +1,4 @@
-"""CLT training objective (METHODS §1), on normalised activations:
+"""CLT training objective (docs/methods.md §1), on normalised activations:
 
     L = Σ_k E‖ŷ^k − y^k‖²  +  λ · E Σ_{l,i} tanh(c · a_i^l · ‖W_dec,i^l‖)  +  μ · E Σ_{l,i} relu(θ_i^l − z_i^l) · ‖W_dec,i^l‖
 

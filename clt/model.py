@@ -8,7 +8,7 @@ Layer l reads the MLP input x^l and writes to the MLP outputs of layer l and eve
 
 Decoders are stored per source layer as `W_dec[l]: [F, n_targets(l), d]` with n_targets = L − l for a
 CLT (targets l … L−1) and 1 for a PLT — circuit-tracer's layout, so export is a transpose away.
-Training happens on normalised activations (`input_scale`, `output_scale` per layer, METHODS §1);
+Training happens on normalised activations (`input_scale`, `output_scale` per layer, docs/methods.md §1);
 `clt.export` folds the scales into the weights so exported transcoders act on raw activations.
 """
 

@@ -27,8 +27,8 @@ from clt.model import CLTConfig, CLTOptions, CrossLayerTranscoder
 from training import paths
 from training.checkpoint import find_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
-from training.loop import StepResult, resume, run_steps, start_run, warmup_factor
 from training.errors import UserError
+from training.loop import StepResult, resume, run_steps, start_run, warmup_factor
 from training.models import load_model
 
 
@@ -43,8 +43,10 @@ class CLTTrainConfig:
     store: str = field(default=paths.STORE, metadata={"help": "activation store (collected if missing)"})
     emulate_ranks: int = field(
         default=1,
-        metadata={"help": "train one process on the union of this many data-parallel ranks' batches "
-                          "(reproduces a torchrun run of that many ranks)"},
+        metadata={
+            "help": "train one process on the union of this many data-parallel ranks' batches "
+            "(reproduces a torchrun run of that many ranks)"
+        },
     )
     streaming: bool = field(
         default=False, metadata={"help": "train straight from the model, without a store"}
@@ -184,12 +186,18 @@ def train_clt(config: CLTTrainConfig) -> dict:
             )
         eval_shards, train_shards = done[-config.eval_shards :], done[: -config.eval_shards]
         if config.emulate_ranks > 1 and ranks.world_size > 1:
-            raise UserError("--emulate-ranks reproduces a torchrun run on one process: do not use it under torchrun")
+            raise UserError(
+                "--emulate-ranks reproduces a torchrun run on one process: do not use it under torchrun"
+            )
         # Each rank reads its own shards; an emulated run reads every rank's and trains on their union.
         data_world = config.emulate_ranks if config.emulate_ranks > 1 else ranks.world_size
         data_ranks = range(config.emulate_ranks) if config.emulate_ranks > 1 else [ranks.rank]
-        loaders = [StoreLoader(store, config.batch_size, seed=config.seed, shards=train_shards, rank=r,
-                               world_size=data_world) for r in data_ranks]
+        loaders = [
+            StoreLoader(
+                store, config.batch_size, seed=config.seed, shards=train_shards, rank=r, world_size=data_world
+            )
+            for r in data_ranks
+        ]
         loader = loaders[0] if len(loaders) == 1 else RankUnionLoader(loaders)
         scales = store.norm_scales()
         langs = store.langs

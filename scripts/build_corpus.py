@@ -1,10 +1,10 @@
 """Build the offline multilingual corpus (DatasetDict on disk). `--help` lists every option."""
 
-from training.config import parse_config
+from training.config import parse_config, run_main
 from training.corpus.build import CorpusConfig, build_corpus, corpus_summary_markdown, load_corpus_stats
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     config = parse_config(CorpusConfig, argv)
     build_corpus(config)
     print(corpus_summary_markdown(load_corpus_stats(config.corpus_dir)))
@@ -12,4 +12,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,11 +5,11 @@ torchrun --nproc-per-node 2 scripts/collect_activations.py ...   # writers fill 
 """
 
 from clt.activations import CollectConfig, collect_activations
-from training.config import parse_config
+from training.config import parse_config, run_main
 from training.loop import init_distributed
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     config = parse_config(CollectConfig, argv)
     ranks, _ = init_distributed(config.device)
     store = collect_activations(config, ranks.rank, ranks.world_size)
@@ -22,4 +22,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

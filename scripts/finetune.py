@@ -12,11 +12,11 @@ scenario's target languages). The run directory gets the fine-tuned model (`mode
 
 import json
 
-from training.config import parse_config
+from training.config import parse_config, run_main
 from training.finetune import FinetuneConfig, finetune
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     summary = finetune(parse_config(FinetuneConfig, argv))
     if not summary:
         return  # a non-zero torchrun rank
@@ -36,4 +36,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

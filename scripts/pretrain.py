@@ -6,11 +6,11 @@ Data-parallel:   torchrun --nproc-per-node 2 scripts/pretrain.py ...
 
 import json
 
-from training.config import parse_config
+from training.config import parse_config, run_main
 from training.pretrain import PretrainConfig, pretrain
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     summary = pretrain(parse_config(PretrainConfig, argv))
     if summary:
         print(
@@ -31,4 +31,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

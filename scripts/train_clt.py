@@ -10,19 +10,20 @@ per language) and exports it for circuit-tracer. Any model directory, store or s
 import json
 from pathlib import Path
 
-from clt.export import export_circuit_tracer, load_native
+from clt.export import NotExportable, export_circuit_tracer, load_native
 from clt.train import CLTTrainConfig, format_summary, train_clt
-from training.config import parse_config
+from training.config import parse_config, run_main
+from training.errors import UserError
 from training.pretrain import PretrainConfig, pretrain
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     config = parse_config(CLTTrainConfig, argv)
     model_dir = Path(config.model_dir)
     default_model = Path(PretrainConfig().run_dir) / "model"
     if not (model_dir / "model.safetensors").exists():
         if model_dir != default_model:
-            raise SystemExit(
+            raise UserError(
                 f"no model at {model_dir} (expected a save_pretrained directory with model.safetensors)"
             )
         print(
@@ -33,11 +34,13 @@ def main(argv=None) -> None:
     if not report:
         return  # a non-zero torchrun rank
     clt, _ = load_native(Path(config.run_dir) / "clt")
-    if clt.config.activation != "topk" and not (clt.config.cross_layer and clt.config.skip):
+    try:
         export_circuit_tracer(clt, Path(config.run_dir) / "circuit_tracer")
+    except NotExportable as reason:
+        print(f"circuit-tracer export skipped: {reason}")
     print(format_summary(report))
     print(json.dumps({k: report[k] for k in ("run_dir", "steps", "tokens", "train_tokens_per_s")}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

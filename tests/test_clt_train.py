@@ -272,14 +272,18 @@ def test_streaming_mode_trains_without_a_store(tmp_path, tiny_model_dir, real_sl
     assert metrics[-1]["mse"] < metrics[0]["mse"]
 
 
-def test_ddp_training_with_torchrun_matches_one_process(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir):
+def test_ddp_training_with_torchrun_matches_one_process(
+    tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir
+):
     """2 gloo ranks reading disjoint shards end with the same transcoder as one process trained on the
     union of both ranks' batches (DDP averages per-token-mean gradients over equal batches)."""
     # 12 training shards (6 per rank) of 240 tokens; batches of 48 divide each rank's 1,440 tokens.
     common = dict(max_steps=20, batch_size=48, eval_shards=1, eval_blocks=2)
     ddp = train_args(tmp_path / "ddp", tiny_model_dir, tiny_store, real_slice_corpus_dir, **common)
     run_torchrun("train_clt.py", as_flags(ddp))
-    single = train_args(tmp_path / "one", tiny_model_dir, tiny_store, real_slice_corpus_dir, emulate_ranks=2, **common)
+    single = train_args(
+        tmp_path / "one", tiny_model_dir, tiny_store, real_slice_corpus_dir, emulate_ranks=2, **common
+    )
     single_report = train_clt(config_from_dict(CLTTrainConfig, single))
     report = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert report["tokens"] == single_report["tokens"] == 20 * 48 * 2  # both ranks' batches count

@@ -14,7 +14,7 @@ from interventions.hooks import (
     freeze_attention,
     record_patterns,
 )
-from tests.test_attribution import random_clt
+from tests.helpers import random_clt
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from clt.activations import MLPActivationRecorder, model_fingerprint
 from clt.export import save_native
 from clt.loss import fraction_of_variance_unexplained
 from tests.conftest import PYTHON, REPO, script_env
-from tests.test_attribution import random_clt
+from tests.helpers import random_clt
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from training import paths
 from training.config import RunDir, atomic_write_json, atomic_write_text
 from training.finetune import SCENARIOS, FinetuneConfig, finetune
 
-# name → FinetuneConfig overrides. The random subsets match LAPE (neurons, seed 004's baseline) and
+# name → FinetuneConfig overrides. The random subsets match LAPE (neurons, LAPE fine-tuning's baseline) and
 # last-k (whole blocks, LinguaMap's "random layers fail").
 VARIANTS = {
     "full": {"strategy": "full"},

@@ -79,7 +79,7 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         default=argparse.SUPPRESS,
         help="show the full traceback of an input error instead of one line",
     )
-    for flag, (path, field, owner, default) in _flags(config_cls).items():
+    for flag, (path, field, owner, default) in config_flags(config_cls).items():
         parser.add_argument(
             "--" + flag.replace("_", "-"),
             dest=".".join(path),
@@ -91,7 +91,9 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
     return parser
 
 
-def _flags(config_cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults: Any = None) -> dict:
+def config_flags(
+    config_cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults: Any = None
+) -> dict:
     """flag name → (path of field names, field, owning class, default) for every leaf field.
 
     A field whose type is itself a config dataclass is *composed*: its fields become flags of their own,
@@ -105,7 +107,9 @@ def _flags(config_cls: type, prefix: str = "", path: tuple[str, ...] = (), defau
         tp = _field_type(field, config_cls)
         value = getattr(defaults, field.name)
         if dataclasses.is_dataclass(tp):
-            flags.update(_flags(tp, prefix + field.metadata.get("prefix", ""), path + (field.name,), value))
+            flags.update(
+                config_flags(tp, prefix + field.metadata.get("prefix", ""), path + (field.name,), value)
+            )
         else:
             flags[prefix + field.name] = (path + (field.name,), field, config_cls, value)
     return flags
@@ -113,7 +117,7 @@ def _flags(config_cls: type, prefix: str = "", path: tuple[str, ...] = (), defau
 
 def config_from_dict(config_cls: type[T], values: dict[str, Any]) -> T:
     """Build a config from its saved (nested) form, from flat flag names, or a mix of both."""
-    flags = _flags(config_cls)
+    flags = config_flags(config_cls)
     nested: dict[str, Any] = {}
     for key, value in values.items():
         if key in flags:

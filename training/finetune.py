@@ -7,9 +7,9 @@ corpus, trains, and writes `model/` (a plain HF directory; LoRA merged), `before
 wall time), `config.json` (scenario resolved) and `metrics.jsonl`. Runs resume from their checkpoint.
 
 Scenarios (named configs, `--scenario NAME`; any field can still be overridden):
-- `adapt-eu` (seeds 002/004): adapt the English-heavy model to Basque, which it never saw. Target
+- `adapt-eu` (CogSym, LAPE fine-tuning): adapt the English-heavy model to Basque, which it never saw. Target
   metric: Basque validation loss; forgetting: mean loss increase on the pretraining languages.
-- `consistency` (seed 000): train on the non-English languages so that continuations stay in the
+- `consistency` (LinguaMap): train on the non-English languages so that continuations stay in the
   prompt's language instead of drifting to English. Target metric: share of greedy continuations that
   CLD2 assigns to the prompt's language; forgetting: loss increase on English.
 """
@@ -28,6 +28,7 @@ from training import evaluate, paths
 from training import selection as select
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus
+from training.errors import UserError
 from training.loop import OptimizerConfig, make_optimizer, resume, start_run, train_steps
 from training.lora import add_lora, lora_count, merge_lora
 from training.pretrain import load_data
@@ -117,11 +118,11 @@ class FinetuneConfig(OptimizerConfig):
 def resolve(config: FinetuneConfig) -> FinetuneConfig:
     """Fill the scenario's mixture and target languages, and check the choices early."""
     if config.scenario not in SCENARIOS:
-        raise ValueError(f"unknown scenario {config.scenario!r}; choose one of {sorted(SCENARIOS)}")
+        raise UserError(f"unknown scenario {config.scenario!r}; choose one of {sorted(SCENARIOS)}")
     if config.strategy not in select.STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {select.STRATEGIES}")
+        raise UserError(f"unknown strategy {config.strategy!r}; choose one of {select.STRATEGIES}")
     if config.strategy == "random" and config.random_reference in ("random", "full", "lora"):
-        raise ValueError(f"random must match a layer or neuron strategy, not {config.random_reference!r}")
+        raise UserError(f"random must match a layer or neuron strategy, not {config.random_reference!r}")
     scenario = SCENARIOS[config.scenario]
     return dataclasses.replace(
         config,

@@ -191,7 +191,7 @@ def pretrain(config: PretrainConfig) -> dict:
 
     if ranks.is_main:
         corpus = (
-            build_corpus(CorpusConfig(out_dir=config.corpus_dir))
+            build_corpus(CorpusConfig(corpus_dir=config.corpus_dir))
             if not Path(config.corpus_dir, "dataset_dict.json").exists()
             else load_corpus(config.corpus_dir)
         )

@@ -2,14 +2,14 @@
 
 A `Selection` maps parameter names (as `model.named_parameters()` lists them, so the tied GPT-2 LM
 head appears once, as `transformer.wte.weight`) to `None` (the whole tensor trains) or a boolean mask of
-the tensor's shape (only True entries train). Strategies (METHODS.md §6):
+the tensor's shape (only True entries train). Strategies (docs/methods.md §6):
 
 - `full`: every parameter;
 - `last-k`: the last k transformer blocks (LinguaMap);
 - `outermost`: a share of the blocks (25%) split between the first and the last ones (CogSym), with at
   least one block on each side — on a 4-layer model that is blocks 0 and 3;
 - `neurons`: MLP neurons — for neuron j of layer l the `c_fc` column j, `c_fc` bias j and `c_proj`
-  row j (seed 004's LAPE fine-tuning; GPT-2's Conv1D stores weights as [in, out]);
+  row j (LAPE fine-tuning's LAPE fine-tuning; GPT-2's Conv1D stores weights as [in, out]);
 - `random`: a random subset of the same kind and size as another selection — neurons with the same count
   per layer outside the reference neurons, or the same number of blocks outside the reference blocks;
 - `embeddings`: only the tied token embedding / LM head and the position embeddings (a control).

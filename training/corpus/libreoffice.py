@@ -1,7 +1,7 @@
 """Paragraph-parallel text from the LibreOffice help packages (`libreoffice-help-<lang>`, MPL-2.0).
 
 Every help page exists in every language, and paragraphs carry stable ids (`par_id…`, `hd_id…`), so
-`(page path, paragraph id)` aligns translations. Cleaning (see shared/DATA.md §1):
+`(page path, paragraph id)` aligns translations. Cleaning (docs/corpus.md):
 - only `p`/`h1`-`h6` elements with such an id inside the page's display area;
 - platform variants inside `switchinline` are hidden spans: keep the `default…` one, drop Mac/Writer/…;
 - drop code paragraphs (class `code`, `bascode`, …);

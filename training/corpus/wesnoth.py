@@ -2,7 +2,7 @@
 
 Each `.mo` catalog maps an English source string (msgid) to its translation, so the msgid aligns every
 language (`parallel_id` = hash of domain, context and msgid) and *is* the English text. GPL-2+.
-Cleaning (shared/DATA.md §2): plural entries skipped; markup `<…>`, entities `&…;`, macros `{…}`,
+Cleaning (docs/corpus.md): plural entries skipped; markup `<…>`, entities `&…;`, macros `{…}`,
 variables `$var` and `@` removed; strings still holding `=` (WML) dropped; untranslated entries dropped.
 """
 

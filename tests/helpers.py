@@ -1,0 +1,27 @@
+"""Builders shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clt.model import CLTConfig, CrossLayerTranscoder
+
+
+def random_clt(n_layers: int, d_model: int, n_features: int = 48, seed: int = 0) -> CrossLayerTranscoder:
+    """A random CLT whose features fire on a good share of tokens, with non-trivial scales (so that the
+    folding of input/output scales into the weights is exercised). The scales are powers of two, so
+    folding them into float32 exports is exact and comparisons with circuit-tracer can be tight."""
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=n_layers, d_model=d_model, n_features=n_features))
+    with torch.no_grad():
+        clt.W_enc.normal_(0, 2 * d_model**-0.5)
+        clt.b_enc.normal_(0, 0.2)
+        clt.log_threshold.fill_(math.log(0.8))
+        for w in clt.W_dec:
+            w.normal_(0, 0.2)
+        clt.b_dec.normal_(0, 0.1)
+        clt.input_scale.copy_(2.0 ** (torch.arange(n_layers) % 3 - 1))  # 0.5, 1, 2, 0.5, ...
+        clt.output_scale.copy_(2.0 ** (1 - torch.arange(n_layers) % 3))  # 2, 1, 0.5, 2, ...
+    return clt.eval()
