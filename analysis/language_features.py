@@ -18,9 +18,9 @@ from torch import Tensor
 
 from analysis.firing import firing_share
 from analysis.lape import entropy
-from clt.activations import MLPActivationRecorder
 from clt.export import folded_weights
 from clt.model import CrossLayerTranscoder
+from clt.recorder import MLPActivationRecorder
 
 
 @torch.no_grad()

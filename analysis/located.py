@@ -87,7 +87,7 @@ def load_located(path: str | Path, model=None, clt=None, model_dir: str | Path |
         raise FileNotFoundError(f"{path} not found: run scripts/locate_language.py first")
     doc = validate_located(json.loads(path.read_text()), model, clt)
     if model_dir is not None and doc.get("model_sha256"):
-        from clt.activations import model_fingerprint
+        from training.fingerprint import model_fingerprint
 
         if model_fingerprint(model_dir) != doc["model_sha256"]:
             raise ValueError(
@@ -135,7 +135,7 @@ def located_from_sections(
     model_dir: str, clt_dir: str | None, langs: list[str], model, sections: dict
 ) -> dict:
     """The located-units contract built from a location report's sections (analysis/locate.py)."""
-    from clt.activations import model_fingerprint
+    from training.fingerprint import model_fingerprint
 
     lape_section = sections.get("lape", {}).get("selections", {})
     names = list(lape_section)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from analysis.firing import FiringCounter
 from analysis.residuals import lens_logits, residual_stream
-from clt.activations import MLPActivationRecorder
 from clt.model import CrossLayerTranscoder
+from clt.recorder import MLPActivationRecorder
 from training.errors import ModelMismatch
 
 

@@ -47,8 +47,8 @@ class ModelDiffConfig:
 
 
 def load_pair(config: ModelDiffConfig):
-    from clt.activations import model_fingerprint
     from clt.export import check_matches_model, load_native
+    from training.fingerprint import model_fingerprint
     from training.models import load_model
 
     before, tokenizer = load_model(config.before, config.device)

@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from clt.activations import MLPActivationRecorder
+from clt.recorder import MLPActivationRecorder
 from training import hook_points
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from clt.activations import CollectConfig, collect_activations, collection_blocks, forward_only_throughput
+from clt.activations import CollectConfig, collect_activations, collection_blocks
 from clt.train import CLTTrainConfig, train_clt
 from training import paths
 from training.config import RunDir, atomic_write_json, config_from_dict, parse_config, run_main
@@ -39,6 +40,22 @@ class BenchCLTConfig:
     )
     k: int = field(default=16, metadata={"help": "k for topk"})
     run_dir: str = field(default="runs/bench-clt", metadata={"help": "run directory (results.json)"})
+
+
+def forward_only_throughput(
+    model_dir: str, blocks: torch.Tensor, batch_size: int, with_head: bool = False
+) -> float:
+    """Stored tokens/s of the bare forward pass over `blocks`: the baseline for collection overhead.
+    Without the head it is the same computation collection needs (transformer body, no hooks, no writes)."""
+    from training.models import load_model
+
+    model, _ = load_model(model_dir)
+    forward = model if with_head else model.transformer
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            forward(input_ids=blocks[i : i + batch_size].long())
+    return blocks[:, 1:].numel() / (time.perf_counter() - start)
 
 
 def main(argv: list[str]) -> None:

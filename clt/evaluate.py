@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from clt.activations import INPUT_HOOK, OUTPUT_HOOK, ActivationStore
 from clt.model import CrossLayerTranscoder
+from clt.recorder import INPUT_HOOK, OUTPUT_HOOK
+from clt.store import ActivationStore
 from training import hook_points, paths
 from training.errors import ModelMismatch
 
@@ -191,11 +192,11 @@ class EvalConfig:
 
 def evaluate_clt(config: EvalConfig) -> dict:
     """Held-out reconstruction (with a store) and replacement-model metrics of a saved transcoder."""
-    from clt.activations import model_fingerprint
     from clt.export import load_model_and_clt
     from clt.train import evaluation_blocks
     from training.config import RunDir, atomic_write_json
     from training.corpus.build import default_corpus_dir, load_corpus
+    from training.fingerprint import model_fingerprint
 
     run = RunDir.open(config.run_dir, config) if config.run_dir else None
     model, tokenizer, clt = load_model_and_clt(

@@ -83,7 +83,7 @@ def check_matches_model(meta: dict, model, model_dir: str | Path | None = None) 
             f"{model.config.n_layer} × {model.config.n_embd}"
         )
     if model_dir is not None and meta.get("model_sha256"):
-        from clt.activations import model_fingerprint
+        from training.fingerprint import model_fingerprint
 
         if model_fingerprint(model_dir) != meta["model_sha256"]:
             raise ModelMismatch(

@@ -19,7 +19,8 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from clt.activations import ActivationStore, mlp_activations
+from clt.recorder import mlp_activations
+from clt.store import ActivationStore
 from training.errors import UserError
 
 Batch = tuple[Float[Tensor, "batch layer d"], Float[Tensor, "batch layer d"]]

@@ -11,19 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from clt.activations import (
-    ActivationStore,
-    CollectConfig,
-    CollectOptions,
-    bos_blocks,
-    collect_activations,
-    collection_blocks,
-)
+from clt.activations import CollectConfig, CollectOptions, bos_blocks, collect_activations, collection_blocks
 from clt.evaluate import replacement_metrics, store_metrics
 from clt.export import save_native
 from clt.loader import RankUnionLoader, StoreLoader, StreamingLoader
 from clt.loss import clt_loss, fraction_of_variance_unexplained
 from clt.model import CLTConfig, CLTOptions, CrossLayerTranscoder
+from clt.store import ActivationStore
 from training import paths
 from training.checkpoint import find_checkpoint, save_checkpoint
 from training.config import RunDir, atomic_write_json
@@ -106,7 +100,7 @@ def sparse_flag(value: str) -> bool | None:
     return {"auto": None, "true": True, "false": False}[value.lower()]
 
 
-def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> ActivationStore:
+def ensure_store(config: CLTTrainConfig, world) -> ActivationStore:
     collect = CollectConfig(
         **asdict(config.collect),
         model_dir=config.model_dir,
@@ -121,7 +115,7 @@ def ensure_store(config: CLTTrainConfig, rank: int, world_size: int) -> Activati
             return store
     except FileNotFoundError:
         pass
-    return collect_activations(collect, rank, world_size)
+    return collect_activations(collect, world)
 
 
 def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayerTranscoder:
@@ -148,7 +142,7 @@ def evaluation_blocks(
 
 
 def train_clt(config: CLTTrainConfig) -> dict:
-    ranks, device, run, finished = start_run(config)
+    world, device, run, finished = start_run(config)
     if finished is not None:
         return finished
 
@@ -170,14 +164,14 @@ def train_clt(config: CLTTrainConfig) -> dict:
             config.collect.n_ctx,
             config.seed,
         )
-        blocks = blocks[ranks.rank :: ranks.world_size]
+        blocks = blocks[world.rank :: world.world_size]
         loader = StreamingLoader(
-            model, blocks, config.batch_size, seed=config.seed + ranks.rank, device=device
+            model, blocks, config.batch_size, seed=config.seed + world.rank, device=device
         )
         scales = _streaming_scales(loader)
         store, eval_shards, langs = None, [], sorted(parse_mixture(config.collect.mixture))
     else:
-        store = ensure_store(config, ranks.rank, ranks.world_size)
+        store = ensure_store(config, world)
         store.check_model(config.model_dir)
         done = store.done_shards
         if len(done) <= config.eval_shards:
@@ -185,13 +179,13 @@ def train_clt(config: CLTTrainConfig) -> dict:
                 f"the store has {len(done)} shards: need more than eval_shards={config.eval_shards}"
             )
         eval_shards, train_shards = done[-config.eval_shards :], done[: -config.eval_shards]
-        if config.emulate_ranks > 1 and ranks.world_size > 1:
+        if config.emulate_ranks > 1 and world.world_size > 1:
             raise UserError(
                 "--emulate-ranks reproduces a torchrun run on one process: do not use it under torchrun"
             )
         # Each rank reads its own shards; an emulated run reads every rank's and trains on their union.
-        data_world = config.emulate_ranks if config.emulate_ranks > 1 else ranks.world_size
-        data_ranks = range(config.emulate_ranks) if config.emulate_ranks > 1 else [ranks.rank]
+        data_world = config.emulate_ranks if config.emulate_ranks > 1 else world.world_size
+        data_ranks = range(config.emulate_ranks) if config.emulate_ranks > 1 else [world.rank]
         loaders = [
             StoreLoader(
                 store, config.batch_size, seed=config.seed, shards=train_shards, rank=r, world_size=data_world
@@ -204,7 +198,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
     clt.input_scale.copy_(torch.tensor(scales[0]))
     clt.output_scale.copy_(torch.tensor(scales[1]))
 
-    total_steps = config.max_steps or max(1, config.train_tokens // (config.batch_size * ranks.world_size))
+    total_steps = config.max_steps or max(1, config.train_tokens // (config.batch_size * world.world_size))
     optimizer = torch.optim.Adam(
         [p for p in clt.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.999)
     )
@@ -213,7 +207,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
         run,
         clt,
         optimizer,
-        ranks,
+        world,
         initial={"epoch": 0, "batch_in_epoch": 0, "stopped_early": False, "tokens_since_fired": None},
     )
     if fresh:
@@ -228,11 +222,11 @@ def train_clt(config: CLTTrainConfig) -> dict:
         if state["tokens_since_fired"] is None
         else torch.tensor(state["tokens_since_fired"], dtype=torch.long)
     )
-    _fit(config, clt, optimizer, loader, state, tokens_since_fired, total_steps, run, ranks, device)
-    ranks.shutdown()  # after _fit returned: its DDP wrapper is gone (see training.loop.release_data_parallel)
+    _fit(config, clt, optimizer, loader, state, tokens_since_fired, total_steps, run, world, device)
+    world.shutdown()  # after _fit returned: its DDP wrapper is gone (see training.loop.release_data_parallel)
 
     summary = {}
-    if ranks.is_main:
+    if world.is_main:
         summary = finish(
             config, run, model, tokenizer, clt, store, eval_shards, langs, state, tokens_since_fired, device
         )
@@ -248,11 +242,11 @@ def _fit(
     tokens_since_fired: torch.Tensor,
     total_steps: int,
     run: RunDir,
-    ranks,
+    world,
     device,
 ) -> None:
     """The optimizer steps (the shared loop, training.loop.run_steps); the DDP wrapper lives only in here."""
-    trained = torch.nn.parallel.DistributedDataParallel(clt) if ranks.world_size > 1 else clt
+    trained = torch.nn.parallel.DistributedDataParallel(clt) if world.world_size > 1 else clt
     batches = _batch_stream(loader, state)
     lambda_steps = max(1, int(config.lambda_warmup_frac * total_steps))
 
@@ -299,7 +293,7 @@ def _fit(
             }
 
         return StepResult(
-            x.shape[0] * ranks.world_size,
+            x.shape[0] * world.world_size,
             record,
             stop=stop,
             postfix=lambda r: {"mse": f"{r['mse']:.3f}", "l0": f"{r['mean_l0']:.1f}"},
@@ -307,12 +301,12 @@ def _fit(
 
     def checkpoint(state: dict) -> None:
         state["tokens_since_fired"] = tokens_since_fired.tolist()
-        if ranks.is_main:
+        if world.is_main:
             save_checkpoint(run.path, clt, optimizer, state)
 
     clt.train()
     run_steps(
-        state, total_steps, one_step, ranks, run, config.log_every, config.ckpt_every, checkpoint, "train CLT"
+        state, total_steps, one_step, world, run, config.log_every, config.ckpt_every, checkpoint, "train CLT"
     )
 
 
@@ -354,7 +348,7 @@ def finish(
     tokens_since_fired,
     device,
 ) -> dict:
-    from clt.activations import model_fingerprint
+    from training.fingerprint import model_fingerprint
 
     clt.eval()
     native_dir = run.path / "clt"

@@ -79,9 +79,10 @@ def run_steering(config: SteerConfig) -> dict:
     pairs = steering_pairs(config)
     languages = sorted({l for pair in pairs for l in pair})
     run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
-    model, tokenizer, clt = load_model_and_clt(config.model_dir, config.clt, config.device)
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
-    require_langs(corpus, languages, "parallel")
+    for split in ("parallel", "validation"):  # before loading anything: an unknown language fails at once
+        require_langs(corpus, languages, split)
+    model, tokenizer, clt = load_model_and_clt(config.model_dir, config.clt, config.device)
     if Path(config.located).exists():
         located = load_located(config.located, model=model, clt=clt, model_dir=config.model_dir)
         missing = sorted(set(languages) - set(located["langs"]))

@@ -11,10 +11,10 @@ from training.loop import init_distributed
 
 def main(argv: list[str]) -> None:
     config = parse_config(CollectConfig, argv)
-    ranks, _ = init_distributed(config.device)
-    store = collect_activations(config, ranks.rank, ranks.world_size)
-    ranks.shutdown()
-    if ranks.is_main:
+    world, _ = init_distributed(config.device)
+    store = collect_activations(config, world)
+    world.shutdown()
+    if world.is_main:
         print(
             f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
             f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}"

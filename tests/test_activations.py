@@ -9,8 +9,10 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from clt.activations import ActivationStore, CollectConfig, collect_activations, mlp_activations
+from clt.activations import CollectConfig, collect_activations
 from clt.loader import StoreLoader, StreamingLoader
+from clt.recorder import mlp_activations
+from clt.store import ActivationStore
 from tests.conftest import PYTHON, REPO, collect_args, kill_when, run_torchrun, script_env
 
 
@@ -53,8 +55,8 @@ def test_loader_yields_every_token_exactly_once_per_epoch(tiny_store):
     assert len(epoch) == loader.batches_per_epoch()
     np.testing.assert_array_equal(rows_of(epoch), stored)
     # Two DDP ranks together cover the store exactly once, without overlap.
-    ranks = [list(StoreLoader(tiny_store, 100, seed=3, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
-    np.testing.assert_array_equal(rows_of(ranks[0] + ranks[1]), stored)
+    per_rank = [list(StoreLoader(tiny_store, 100, seed=3, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
+    np.testing.assert_array_equal(rows_of(per_rank[0] + per_rank[1]), stored)
     # Batches mix shards, and epochs are reshuffled.
     assert not torch.equal(epoch[0][0], list(loader.epoch(1))[0][0])
 

@@ -253,9 +253,9 @@ def test_located_file_contract(tmp_path, tiny):
 
 
 def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpus_dir, tmp_path):
-    from clt.activations import model_fingerprint
     from clt.export import save_native
     from tests.helpers import random_clt
+    from training.fingerprint import model_fingerprint
 
     clt = random_clt(2, 32, n_features=24)
     clt_dir = save_native(

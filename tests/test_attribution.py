@@ -341,8 +341,8 @@ def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
 
 
 def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_path):
-    from clt.activations import model_fingerprint
     from clt.export import save_native
+    from training.fingerprint import model_fingerprint
 
     _, _, clt, _ = setup
     clt_dir = save_native(

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from analysis.located import save_located
-from clt.activations import model_fingerprint
 from tests.conftest import PYTHON, REPO, script_env
 from training import selection as select
 from training.config import RunDir
 from training.finetune import FinetuneConfig, build_selection, resolve
+from training.fingerprint import model_fingerprint
 from training.loop import Dist, make_optimizer, train_steps
 from training.lora import add_lora, lora_count, merge_lora
 from training.models import build_model, gpt2_config

@@ -29,7 +29,7 @@ def setup(tiny_model_dir):
 
 
 def mlp_io(model, ids):
-    from clt.activations import mlp_activations
+    from clt.recorder import mlp_activations
 
     return mlp_activations(model, ids)
 
@@ -270,9 +270,9 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
     import subprocess
 
     from analysis.located import save_located
-    from clt.activations import model_fingerprint
     from clt.export import save_native
     from tests.conftest import PYTHON, REPO, script_env
+    from training.fingerprint import model_fingerprint
 
     model, clt, _ = setup
     clt_dir = save_native(
@@ -374,9 +374,9 @@ def test_steer_script_locates_units_itself_without_a_located_file(
     import json
     import subprocess
 
-    from clt.activations import model_fingerprint
     from clt.export import save_native
     from tests.conftest import PYTHON, REPO, script_env
+    from training.fingerprint import model_fingerprint
 
     _, clt, _ = setup
     clt_dir = save_native(

@@ -12,11 +12,12 @@ import torch
 
 from analysis import model_diff as diff
 from analysis.language_features import feature_activation_probability
-from clt.activations import MLPActivationRecorder, model_fingerprint
 from clt.export import save_native
 from clt.loss import fraction_of_variance_unexplained
+from clt.recorder import MLPActivationRecorder
 from tests.conftest import PYTHON, REPO, script_env
 from tests.helpers import random_clt
+from training.fingerprint import model_fingerprint
 
 
 @pytest.fixture(scope="module")

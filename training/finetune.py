@@ -267,7 +267,7 @@ def finetune(config: FinetuneConfig) -> dict:
     """Run (or resume, or just report) a fine-tuning run; returns the summary."""
     started = time.perf_counter()
     config = resolve(config)
-    ranks, device, run, finished = start_run(config)
+    world, device, run, finished = start_run(config)
     if finished is not None:
         return finished
     torch.manual_seed(config.seed)
@@ -276,10 +276,10 @@ def finetune(config: FinetuneConfig) -> dict:
     selection = None if config.strategy == "lora" else build_selection(config, model)
     corpus = load_corpus(config.corpus_dir)
     n_ctx = model.config.n_positions
-    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, ranks)
+    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, world)
 
     before_path = run.path / "before.json"
-    if ranks.is_main and not before_path.exists():
+    if world.is_main and not before_path.exists():
         atomic_write_json(before_path, evaluate_model(model, tokenizer, corpus, val_blocks, config, device))
 
     masked = None
@@ -293,7 +293,7 @@ def finetune(config: FinetuneConfig) -> dict:
         masked = select.MaskedTraining(model, selection)
         counts, chosen = select.count(model, selection), selection.describe()
     optimizer = make_optimizer(model, config)
-    state = resume(run, model, optimizer, ranks)
+    state = resume(run, model, optimizer, world)
     state = train_steps(
         model,
         optimizer,
@@ -301,15 +301,15 @@ def finetune(config: FinetuneConfig) -> dict:
         val_blocks,
         config,
         run,
-        ranks,
+        world,
         device,
         state,
         config.max_steps,
         desc=f"finetune {config.strategy}",
         after_step=masked.restore if masked else None,
     )
-    ranks.shutdown()
-    if not ranks.is_main:
+    world.shutdown()
+    if not world.is_main:
         return {}
     if masked is not None:
         masked.remove()

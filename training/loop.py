@@ -141,22 +141,22 @@ def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
 def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
     """Common start of every training run: distributed setup, the run directory, and either the
     summary of a finished run (nothing to do) or a config check + save (new or resumed run)."""
-    ranks, device = init_distributed(config.device)
+    world, device = init_distributed(config.device)
     # The config is checked also for a finished run: its summary would answer another config.
     run = RunDir.open(config.run_dir, config, save=False)
     summary_path = run.path / "summary.json"
     if summary_path.exists():
-        return ranks, device, run, json.loads(summary_path.read_text())
-    if ranks.is_main:
+        return world, device, run, json.loads(summary_path.read_text())
+    if world.is_main:
         run.save_config(config)
-    return ranks, device, run, None
+    return world, device, run, None
 
 
 def resume(
     run: RunDir,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    ranks: Dist,
+    world: Dist,
     initial: dict | None = None,
 ) -> dict:
     """The loop state of a new run (`initial` adds trainer-specific keys), or the checkpoint's (model and
@@ -165,7 +165,7 @@ def resume(
     if checkpoint is None:
         return {"step": 0, "tokens": 0, "train_time_s": 0.0, "wall_time_s": 0.0, **(initial or {})}
     state = load_checkpoint(checkpoint, model, optimizer)
-    if ranks.is_main:
+    if world.is_main:
         run.truncate_metrics(lambda record: record["step"] <= state["step"])
     return state
 
@@ -252,7 +252,7 @@ def train_steps(
     val_blocks: dict[str, Int[torch.Tensor, "blocks ctx"]],
     config,
     run: RunDir,
-    ranks: Dist,
+    world: Dist,
     device: torch.device,
     state: dict,
     total_steps: int,
@@ -265,8 +265,8 @@ def train_steps(
     log_every, eval_every and ckpt_every (PretrainConfig and FinetuneConfig both do).
     """
     n_ctx = train_blocks.shape[1]
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ranks.world_size > 1 else model
-    tokens_per_step = config.micro_batch * config.grad_accum * ranks.world_size * n_ctx
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world.world_size > 1 else model
+    tokens_per_step = config.micro_batch * config.grad_accum * world.world_size * n_ctx
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.bf16 else nullcontext()
 
     def one_step(step: int) -> StepResult:
@@ -277,8 +277,8 @@ def train_steps(
             step,
             config.micro_batch,
             config.grad_accum,
-            ranks.rank,
-            ranks.world_size,
+            world.rank,
+            world.world_size,
             len(train_blocks),
             config.seed,
         )
@@ -286,7 +286,7 @@ def train_steps(
         for micro_step, indices in enumerate(micro_batches):
             batch = train_blocks[indices].long().to(device)
             # Skip the gradient all-reduce on all but the last micro-step of an accumulation.
-            last_micro = ranks.world_size == 1 or micro_step == len(micro_batches) - 1
+            last_micro = world.world_size == 1 or micro_step == len(micro_batches) - 1
             with nullcontext() if last_micro else ddp_model.no_sync():
                 with autocast:
                     loss = ddp_model(input_ids=batch, labels=batch).loss / config.grad_accum
@@ -300,7 +300,7 @@ def train_steps(
             after_step()
 
         def record() -> dict:
-            if ranks.world_size > 1:
+            if world.world_size > 1:
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
             return {
                 "loss": step_loss.item(),
@@ -311,7 +311,7 @@ def train_steps(
         return StepResult(tokens_per_step, record, postfix=lambda r: {"loss": f"{r['loss']:.3f}"})
 
     def validate(state: dict) -> bool:
-        if not ranks.is_main or (state["step"] % config.eval_every and state["step"] != total_steps):
+        if not world.is_main or (state["step"] % config.eval_every and state["step"] != total_steps):
             return False
         with autocast:
             losses = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
@@ -326,7 +326,7 @@ def train_steps(
         return True
 
     def checkpoint(state: dict) -> None:
-        if ranks.is_main:
+        if world.is_main:
             save_checkpoint(run.path, model, optimizer, state)
 
     model.train()
@@ -334,7 +334,7 @@ def train_steps(
         state,
         total_steps,
         one_step,
-        ranks,
+        world,
         run,
         config.log_every,
         config.ckpt_every,

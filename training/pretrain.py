@@ -157,14 +157,14 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
 
 
 def load_data(
-    config, corpus, tokenizer, n_ctx: int, run: RunDir, ranks: Dist
+    config, corpus, tokenizer, n_ctx: int, run: RunDir, world: Dist
 ) -> tuple[dict, torch.Tensor, dict]:
     """Rank 0 prepares (or finds) the run's packed data, every rank then reads it:
     returns (meta, train blocks, validation blocks by language)."""
-    if ranks.is_main:
+    if world.is_main:
         meta = prepare_data(config, corpus, tokenizer, n_ctx, run)
-    ranks.barrier()
-    if not ranks.is_main:
+    world.barrier()
+    if not world.is_main:
         meta = json.loads((run.path / "data" / "meta.json").read_text())
     tensors = load_file(str(run.path / "data" / "blocks.safetensors"))
     train_blocks = tensors.pop("train")
@@ -185,19 +185,19 @@ def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
 
 def pretrain(config: PretrainConfig) -> dict:
     """Run (or resume, or just report) a pretraining run; returns the final summary."""
-    ranks, device, run, finished = start_run(config)
+    world, device, run, finished = start_run(config)
     if finished is not None:
         return finished
 
-    if ranks.is_main:
+    if world.is_main:
         corpus = (
             build_corpus(CorpusConfig(corpus_dir=config.corpus_dir))
             if not Path(config.corpus_dir, "dataset_dict.json").exists()
             else load_corpus(config.corpus_dir)
         )
         tokenizer = prepare_tokenizer(config, corpus, run)
-    ranks.barrier()
-    if not ranks.is_main:
+    world.barrier()
+    if not world.is_main:
         corpus = load_corpus(config.corpus_dir)
         tokenizer = prepare_tokenizer(config, corpus, run)
 
@@ -213,12 +213,12 @@ def pretrain(config: PretrainConfig) -> dict:
         n_ctx=config.n_ctx,
     )
     n_ctx = model_config.n_positions
-    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, ranks)
+    meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, world)
 
     model = build_model(model_config, config.seed).to(device)
     optimizer = make_optimizer(model, config)
-    state = resume(run, model, optimizer, ranks)
-    total_steps = total_steps_for(config, n_ctx, ranks.world_size)
+    state = resume(run, model, optimizer, world)
+    total_steps = total_steps_for(config, n_ctx, world.world_size)
     state = train_steps(
         model,
         optimizer,
@@ -226,16 +226,16 @@ def pretrain(config: PretrainConfig) -> dict:
         val_blocks,
         config,
         run,
-        ranks,
+        world,
         device,
         state,
         total_steps,
         desc="pretrain",
     )
-    ranks.shutdown()
+    world.shutdown()
 
     summary = None
-    if ranks.is_main:
+    if world.is_main:
         summary = finish(config, run, model, tokenizer, corpus, val_blocks, meta, state, device)
     return summary if summary is not None else {}
 

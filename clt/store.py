@@ -1,0 +1,186 @@
+"""The activation store: a Zarr v3 group of MLP inputs/outputs written shard by shard.
+
+Layout (any fsspec URL works, local by default):
+- `mlp_in`, `mlp_out`: `[tokens, n_layers, d_model]`, float16 or float32, sharding codec (one shard =
+  `blocks_per_shard` blocks), no compression (activations barely compress);
+- `token_id` `[tokens]` int32, `lang` `[tokens]` int8 (index into the `langs` attribute), `position`
+  `[tokens]` int16;
+- `shard_done` `[n_shards]` uint8 with one chunk per shard: a writer sets its shard's byte only after
+  the shard's data is written, and readers use only shards marked done. Several writers (torchrun ranks)
+  fill disjoint shards (shard i belongs to rank i mod world_size), so no two processes write one object.
+Attributes record the model path and hash, tokenizer, hook names, context, languages, dtype and the
+per-layer normalisation statistics (mean L2 norm of `mlp_in` and `mlp_out`), computed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from clt.recorder import INPUT_HOOK, OUTPUT_HOOK
+from training.errors import CorruptData, ModelMismatch, UserError
+from training.fingerprint import model_fingerprint
+
+STORE_FORMAT_VERSION = 1
+
+
+class StoreNotFound(UserError, FileNotFoundError):
+    """No (complete) store at the given URL."""
+
+
+class ActivationStore:
+    """Read access to a collected store; only shards marked done are visible."""
+
+    def __init__(self, url: str | os.PathLike, writable: bool = False):
+        self.url = str(url)
+        try:
+            self.group = zarr.open_group(self.url, mode="r+" if writable else "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+            raise StoreNotFound(
+                f"no activation store at {self.url}; collect one with scripts/collect_activations.py"
+            ) from error
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format_version") != STORE_FORMAT_VERSION:
+            raise ValueError(f"{self.url} is not an activation store of format {STORE_FORMAT_VERSION}")
+        self.n_layers: int = self.attrs["n_layers"]
+        self.d_model: int = self.attrs["d_model"]
+        self.tokens_per_shard: int = self.attrs["tokens_per_shard"]
+        self.langs: list[str] = self.attrs["langs"]
+        self.mlp_in = self.group["mlp_in"]
+        self.mlp_out = self.group["mlp_out"]
+
+    @property
+    def done_shards(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.group["shard_done"][:])]
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.group["shard_done"].shape[0])
+
+    def is_complete(self) -> bool:
+        return len(self.done_shards) == self.n_shards
+
+    def read_shard(
+        self, shard: int, fields: tuple[str, ...] = ("mlp_in", "mlp_out")
+    ) -> dict[str, np.ndarray]:
+        if not self.group["shard_done"][shard]:
+            raise ValueError(f"shard {shard} of {self.url} is not complete and must not be read")
+        rows = slice(shard * self.tokens_per_shard, (shard + 1) * self.tokens_per_shard)
+        try:
+            return {name: self.group[name][rows] for name in fields}
+        except Exception as error:  # zarr reports a damaged shard as a checksum or decode error
+            model = self.attrs.get("model_path", "MODEL_DIR")
+            raise CorruptData(
+                f"shard {shard} of {self.url} cannot be read ({type(error).__name__}: {error}); the store "
+                f"is damaged: delete it and recollect with `python scripts/collect_activations.py "
+                f"--model-dir {model} --store {self.url}` (or rerun train_clt.py, which collects a "
+                "missing store)"
+            ) from error
+
+    def norm_scales(self) -> tuple[list[float], list[float]]:
+        """Per-layer scale factors sqrt(d) / E‖x‖ for inputs and outputs (docs/methods.md §1)."""
+        stats = self.attrs.get("norm_stats")
+        if stats is None:
+            raise ValueError(f"{self.url} has no normalisation statistics yet: finish collecting it first")
+        root_d = self.d_model**0.5
+        return [root_d / n for n in stats["mlp_in_mean_norm"]], [
+            root_d / n for n in stats["mlp_out_mean_norm"]
+        ]
+
+    def check_model(self, model_dir: str | Path) -> None:
+        fingerprint = model_fingerprint(model_dir)
+        if fingerprint != self.attrs["model_sha256"]:
+            raise ModelMismatch(
+                f"activation store {self.url} was collected from {self.attrs['model_path']} "
+                f"(sha256 {self.attrs['model_sha256'][:12]}…), not from {model_dir} (sha256 {fingerprint[:12]}…)"
+            )
+
+
+def create_store(config, model, tokenizer, n_blocks: int, langs: list[str], fingerprint: str):
+    """A new, empty store laid out for `config` (a CollectConfig); `format_version` is written last."""
+    n_layers, d_model = model.config.n_layer, model.config.n_embd
+    tokens_per_block = config.n_ctx - 1
+    tokens_per_shard = config.blocks_per_shard * tokens_per_block
+    n_shards = n_blocks // config.blocks_per_shard
+    total = n_shards * tokens_per_shard
+    group = zarr.open_group(config.store, mode="w")
+    group.attrs.update(
+        {
+            "model_path": str(config.model_dir),
+            "model_sha256": fingerprint,
+            "tokenizer": str(config.model_dir),
+            "input_hook": INPUT_HOOK,
+            "output_hook": OUTPUT_HOOK,
+            "n_ctx": config.n_ctx,
+            "positions_stored": "1..n_ctx-1 (BOS position 0 dropped)",
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "dtype": config.dtype,
+            "langs": langs,
+            "mixture": config.mixture,
+            "seed": config.seed,
+            "tokens_per_shard": tokens_per_shard,
+            "blocks_per_shard": config.blocks_per_shard,
+            "n_tokens": total,
+        }
+    )
+    chunk_tokens = config.blocks_per_chunk * tokens_per_block
+    for name in ("mlp_in", "mlp_out"):
+        group.create_array(
+            name,
+            shape=(total, n_layers, d_model),
+            dtype=config.dtype,
+            chunks=(chunk_tokens, n_layers, d_model),
+            shards=(tokens_per_shard, n_layers, d_model),
+            compressors=None,
+            dimension_names=("token", "layer", "d_model"),
+        )
+    for name, dtype in (("token_id", "int32"), ("lang", "int8"), ("position", "int16")):
+        group.create_array(
+            name,
+            shape=(total,),
+            dtype=dtype,
+            chunks=(chunk_tokens,),
+            shards=(tokens_per_shard,),
+            compressors=None,
+            dimension_names=("token",),
+        )
+    group.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+    group.attrs["format_version"] = STORE_FORMAT_VERSION  # last: marks the layout as complete
+    return group
+
+
+def write_shard(store: ActivationStore, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    rows = slice(shard * store.tokens_per_shard, (shard + 1) * store.tokens_per_shard)
+    for name, values in arrays.items():
+        store.group[name][rows] = values
+    store.group["shard_done"][shard] = 1  # last: the shard becomes visible only once complete
+
+
+def norm_stats(store: ActivationStore, max_tokens: int = 50_000) -> dict:
+    shards = store.done_shards[: max(1, max_tokens // store.tokens_per_shard)]
+    sums_in, sums_out, count = np.zeros(store.n_layers), np.zeros(store.n_layers), 0
+    for shard in shards:
+        data = store.read_shard(shard)
+        sums_in += np.linalg.norm(data["mlp_in"].astype(np.float32), axis=-1).sum(0)
+        sums_out += np.linalg.norm(data["mlp_out"].astype(np.float32), axis=-1).sum(0)
+        count += len(data["mlp_in"])
+    return {
+        "mlp_in_mean_norm": (sums_in / count).tolist(),
+        "mlp_out_mean_norm": (sums_out / count).tolist(),
+        "tokens": count,
+    }
+
+
+def open_existing(url: str) -> ActivationStore | None:
+    """The store at `url`, or None if there is none or its creation was interrupted (then it is recreated)."""
+    try:
+        group = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    if "format_version" not in group.attrs:
+        return None
+    return ActivationStore(url)
