@@ -133,7 +133,8 @@ def top_contexts(
 def promoted_tokens(
     model, clt: CrossLayerTranscoder, tokenizer, features: list[tuple[int, int]], k: int = 8
 ) -> dict[tuple[int, int], list[str]]:
-    """Tokens whose logits a feature's decoders raise most directly: centre(Σ_targets W_dec) ⊙ ln_f.weight · W_U
+    """Tokens whose logits a feature's decoders raise most directly:
+    centre(Σ_targets W_dec) ⊙ ln_f.weight · W_U
     (ln_f's centring and weight are linear and kept; its scale is a positive per-position factor that
     does not change the ranking)."""
     folded = folded_weights(clt)

@@ -135,7 +135,8 @@ def deactivation_matrix(
                 e: {"ppl": ppl[e], "delta": ppl[e] - base[e], "relative": ppl[e] / base[e] - 1}
                 for e in eval_langs
             }
-    # diagonal dominance: for each deactivated language, is its own perplexity the one that rises most (relative)?
+    # diagonal dominance: for each deactivated language, is its own perplexity the one that rises most
+    # (relative)?
     result["diagonal_dominant"] = {
         lang: max(eval_langs, key=lambda e: result["lape"][lang][e]["relative"]) == lang
         for lang in neurons_by_lang

@@ -51,7 +51,8 @@ def validate_located(doc: dict, model=None, clt=None) -> dict:
                     or not 0 <= item[0] < doc["n_layers"]
                 ):
                     raise ValueError(
-                        f"{key}[{lang}] holds {item!r}: expected [layer, index] with 0 ≤ layer < {doc['n_layers']}"
+                        f"{key}[{lang}] holds {item!r}: expected [layer, index] with 0 ≤ layer < "
+                        f"{doc['n_layers']}"
                     )
     if model is not None:
         if model.config.n_layer != doc["n_layers"]:

@@ -55,7 +55,8 @@ def load_pair(config: ModelDiffConfig):
     after, after_tokenizer = load_model(config.after, before.device)
     if tokenizer.get_vocab() != after_tokenizer.get_vocab():
         raise UserError(
-            "the two models use different tokenizers: their features and graphs cannot be compared token by token"
+            "the two models use different tokenizers: their features and graphs cannot be compared "
+            "token by token"
         )
     clt, meta = load_native(config.clt, device=before.device)
     diff.check_same_architecture(before, after, clt)
@@ -160,8 +161,10 @@ def findings(result: dict, lang: str) -> list[dict]:
         out.append(
             {
                 "claim": claim,
-                "measure": f"layer {L - 1}: log2(after/before) of mean activation per token {late['mass_log2_ratio']:+.2f} "
-                f"(frequency {_signed(late['frequency_log2_ratio'])}, strength {_signed(late['strength_log2_ratio'])}){weak}",
+                "measure": f"layer {L - 1}: log2(after/before) of mean activation per token "
+                f"{late['mass_log2_ratio']:+.2f} "
+                f"(frequency {_signed(late['frequency_log2_ratio'])}, strength "
+                f"{_signed(late['strength_log2_ratio'])}){weak}",
                 "verdict": "yes" if late["mass_log2_ratio"] > 0 else "no",
             }
         )
@@ -189,7 +192,8 @@ def findings(result: dict, lang: str) -> list[dict]:
             {
                 "claim": f"fine-tuning strengthens middle-layer cross-lingual clusters in {lang} graphs",
                 "measure": f"share of edge weight leaving shared middle-layer features {b:.3f} → {a:.3f} "
-                f"(error nodes' share {graphs['error_share_before']:.3f} → {graphs['error_share_after']:.3f})",
+                f"(error nodes' share {graphs['error_share_before']:.3f} → "
+                f"{graphs['error_share_after']:.3f})",
                 "verdict": "yes" if a > b else "no",
             }
         )
@@ -198,8 +202,10 @@ def findings(result: dict, lang: str) -> list[dict]:
         out.append(
             {
                 "claim": "languages the tokenizer splits more use more early-layer features",
-                "measure": f"Pearson r(tokens per word, layer-0 active features per token) over {len(result['langs'])} "
-                f"languages: before {r:+.2f}, after {result['fertility']['corr_fertility_layer0_l0_after']:+.2f}",
+                "measure": "Pearson r(tokens per word, layer-0 active features per token) over "
+                f"{len(result['langs'])} "
+                f"languages: before {r:+.2f}, after "
+                f"{result['fertility']['corr_fertility_layer0_l0_after']:+.2f}",
                 "verdict": "yes" if r > 0.5 else "weak" if r > 0 else "no",
             }
         )

@@ -30,7 +30,8 @@ def html_page(title: str, body: list[str]) -> str:
 
 
 def inline_image(path: Path) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}" style="max-width:100%">'
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
 def _md_cell(text: str) -> str:

@@ -31,9 +31,11 @@ def findings(sections: dict) -> list[dict]:
         out.append(
             {
                 "claim": "the prompt's language wins only in the last layers (logit lens)",
-                "measure": f"first layer from which the soft lens's top language is the prompt's own, of {n_layers} layers",
+                "measure": "first layer from which the soft lens's top language is the prompt's own, "
+                f"of {n_layers} layers",
                 "detail": detail,
-                "verdict": f"{len(late)}/{len(leads)} languages lead only from layer ≥ {n_layers - 2}; never lead: "
+                "verdict": f"{len(late)}/{len(leads)} languages lead only from layer ≥ {n_layers - 2}; "
+                "never lead: "
                 f"{[l for l, v in leads.items() if v is None]}",
             }
         )
@@ -46,7 +48,8 @@ def findings(sections: dict) -> list[dict]:
                 "claim": "parallel − non-parallel similarity peaks in the middle layers",
                 "measure": "centred cosine gap per layer (mean over language pairs)",
                 "detail": {"centred_gap": gap, "raw_gap": sim["mean"]["raw"]["gap"], "peak_layer": peak},
-                "verdict": f"peak at layer {peak} of {len(gap)} ({'middle' if 0 < peak < len(gap) - 1 else 'edge'})",
+                "verdict": f"peak at layer {peak} of {len(gap)} "
+                f"({'middle' if 0 < peak < len(gap) - 1 else 'edge'})",
             }
         )
     lape = sections.get("lape")
@@ -57,7 +60,8 @@ def findings(sections: dict) -> list[dict]:
             out.append(
                 {
                     "claim": f"LAPE neurons ({name}) concentrate in the first and last layers",
-                    "measure": "selected neurons per layer; share in the first + last layer (uniform would be 2/L)",
+                    "measure": "selected neurons per layer; share in the first + last layer "
+                    "(uniform would be 2/L)",
                     "detail": {
                         "per_layer": counts.tolist(),
                         "edge_share": float(edge),
@@ -70,8 +74,10 @@ def findings(sections: dict) -> list[dict]:
             dominant = lape["deactivation"]["diagonal_dominant"]
             out.append(
                 {
-                    "claim": "deactivating a language's LAPE neurons hurts that language most, random neurons less",
-                    "measure": "relative perplexity change, own language vs others; same for random matched neurons",
+                    "claim": "deactivating a language's LAPE neurons hurts that language most, "
+                    "random neurons less",
+                    "measure": "relative perplexity change, own language vs others; "
+                    "same for random matched neurons",
                     "detail": {
                         lang: {
                             "own": lape["deactivation"]["lape"][lang][lang]["relative"],
@@ -94,7 +100,8 @@ def findings(sections: dict) -> list[dict]:
                 "detail": {**detail, "majority_baseline": p["residual_0"]["majority_baseline"]},
                 "verdict": f"layer 0: residual {p['residual_0']['test_accuracy']:.3f}"
                 + (f", CLT features {p['clt_0']['test_accuracy']:.3f}" if "clt_0" in p else "")
-                + f"; token embedding alone {p['embedding']['test_accuracy']:.3f}; majority {first['majority_baseline']:.3f}",
+                + f"; token embedding alone {p['embedding']['test_accuracy']:.3f}; majority "
+                f"{first['majority_baseline']:.3f}",
             }
         )
     feats = sections.get("features")
@@ -112,8 +119,10 @@ def findings(sections: dict) -> list[dict]:
                         "mean_frequency": float(np.mean([f["frequency"] for f in rows])),
                         "per_lang_count": {l: len(v) for l, v in feats["catalogue"].items()},
                     },
-                    "verdict": f"{np.mean(layers >= n_layers // 2):.0%} of {len(rows)} catalogued features in the "
-                    f"second half of the layers; mean in-language frequency {np.mean([f['frequency'] for f in rows]):.3f}",
+                    "verdict": f"{np.mean(layers >= n_layers // 2):.0%} of {len(rows)} catalogued features "
+                    "in the "
+                    f"second half of the layers; mean in-language frequency "
+                    f"{np.mean([f['frequency'] for f in rows]):.3f}",
                 }
             )
         else:

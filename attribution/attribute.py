@@ -109,7 +109,8 @@ class SourceBlock:
         self.columns[positions, slot] = columns
 
     def contract(self, grad: Float[Tensor, "batch pos d"], out: Float[Tensor, "batch nodes"]) -> None:
-        """out[:, column] += grad[:, pos] · vector for every source (only the first grad.shape[1] positions)."""
+        """out[:, column] += grad[:, pos] · vector for every source
+        (only the first grad.shape[1] positions)."""
         n_pos = grad.shape[1]
         if self.vectors.shape[1] == 0:
             return

@@ -1,7 +1,8 @@
 """Our GPT-2 (+ CLT) inside TransformerLens and circuit-tracer, offline.
 
 Used by the circuit-tracer cross-check test and benchmark, by sae-lens SAE training (which runs on a
-TransformerLens model), and by anyone who wants those tools on our models. The HF weights are converted with TransformerLens's GPT-2 converter into a
+TransformerLens model), and by anyone who wants those tools on our models. The HF weights are converted with
+TransformerLens's GPT-2 converter into a
 `HookedTransformerConfig`-built model; LayerNorms are *not* folded, so `blocks.l.ln2.hook_normalized`
 is exactly our MLP input (ln_2's output) and the exported CLT reads it unchanged.
 """

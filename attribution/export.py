@@ -214,15 +214,18 @@ def html_view(graph: AttributionGraph, g: nx.DiGraph, title: str = "Attribution 
         x, y = xy(node)
         parts.append(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{_radius(data, max_influence):.1f}" '
-            f'fill="{KIND_COLOURS[data["kind"]]}"><title>{html.escape(_node_title(node, data))}</title></circle>'
+            f'fill="{KIND_COLOURS[data["kind"]]}">'
+            f"<title>{html.escape(_node_title(node, data))}</title></circle>"
         )
         if data["kind"] == "target":
             parts.append(
-                f'<text x="{x:.1f}" y="{y - 10:.1f}" class="tok">{html.escape(_display(data["token"]))}</text>'
+                f'<text x="{x:.1f}" y="{y - 10:.1f}" class="tok">'
+                f"{html.escape(_display(data['token']))}</text>"
             )
     meta = graph.metadata
     summary = (
-        f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges kept of {graph.n_features} active features; "
+        f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges kept of {graph.n_features} active "
+        "features; "
         f"replacement score {meta.get('scores', {}).get('replacement', float('nan')):.3f}, "
         f"completeness {meta.get('scores', {}).get('completeness', float('nan')):.3f}"
     )

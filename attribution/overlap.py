@@ -117,7 +117,8 @@ def plot_overlap(result: dict, path) -> None:
     axes[0].set_ylabel("overlap of pruned-graph features")
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"Cross-lingual feature overlap, {result['n_paragraphs']} paragraphs × {len(result['langs'])} languages "
+        f"Cross-lingual feature overlap, {result['n_paragraphs']} paragraphs × {len(result['langs'])} "
+        "languages "
         f"({', '.join(result['langs'])})",
         fontsize=10,
     )
@@ -128,14 +129,16 @@ def plot_overlap(result: dict, path) -> None:
 
 def overlap_markdown(result: dict) -> str:
     lines = [
-        "| layer | Jaccard parallel | Jaccard null | ratio parallel | ratio null | pairs with features (parallel / null) |",
+        "| layer | Jaccard parallel | Jaccard null | ratio parallel | ratio null "
+        "| pairs with features (parallel / null) |",
         "|---|---|---|---|---|---|",
     ]
     a, n = result["all"], result["n_defined_pairs"]
     for layer in range(result["n_layers"]):
         lines.append(
             f"| {layer} | {a['jaccard'][layer]:.3f} | {a['null_jaccard'][layer]:.3f} | "
-            f"{a['ratio'][layer]:.3f} | {a['null_ratio'][layer]:.3f} | {n['jaccard'][layer]} / {n['null_jaccard'][layer]} |"
+            f"{a['ratio'][layer]:.3f} | {a['null_ratio'][layer]:.3f} | {n['jaccard'][layer]} / "
+            f"{n['null_jaccard'][layer]} |"
         )
     lines += ["", "Per language pair (Jaccard parallel − null, per layer):", ""]
     for pair, values in result["pairs"].items():
@@ -179,7 +182,8 @@ def choose_paragraphs(sets: dict[str, dict[str, str]], tokenizer, config: Overla
     ]
     if len(fitting) < max(2, config.n_paragraphs):
         raise UserError(
-            f"only {len(fitting)} parallel paragraphs are {config.min_tokens}–{config.max_tokens} tokens in all of "
+            f"only {len(fitting)} parallel paragraphs are {config.min_tokens}–{config.max_tokens} tokens in "
+            "all of "
             f"{config.langs}; lower --n-paragraphs or widen the token range"
         )
     return sorted(random.Random(config.seed).sample(fitting, config.n_paragraphs))

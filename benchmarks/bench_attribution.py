@@ -223,9 +223,12 @@ def main(argv: list[str]) -> None:
             }
             results.append(row)
             print(
-                f"{length:4d} tokens {row['lang']}: {row['n_active_features']:5d} features | ours {ours['time_s']:.3f} s "
-                f"(peak {ours['peak_rss_mb']:.0f} MB, base {ours['baseline_rss_mb']:.0f}) | circuit-tracer best "
-                f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB) | ×{row['speedup_vs_best']:.1f} "
+                f"{length:4d} tokens {row['lang']}: {row['n_active_features']:5d} features | ours "
+                f"{ours['time_s']:.3f} s "
+                f"(peak {ours['peak_rss_mb']:.0f} MB, base {ours['baseline_rss_mb']:.0f}) | circuit-tracer "
+                "best "
+                f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB) | "
+                f"×{row['speedup_vs_best']:.1f} "
                 f"| same features {same_features}, max rel edge diff {edge_error:.1e}",
                 flush=True,
             )

@@ -1,7 +1,8 @@
 """CLT throughput: training tokens/s with dense vs sparse decoding, and activation collection vs the
 model's forward pass alone.
 
-    python benchmarks/bench_clt.py --model-dir runs/pretrain-tiny-en-heavy/model --steps 60 --run-dir runs/bench-clt
+    python benchmarks/bench_clt.py --model-dir runs/pretrain-tiny-en-heavy/model --steps 60 --run-dir
+    runs/bench-clt
 
 Both decoders train the same transcoder from the same initial weights on the same batches; the sparse
 one gathers only the active features' decoder rows. Collection writes a fresh Zarr store of `--tokens`

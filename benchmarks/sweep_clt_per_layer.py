@@ -2,7 +2,8 @@
 over a range of sparsity coefficients λ. Writes a Markdown table and a plot.
 
     python benchmarks/sweep_clt_per_layer.py --model-dir runs/pretrain-tiny-en-heavy/model \
-        --store runs/activations/tiny-en-heavy.zarr --lambdas 0.3,1,3 --steps 600 --run-dir runs/sweep-clt-per-layer
+        --store runs/activations/tiny-en-heavy.zarr --lambdas 0.3,1,3 --steps 600 --run-dir
+        runs/sweep-clt-per-layer
     cp runs/sweep-clt-per-layer/clt_vs_per_layer.{json,md,png} docs/   # docs/clt_vs_plt.* hold the last run
 
 Every transcoder is an ordinary `train_clt` run directory under `--run-dir` (resumable, inspectable).
@@ -102,13 +103,15 @@ def main(argv: list[str]) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
     lines = [
-        "| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) | never active (held-out) |",
+        "| kind | λ | mean L0/layer | mean FVU | FVU per layer | KL | ΔCE | top-1 agree | dead (train) "
+        "| never active (held-out) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['kind'].upper()} | {r['lambda']:g} | {r['mean_l0']:.1f} | {r['mean_fvu']:.4f} | "
-            f"{', '.join(f'{v:.3f}' for v in r['fvu'])} | {r['kl']:.3f} | {r['delta_ce']:+.3f} | {r['top1']:.3f} | "
+            f"{', '.join(f'{v:.3f}' for v in r['fvu'])} | {r['kl']:.3f} | {r['delta_ce']:+.3f} | "
+            f"{r['top1']:.3f} | "
             f"{r['dead']:.3f} | {r['never_active']:.3f} |"
         )
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -107,7 +107,8 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
 
     if config.blocks_per_shard % config.blocks_per_chunk:
         raise ValueError(
-            f"blocks_per_chunk={config.blocks_per_chunk} must divide blocks_per_shard={config.blocks_per_shard}"
+            f"blocks_per_chunk={config.blocks_per_chunk} must divide "
+            f"blocks_per_shard={config.blocks_per_shard}"
         )
     if config.dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {config.dtype!r}")
@@ -126,7 +127,8 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
     langs = sorted(mixture)
     if len(blocks) < config.blocks_per_shard:
         raise ValueError(
-            f"only {len(blocks)} blocks for shards of {config.blocks_per_shard}: raise n_tokens or lower blocks_per_shard"
+            f"only {len(blocks)} blocks for shards of {config.blocks_per_shard}: raise n_tokens or lower "
+            "blocks_per_shard"
         )
 
     # Rank 0 alone decides whether to create the store; everyone meets at the barrier either way, so
@@ -142,7 +144,8 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
         or store.attrs["mixture"] != config.mixture
     ):
         raise ModelMismatch(
-            f"{config.store} holds a store from another model or config; choose a new --store to collect afresh"
+            f"{config.store} holds a store from another model or config; choose a new --store to collect "
+            "afresh"
         )
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
 

@@ -4,7 +4,8 @@
   weights on the normalised scale and the scales themselves — exact round trip, resumable analyses.
 - `folded_weights`: the same transcoder acting on *raw* activations. With s_in, s_out the per-layer
   scales, training computes a = act(s_in·x W_enc + b_enc) and ŷ_raw = (Σ a W_dec + b_dec) / s_out, so
-  W_enc ← s_in·W_enc, W_dec^{l→k} ← W_dec^{l→k}/s_out^k, b_dec ← b_dec/s_out, W_skip^k ← (s_in^k/s_out^k)·W_skip^k;
+  W_enc ← s_in·W_enc, W_dec^{l→k} ← W_dec^{l→k}/s_out^k, b_dec ← b_dec/s_out, W_skip^k ←
+  (s_in^k/s_out^k)·W_skip^k;
   b_enc and the thresholds act on pre-activations, which are unchanged.
 - circuit-tracer: a CLT directory (`model_kind: cross_layer_transcoder`, `W_enc_{i}` / `W_dec_{i}`
   safetensors) or, for a PLT, a `transcoder_set` (`layer_{i}.safetensors`).
@@ -46,7 +47,8 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     path = Path(path)
     if not (path / NATIVE_WEIGHTS).exists():
         raise UserError(
-            f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json; train one with scripts/train_clt.py)"
+            f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json; train one with "
+            "scripts/train_clt.py)"
         )
     meta = json.loads((path / "config.json").read_text())
     clt = CrossLayerTranscoder(CLTConfig(**meta["clt"]))
@@ -87,7 +89,8 @@ def check_matches_model(meta: dict, model, model_dir: str | Path | None = None) 
 
         if model_fingerprint(model_dir) != meta["model_sha256"]:
             raise ModelMismatch(
-                f"the transcoder was trained on {meta.get('model_dir')} (sha256 {meta['model_sha256'][:12]}…), "
+                f"the transcoder was trained on {meta.get('model_dir')} (sha256 "
+                f"{meta['model_sha256'][:12]}…), "
                 f"whose weights differ from {model_dir}'s; pass the matching model"
             )
 

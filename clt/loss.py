@@ -1,6 +1,7 @@
 """CLT training objective (docs/methods.md §1), on normalised activations:
 
-    L = Σ_k E‖ŷ^k − y^k‖²  +  λ · E Σ_{l,i} tanh(c · a_i^l · ‖W_dec,i^l‖)  +  μ · E Σ_{l,i} relu(θ_i^l − z_i^l) · ‖W_dec,i^l‖
+    L = Σ_k E‖ŷ^k − y^k‖²  +  λ · E Σ_{l,i} tanh(c · a_i^l · ‖W_dec,i^l‖)  +  μ · E Σ_{l,i} relu(θ_i^l −
+    z_i^l) · ‖W_dec,i^l‖
 
 The last (pre-activation) term pushes dead JumpReLU features' pre-activations up towards their
 thresholds; it is only used with JumpReLU. TopK variants fix L0 and use λ = μ = 0.

@@ -260,7 +260,8 @@ class CrossLayerTranscoder(nn.Module):
     def initialize_from_batch(
         self, x: Float[Tensor, "batch layer d"], y: Float[Tensor, "batch layer d"], firing_rate: float = 0.1
     ) -> None:
-        """b_dec = mean target; for JumpReLU, b_enc so that each feature fires on ~`firing_rate` of the batch."""
+        """b_dec = mean target; for JumpReLU, b_enc so that each feature fires on ~`firing_rate` of the
+        batch."""
         self.b_dec.copy_(y.mean(0))
         if self.config.activation == "jumprelu":
             pre = einsum(x, self.W_enc, "b l d, l d f -> b l f")

@@ -95,7 +95,8 @@ class ActivationStore:
         if fingerprint != self.attrs["model_sha256"]:
             raise ModelMismatch(
                 f"activation store {self.url} was collected from {self.attrs['model_path']} "
-                f"(sha256 {self.attrs['model_sha256'][:12]}…), not from {model_dir} (sha256 {fingerprint[:12]}…)"
+                f"(sha256 {self.attrs['model_sha256'][:12]}…), not from {model_dir} (sha256 "
+                f"{fingerprint[:12]}…)"
             )
 
 

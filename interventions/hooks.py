@@ -1,7 +1,8 @@
 """Interventions on our GPT-2 models, in a forward pass or in generation with the KV cache.
 
     with Intervener(model, clt, [FeatureEdit(layer=3, features=[17], mode="set", value=0.0),
-                                 FeatureEdit(layer=3, features=[42], mode="scale", value=4.0, where=Where(start=12))]):
+                                 FeatureEdit(layer=3, features=[42], mode="scale", value=4.0,
+                                 where=Where(start=12))]):
         model.generate(...)                                      # edits apply to prompt and generated tokens
 
 Every edit targets absolute token positions (`Where`: all, a list, or every position from `start` on —
@@ -68,7 +69,8 @@ def _value_at(value, absolute: Tensor, n_units: int, dtype, device):
         if value.dim() == 2:
             if int(absolute.max()) >= value.shape[0]:
                 raise ValueError(
-                    f"patch values cover {value.shape[0]} positions, position {int(absolute.max())} was reached"
+                    f"patch values cover {value.shape[0]} positions, position {int(absolute.max())} was "
+                    "reached"
                 )
             return value[absolute]  # [T, units]
         if value.shape != (n_units,):

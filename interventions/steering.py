@@ -1,4 +1,5 @@
-"""Steering the output language (Harrasse et al. 2025, docs/methods.md §5): methods, controls and their evaluation.
+"""Steering the output language (Harrasse et al. 2025, docs/methods.md §5): methods, controls and their
+evaluation.
 
 A *plan* turns (source language, target language, strength) into a list of edits for `Intervener`:
 

@@ -257,7 +257,8 @@ def summarize(records: list[dict], pairs: list[tuple[str, str]], methods: list[s
 def summary_markdown(summary: dict) -> str:
     methods = [m for m in next(iter(summary["best_per_pair"].values()))]
     lines = [
-        "Fluent swap success (target language and ≥ 50% distinct tokens) at each method's best strength, with its 95%",
+        "Fluent swap success (target language and ≥ 50% distinct tokens) at each method's best strength, "
+        "with its 95%",
         "Wilson interval; plain CLD2 success and source retention in brackets:",
         "",
         "| pair | " + " | ".join(methods) + " |",
@@ -271,7 +272,8 @@ def summary_markdown(summary: dict) -> str:
                 "—"
                 if r is None
                 else f"{r['fluent_success']:.2f} [{r['fluent_success_ci'][0]:.2f}, "
-                f"{r['fluent_success_ci'][1]:.2f}] @{r['strength']:g} ({r['success']:.2f}, {r['retention']:.2f})"
+                f"{r['fluent_success_ci'][1]:.2f}] @{r['strength']:g} ({r['success']:.2f}, "
+                f"{r['retention']:.2f})"
             )
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     lines += [

@@ -1,8 +1,10 @@
 """Attribution graphs of the CLT replacement model for one prompt or a file of prompts.
 
-    python scripts/attribute.py --model-dir runs/pretrain-tiny-en-heavy/model --clt runs/clt-tiny-en-heavy/clt \
+    python scripts/attribute.py --model-dir runs/pretrain-tiny-en-heavy/model --clt
+    runs/clt-tiny-en-heavy/clt \
         --prompt "Click OK to close the"
-    python scripts/attribute.py --model-dir ... --clt ... --prompts prompts.jsonl   # {"text": ..., "lang": ...} per line
+    python scripts/attribute.py --model-dir ... --clt ... --prompts prompts.jsonl   # {"text": ..., "lang":
+    ...} per line
     python scripts/attribute.py ... --prompt "Le rapport est prêt" --target lang:fr \
         --translations '{"en": "Friday", "fr": "vendredi", "de": "Freitag"}'
 

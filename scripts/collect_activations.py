@@ -17,7 +17,8 @@ def main(argv: list[str]) -> None:
     if world.is_main:
         print(
             f"{store.url}: {len(store.done_shards)}/{store.n_shards} shards, "
-            f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × {store.d_model}"
+            f"{len(store.done_shards) * store.tokens_per_shard:,} tokens, {store.n_layers} layers × "
+            f"{store.d_model}"
         )
 
 

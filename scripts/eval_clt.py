@@ -1,7 +1,8 @@
 """Evaluate a trained transcoder: per-layer FVU, L0 and dead fraction on stored activations, and the
 replacement model (every MLP replaced) vs the real model — KL, Δ-CE, top-1 agreement, per language.
 
-    python scripts/eval_clt.py --clt runs/clt-tiny-en-heavy/clt --model-dir runs/pretrain-tiny-en-heavy/model \
+    python scripts/eval_clt.py --clt runs/clt-tiny-en-heavy/clt --model-dir runs/pretrain-tiny-en-heavy/model
+    \
         --store runs/activations/tiny-en-heavy.zarr --run-dir runs/eval-clt
 
 The logic is `clt.evaluate.evaluate_clt`.

@@ -1,7 +1,9 @@
-"""Where is language decided? Lenses, similarity, ablation sweeps, LAPE neurons, CLT language features, probes.
+"""Where is language decided? Lenses, similarity, ablation sweeps, LAPE neurons, CLT language features,
+probes.
 
     python scripts/locate_language.py                                  # default tiny en-heavy model + its CLT
-    python scripts/locate_language.py --model-dir runs/tiny-balanced/model --clt "" --run-dir runs/locate-balanced
+    python scripts/locate_language.py --model-dir runs/tiny-balanced/model --clt "" --run-dir
+    runs/locate-balanced
     python scripts/locate_language.py --sections lens,similarity       # only some sections
 
 Writes into --run-dir: config.json, sections/<name>.json (each section is saved when done and reused

@@ -65,7 +65,8 @@ def main() -> None:
         for process in busy:
             process.kill()
     print(
-        f"{args.repeats} rounds × {len(TESTS)} tests: {failures} failed rounds, {leftovers} rounds with leftovers"
+        f"{args.repeats} rounds × {len(TESTS)} tests: {failures} failed rounds, {leftovers} rounds with "
+        "leftovers"
     )
     sys.exit(1 if failures or leftovers else 0)
 

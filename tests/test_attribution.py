@@ -184,7 +184,8 @@ def test_matches_circuit_tracer(setup, graph64, tmp_path):
     assert [t.vocab_idx for t in theirs.logit_targets] == ours.target_vocab_ids
     scale = theirs.adjacency_matrix.abs().max()
     assert (theirs.adjacency_matrix - ours.adjacency).abs().max() / scale < 1e-4
-    # circuit-tracer stores edges in a float32 buffer even for float64 models: agreement is at float32 precision
+    # circuit-tracer stores edges in a float32 buffer even for float64 models: agreement is at float32
+    # precision
     assert (theirs.adjacency_matrix - ours.adjacency).abs().max() / scale < 1e-6
 
     pruned, their_pruned = prune(ours), prune_graph(theirs)

@@ -10,8 +10,10 @@ PAGE = """<html><body>
 <p id="par_id1" class="paragraph">Outside the display area: ignored.</p>
 <div id="DisplayArea">
   <h1 id="hd_id10">Load/Save <b>options</b></h1>
-  <p id="par_id11" class="paragraph">Choose <span class="switchinline"><span hidden="true" id="MACtext_1" class="MAC">
-     <span class="emph">LibreOffice - Preferences</span></span><span hidden="true" id="defaulttext_1"><span class="emph">Tools -
+  <p id="par_id11" class="paragraph">Choose <span class="switchinline"><span hidden="true" id="MACtext_1"
+  class="MAC">
+     <span class="emph">LibreOffice - Preferences</span></span><span hidden="true" id="defaulttext_1"><span
+     class="emph">Tools -
      Options</span></span></span> - Load/Save.<br>Done &amp; saved.</p>
   <p id="par_id12" class="code">Sub Main</p>
   <p id="par_id13" class="paragraph">Second <img src="x.png">paragraph.</p>
@@ -67,7 +69,8 @@ FR = [
     "Choisissez un dossier dans lequel les copies de sauvegarde de vos documents seront stockées.",
     "Ce paramètre détermine combien d'étapes d'annulation le programme mémorise pour chaque fichier.",
     "Sélectionnez le format de fichier par défaut dans lequel les nouveaux documents texte sont enregistrés.",
-    "Les classeurs peuvent être exportés dans plusieurs formats, y compris les valeurs séparées par des virgules.",
+    "Les classeurs peuvent être exportés dans plusieurs formats, y compris les valeurs séparées "
+    "par des virgules.",
     # A mislabelled paragraph: German text in the French file. The language identifier must drop it.
     "Die Druckereinstellungen gelten für jedes Dokument, bis Sie sie wieder ändern, und werden gespeichert.",
 ]

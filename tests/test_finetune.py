@@ -179,7 +179,8 @@ def test_lora_leaves_the_base_weights_and_merges_exactly(tmp_path):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = add_lora(model, rank=4, alpha=8, seed=0)
     counts = lora_count(peft_model)
-    # A: [r, in], B: [out, r] per adapted Conv1D: c_attn (d→3d), attn c_proj (d→d), c_fc (d→4d), mlp c_proj (4d→d).
+    # A: [r, in], B: [out, r] per adapted Conv1D: c_attn (d→3d), attn c_proj (d→d), c_fc (d→4d), mlp c_proj
+    # (4d→d).
     d, r = D_MODEL, 4
     per_block = r * (d + 3 * d) + r * (d + d) + r * (d + 4 * d) + r * (4 * d + d)
     assert counts["trainable"] == N_LAYER * per_block and counts["total"] == sum(

@@ -157,7 +157,8 @@ def table(rows: list[dict]) -> list[dict]:
 
 def markdown(lines: list[dict]) -> str:
     out = [
-        "| scenario | strategy | target metric before | after (mean ± sd) | gain / full FT's | forgetting (Δ loss) "
+        "| scenario | strategy | target metric before | after (mean ± sd) | gain / full FT's "
+        "| forgetting (Δ loss) "
         "| trainable % | train time s (fastest seed) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -168,7 +169,8 @@ def markdown(lines: list[dict]) -> str:
         after, forgetting, seconds = line["target_after"], line["forgetting"], line["train_time_s"]
         gain = "" if line["gain_vs_full"] is None else f"{line['gain_vs_full']:.2f}"
         out.append(
-            f"| {line['scenario']} | {line['variant']} | {line['target_before']:.3f} | {after[0]:.3f} ± {after[1]:.3f} "
+            f"| {line['scenario']} | {line['variant']} | {line['target_before']:.3f} | {after[0]:.3f} ± "
+            f"{after[1]:.3f} "
             f"| {gain} | {forgetting[0]:+.3f} ± {forgetting[1]:.3f} | {100 * line['trainable_share']:.2f} "
             f"| {seconds[0]:.0f} ± {seconds[1]:.0f} ({line['train_time_min_s']:.0f}) |"
         )

@@ -19,7 +19,7 @@ shape that replaces it downstream. Hooks are removed on exit, so the model is un
 | `blocks.{l}.hook_mlp_out`         | output of `h[l].mlp`          | MLP output (what a transcoder writes) |
 | `blocks.{l}.hook_resid_post`      | output[0] of `h[l]`           | residual after block l                |
 | `ln_final.hook_input`             | input of `transformer.ln_f`   | residual entering the unembedding     |
-| `hook_forward_kwargs`             | call of `transformer`         | the body's keyword arguments (KV cache, positions); read only |
+| `hook_forward_kwargs`             | call of `transformer`         | its keyword arguments (read only)     |
 
 A second architecture means one more adapter class with the same `point`, `n_layers`, `d_model` and
 `d_mlp`, registered in `ADAPTERS` under its `config.model_type`.

@@ -131,8 +131,10 @@ def sample_mixture(
                 taken += 1
         if drawn < target:
             raise MixtureError(
-                f"mixture asks for {target:,} {unit_name} of {lang!r} ({share:.1%} of {budget:,}), but the corpus has "
-                f"only {drawn:,} {unit_name} of {lang!r}. Lower the budget to at most {int(drawn / share):,} or the share."
+                f"mixture asks for {target:,} {unit_name} of {lang!r} ({share:.1%} of {budget:,}), but the "
+                "corpus has "
+                f"only {drawn:,} {unit_name} of {lang!r}. Lower the budget to at most "
+                f"{int(drawn / share):,} or the share."
             )
         units[lang] = drawn
     return MixtureSample(indices=indices, units=units, targets=targets)

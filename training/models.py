@@ -85,7 +85,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
     path = Path(model_dir)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise UserError(
-            f"no model at {path}: expected a save_pretrained directory with config.json and model.safetensors "
+            f"no model at {path}: expected a save_pretrained directory with config.json and "
+            "model.safetensors "
             "(train one with scripts/pretrain.py)"
         )
     device = resolve_device(device) if isinstance(device, str) else device

@@ -350,8 +350,8 @@ def summarize_runs(run_dirs: list[str]) -> str:
         )
     for mode in ("greedy", "sampled"):
         out.append(
-            f"\n### Language consistency of {mode} continuations (share in the prompt's language; unknown)\n\n"
-            + header
+            f"\n### Language consistency of {mode} continuations (share in the prompt's language; "
+            "unknown)\n\n" + header
         )
         for lang in langs:
             cells = [summaries[n]["language_consistency"][mode][lang] for n in names]

@@ -43,7 +43,8 @@ EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 
 @dataclass
 class Selection:
-    """Trainable entries: name → None (whole tensor) or a bool mask; `layers`/`neurons` say what was chosen."""
+    """Trainable entries: name → None (whole tensor) or a bool mask; `layers`/`neurons` say what was
+    chosen."""
 
     strategy: str
     masks: dict[str, Tensor | None]
@@ -110,7 +111,8 @@ def last_k(model, k: int) -> Selection:
 
 
 def outermost(model, share: float = 0.25) -> Selection:
-    """`share` of the blocks split between the first and the last ones (the first side gets the smaller half)."""
+    """`share` of the blocks split between the first and the last ones (the first side gets the smaller
+    half)."""
     total = max(2, round(share * n_layers(model)))
     first = total // 2
     return blocks(
@@ -129,7 +131,8 @@ def neurons(model, units: list[tuple[int, int]], strategy: str = "neurons") -> S
     bad = [u for u in units if not (0 <= u[0] < n_layers(model) and 0 <= u[1] < width)]
     if bad:
         raise ValueError(
-            f"{strategy}: neurons {bad[:3]} do not exist in a {n_layers(model)}-layer model with {width} neurons"
+            f"{strategy}: neurons {bad[:3]} do not exist in a {n_layers(model)}-layer model with {width} "
+            "neurons"
         )
     params = dict(model.named_parameters())
     masks: dict[str, Tensor] = {}
@@ -205,7 +208,8 @@ class MaskedTraining:
                 )
             mask = mask.to(param.device)
             self.partial.append((param, mask, param.detach().clone()))
-            # torch.where, not g * mask: a NaN/inf gradient in a frozen entry must not leak into Adam's moments.
+            # torch.where, not g * mask: a NaN/inf gradient in a frozen entry must not leak into Adam's
+            # moments.
             self.handles.append(
                 param.register_hook(lambda grad, mask=mask: torch.where(mask, grad, torch.zeros_like(grad)))
             )

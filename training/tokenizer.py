@@ -24,7 +24,8 @@ def train_bpe_tokenizer(
 ) -> PreTrainedTokenizerFast:
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(
-            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + special tokens), got {vocab_size}"
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + special tokens), got "
+            f"{vocab_size}"
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -142,7 +142,8 @@ def drop_untranslated(paragraphs: list[Paragraph], reference_lang: str) -> tuple
 
 
 def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
-    """Build and save the corpus; returns the DatasetDict. Extra `sources` are added to the configured ones."""
+    """Build and save the corpus; returns the DatasetDict. Extra `sources` are added to the configured
+    ones."""
     import datasets
 
     out_dir = Path(config.corpus_dir)
@@ -267,7 +268,8 @@ def _choose_parallel_ids(rows, langs, config: CorpusConfig, rng: random.Random) 
         )
     if not candidates:
         raise ValueError(
-            f"no paragraph of at least {config.min_parallel_chars} characters is aligned across all of {langs}; "
+            f"no paragraph of at least {config.min_parallel_chars} characters is aligned across all of "
+            f"{langs}; "
             "add an aligned source or lower --min-parallel-chars"
         )
     rng.shuffle(candidates)
@@ -336,9 +338,11 @@ def corpus_summary_markdown(stats: dict) -> str:
         "# Corpus summary",
         "",
         "Language-ID columns: CLD2's agreement with the source label on all cleaned paragraphs before the",
-        "language-ID filter, for paragraphs of at least 40 characters (and all lengths); `unknown` = undecided.",
+        "language-ID filter, for paragraphs of at least 40 characters (and all lengths); "
+        "`unknown` = undecided.",
         "",
-        "| lang | train paragraphs | train chars | validation | parallel | langid acc. ≥40 chars | unknown ≥40 | langid acc. all | unknown all |",
+        "| lang | train paragraphs | train chars | validation | parallel | langid acc. ≥40 chars "
+        "| unknown ≥40 | langid acc. all | unknown all |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     splits = stats["splits"]
@@ -346,8 +350,10 @@ def corpus_summary_markdown(stats: dict) -> str:
         acc = stats["langid_on_all_cleaned_paragraphs"].get(lang, {})
         long = stats["langid_on_cleaned_long_ge40"].get(lang, {})
         lines.append(
-            f"| {lang} | {splits['train'].get(lang, {}).get('paragraphs', 0)} | {splits['train'].get(lang, {}).get('chars', 0)} "
-            f"| {splits['validation'].get(lang, {}).get('paragraphs', 0)} | {splits['parallel'].get(lang, {}).get('paragraphs', 0)} "
+            f"| {lang} | {splits['train'].get(lang, {}).get('paragraphs', 0)} | "
+            f"{splits['train'].get(lang, {}).get('chars', 0)} "
+            f"| {splits['validation'].get(lang, {}).get('paragraphs', 0)} | "
+            f"{splits['parallel'].get(lang, {}).get('paragraphs', 0)} "
             f"| {long.get('accuracy', float('nan')):.3f} | {long.get('unknown', float('nan')):.3f} "
             f"| {acc.get('accuracy', float('nan')):.3f} | {acc.get('unknown', float('nan')):.3f} |"
         )
@@ -373,7 +379,8 @@ class CorpusNotFound(UserError, FileNotFoundError):
 def unknown_language_message(missing: list[str], present: list[str], split: str) -> str:
     return (
         f"no text in {missing} in the corpus's {split} split (it has {', '.join(sorted(present))}); "
-        f"add a language with `python scripts/build_corpus.py --langs {','.join(sorted(set(present) | set(missing)))}` "
+        f"add a language with `python scripts/build_corpus.py --langs "
+        f"{','.join(sorted(set(present) | set(missing)))}` "
         "(LibreOffice help must exist for it in Debian) or pass --text-files / --hf-dataset sources"
     )
 

@@ -28,7 +28,8 @@ def download_deb(package: str, deb_dir: Path) -> Path:
         return Path(existing[-1])
     if shutil.which("apt-get") is None:
         raise DebianFetchError(
-            f"apt-get is not available to download {package}. Download {package}_*.deb by hand into {deb_dir} "
+            f"apt-get is not available to download {package}. Download {package}_*.deb by hand into "
+            f"{deb_dir} "
             "(any Debian/Ubuntu mirror) and run again."
         )
     with tempfile.TemporaryDirectory(dir=deb_dir) as tmp:
@@ -59,8 +60,8 @@ def extract_deb(deb: Path, target: Path, patterns: list[str] | None = None) -> P
     if patterns:
         # Only some members of a large package (e.g. translation catalogs): stream the data tarball.
         command = (
-            f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(tmp))} --wildcards "
-            + " ".join(shlex.quote(p) for p in patterns)
+            f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -x -C {shlex.quote(str(tmp))} "
+            "--wildcards " + " ".join(shlex.quote(p) for p in patterns)
         )
         result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     else:

@@ -66,7 +66,8 @@ def _parallel_id(domain: str, context: str | None, msgid: str) -> str:
 
 
 def iter_catalog_roots(roots: list[Path], langs: list[str]) -> Iterator[Paragraph]:
-    """Paragraphs from extracted trees holding `usr/share/games/wesnoth/1.16/locale/<locale>/LC_MESSAGES/*.mo`."""
+    """Paragraphs from extracted trees holding
+    `usr/share/games/wesnoth/1.16/locale/<locale>/LC_MESSAGES/*.mo`."""
     import polib
 
     english_seen: set[str] = set()
