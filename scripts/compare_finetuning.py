@@ -3,7 +3,7 @@
     python scripts/compare_finetuning.py                      # the table in docs/finetuning.md
     python scripts/compare_finetuning.py --seeds 0 --max-steps 30 --run-dir runs/finetune-quick
 
-Every run is an ordinary `scripts/finetune.py` run directory under `--runs-dir` (finished runs are
+Every run is an ordinary `scripts/finetune.py` run directory inside `--run-dir` (finished runs are
 read back, interrupted ones resume), so the sweep can be killed and restarted. Writes
 `comparison.json`, `comparison.md` and `comparison.png` to `--run-dir`. The logic is
 `training.compare.compare_finetuning`.

@@ -251,9 +251,9 @@ def located_file(tmp_path, model_dir, model, neurons: dict, features_neurons: di
 
 
 def test_located_units_drive_the_selection(tmp_path, tiny_model_dir):
-    from training.finetune import load_pretrained
+    from training.models import load_model
 
-    model, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
+    model, _ = load_model(tiny_model_dir, torch.device("cpu"))
     path = located_file(
         tmp_path,
         tiny_model_dir,
@@ -287,7 +287,7 @@ def test_located_units_drive_the_selection(tmp_path, tiny_model_dir):
         build_selection(resolve(dataclass_replace(base, strategy="located", target_langs=["de"])), model)
     # A located file made on other weights is refused.
     other = tmp_path / "other"
-    model_changed, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
+    model_changed, _ = load_model(tiny_model_dir, torch.device("cpu"))
     with torch.no_grad():
         model_changed.transformer.h[0].mlp.c_fc.bias.add_(1.0)
     model_changed.save_pretrained(other)
@@ -437,9 +437,9 @@ def test_comparison_table_by_hand():
 def test_masked_finetuning_under_torchrun(tmp_path, tiny_model_dir, real_slice_corpus_dir):
     """Two gloo ranks: the neuron masks hold on every rank and both ranks' batches count."""
     from tests.conftest import run_torchrun
-    from training.finetune import load_pretrained
+    from training.models import load_model
 
-    model, _ = load_pretrained(tiny_model_dir, torch.device("cpu"))
+    model, _ = load_model(tiny_model_dir, torch.device("cpu"))
     path = located_file(
         tmp_path,
         tiny_model_dir,

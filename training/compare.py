@@ -1,6 +1,6 @@
 """Selective fine-tuning compared: strategies × scenarios × seeds, and the comparison table.
 
-Every run is an ordinary fine-tuning run directory (training/finetune.py) under `runs_dir`, so the
+Every run is an ordinary fine-tuning run directory (training/finetune.py) inside `run_dir`, so the
 sweep resumes run by run; a variant that cannot run (e.g. `located` for a language without located
 units) is recorded with the reason, not dropped. `write_comparison` writes comparison.json/.md/.png
 into `run_dir`, whose config is checked like every run directory's.
@@ -51,11 +51,9 @@ class CompareConfig:
     lr: float | None = field(
         default=None, metadata={"help": "peak learning rate for every run (default: FinetuneConfig's)"}
     )
-    runs_dir: str = field(
-        default=paths.FINETUNE_RUNS, metadata={"help": "where the fine-tuning run directories go"}
-    )
     run_dir: str = field(
-        default="docs/finetuning", metadata={"help": "the comparison's own run directory (table, JSON, plot)"}
+        default=paths.FINETUNE_RUNS,
+        metadata={"help": "run directory: one fine-tuning run per variant inside, and the comparison table"},
     )
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
 
@@ -79,7 +77,7 @@ def run_all(config: CompareConfig) -> list[dict]:
                     "eval_every": config.max_steps,
                     "ckpt_every": config.max_steps,
                     **VARIANTS[variant],
-                    "run_dir": str(Path(config.runs_dir) / f"{scenario}-{variant}-{seed}{lr_tag}"),
+                    "run_dir": str(Path(config.run_dir) / f"{scenario}-{variant}-{seed}{lr_tag}"),
                 }
                 if config.lr is not None:
                     overrides["lr"] = config.lr

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -31,6 +30,7 @@ from training.corpus.build import default_corpus_dir, load_corpus
 from training.errors import UserError
 from training.loop import OptimizerConfig, make_optimizer, resume, start_run, train_steps
 from training.lora import add_lora, lora_count, merge_lora
+from training.models import load_model
 from training.pretrain import load_data
 
 
@@ -129,18 +129,6 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
         mixture=config.mixture or scenario.mixture,
         target_langs=list(config.target_langs) or list(scenario.target_langs),
     )
-
-
-def load_pretrained(model_dir: str | Path, device: torch.device):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"{model_dir} holds no model.safetensors: give a save_pretrained directory (--model-dir)"
-        )
-    model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True).to(device)
-    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +259,7 @@ def finetune(config: FinetuneConfig) -> dict:
     if finished is not None:
         return finished
     torch.manual_seed(config.seed)
-    model, tokenizer = load_pretrained(config.model_dir, device)
+    model, tokenizer = load_model(config.model_dir, device)
     # Chosen before anything slow, so an impossible selection (e.g. no located units) fails at once.
     selection = None if config.strategy == "lora" else build_selection(config, model)
     corpus = load_corpus(config.corpus_dir)

@@ -29,6 +29,7 @@ from training import evaluate
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir
 from training.data import micro_batch_indices
+from training.models import resolve_device
 
 
 @dataclass
@@ -97,11 +98,9 @@ def release_data_parallel() -> None:
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and world_size > 1:
-        device_name = f"cuda:{local_rank}"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device(f"cuda:{local_rank}")  # one GPU per rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
