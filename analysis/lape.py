@@ -29,15 +29,7 @@ from training.selection import random_matched
 @torch.no_grad()
 def neuron_activations(model, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos neuron"]:
     """Every layer's MLP neurons after the nonlinearity (`blocks.l.mlp.hook_post`)."""
-    n_layers = hook_points.adapter(model).n_layers
-    seen: dict[int, Tensor] = {}
-    named = [
-        (f"blocks.{layer}.mlp.hook_post", lambda post, layer=layer: seen.__setitem__(layer, post))
-        for layer in range(n_layers)
-    ]
-    with hook_points.hooks(model, named):
-        model.transformer(input_ids=input_ids)
-    return torch.stack([seen[layer] for layer in range(n_layers)])
+    return hook_points.record_layers(model, "blocks.{l}.mlp.hook_post", input_ids=input_ids)
 
 
 def neuron_activation_probability(

@@ -23,15 +23,9 @@ def residual_stream(
     model, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None
 ) -> Float[Tensor, "layer batch pos d"]:
     """Residual after each of the L blocks (layer l = `blocks.l.hook_resid_post`)."""
-    n_layers = hook_points.adapter(model).n_layers
-    outputs: dict[int, Tensor] = {}
-    named = [
-        (f"blocks.{layer}.hook_resid_post", lambda resid, layer=layer: outputs.__setitem__(layer, resid))
-        for layer in range(n_layers)
-    ]
-    with hook_points.hooks(model, named):
-        model.transformer(input_ids=input_ids, attention_mask=attention_mask)
-    return torch.stack([outputs[layer] for layer in range(n_layers)])
+    return hook_points.record_layers(
+        model, "blocks.{l}.hook_resid_post", input_ids=input_ids, attention_mask=attention_mask
+    )
 
 
 def lens_logits(model, residual: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:

@@ -161,6 +161,22 @@ def layer_names(template: str, n_layers: int) -> list[str]:
     return [template.format(l=layer) for layer in range(n_layers)]
 
 
+def record_layers(model: nn.Module, template: str, **forward_kwargs) -> Tensor:
+    """One forward pass of the model body; the hook point `template` (with `{l}`) of every layer,
+    stacked as [layer, ...]. E.g. record_layers(model, "blocks.{l}.hook_resid_post", input_ids=ids)."""
+    import torch
+
+    n_layers = adapter(model).n_layers
+    seen: dict[int, Tensor] = {}
+    named = [
+        (name, lambda value, layer=layer: seen.__setitem__(layer, value))
+        for layer, name in enumerate(layer_names(template, n_layers))
+    ]
+    with hooks(model, named):
+        getattr(model, "transformer", model)(**forward_kwargs)
+    return torch.stack([seen[layer] for layer in range(n_layers)])
+
+
 class HookedRun:
     """Reusable context manager form of `hooks` for classes that build their hook list in `named_hooks()`."""
 
