@@ -27,6 +27,7 @@ from clt.model import CLTConfig, CrossLayerTranscoder
 from training import paths
 from training.config import atomic_write_json
 from training.errors import ModelMismatch, UserError
+from training.fingerprint import verify_release
 
 NATIVE_WEIGHTS = "clt.safetensors"
 TL_INPUT_HOOK = "ln2.hook_normalized"
@@ -50,6 +51,7 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
             f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json; train one with "
             "scripts/train_clt.py)"
         )
+    verify_release(path)  # a released CLT (models/<name>/clt) must match its MANIFEST.json
     meta = json.loads((path / "config.json").read_text())
     clt = CrossLayerTranscoder(CLTConfig(**meta["clt"]))
     missing, unexpected = clt.load_state_dict(load_file(str(path / NATIVE_WEIGHTS)), strict=False)

@@ -9,6 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from training.errors import UserError
+from training.fingerprint import verify_release
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
+    verify_release(path)  # a released model (models/<name>/) must match its MANIFEST.json
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise UserError(
             f"no model at {path}: expected a save_pretrained directory with config.json and "
