@@ -87,7 +87,7 @@ def test_build_corpus_from_plain_text(tmp_path, aligned_text_files):
     config = CorpusConfig(
         corpus_dir=str(tmp_path / "corpus"),
         langs=["en", "fr"],
-        libreoffice=False,
+        sources=[],
         n_parallel=2,
         val_fraction=0.0,
         seed=3,
@@ -128,7 +128,7 @@ def test_hf_dataset_source_on_a_local_dataset(tmp_path):
         CorpusConfig(
             corpus_dir=str(tmp_path / "c"),
             langs=["en", "fr"],
-            libreoffice=False,
+            sources=[],
             n_parallel=3,
             val_fraction=0.0,
         ),
@@ -147,9 +147,7 @@ def test_hf_source_errors_name_the_columns(tmp_path):
 
 
 def test_missing_language_and_missing_corpus_errors(tmp_path, aligned_text_files):
-    config = CorpusConfig(
-        corpus_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], libreoffice=False, n_parallel=1
-    )
+    config = CorpusConfig(corpus_dir=str(tmp_path / "c"), langs=["en", "fr", "ja"], sources=[], n_parallel=1)
     with pytest.raises(
         ValueError, match=r"no text found for languages \['ja'\]; languages with text: \['en', 'fr'\]"
     ):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
+from training.corpus.catalogs import GAMES, CatalogSource
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
 from training.errors import UnknownLanguage, UserError
 
@@ -51,18 +52,22 @@ class CorpusConfig:
     langs: list[str] = field(
         default_factory=lambda: list(DEFAULT_LANGS), metadata={"help": "comma-separated language codes"}
     )
-    libreoffice: bool = field(
-        default=True, metadata={"help": "use the LibreOffice help packages (paragraph-parallel)"}
+    sources: list[str] = field(
+        default_factory=lambda: ["libreoffice"],
+        metadata={
+            "help": "text sources: libreoffice (paragraph-parallel help, the held-out parallel split) and "
+            "game translation catalogs: " + ", ".join(GAMES) + "; 'all' = every one"
+        },
+    )
+    min_chars: int = field(
+        default=40,
+        metadata={"help": "sources other than libreoffice: drop strings shorter than this (12 for zh/ja)"},
     )
     libreoffice_subdirs: list[str] = field(
         default_factory=list,
         metadata={
             "help": "only these folders under text/ (e.g. shared/optionen) for quick slices; empty = all"
         },
-    )
-    wesnoth: bool = field(
-        default=False,
-        metadata={"help": "add Battle for Wesnoth dialogue/lore (sentence-aligned, ~160 MB of downloads)"},
     )
     text_files: list[str] = field(
         default_factory=list,
@@ -154,17 +159,18 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         raise ValueError("no languages requested (--langs)")
     cache_dir = Path(config.cache_dir)
 
+    names = list(dict.fromkeys(["libreoffice", *GAMES] if config.sources == ["all"] else config.sources))
+    unknown = sorted(set(names) - {"libreoffice", *GAMES})
+    if unknown:
+        raise UserError(f"unknown sources {unknown}; choose from libreoffice, {', '.join(GAMES)} or all")
     paragraphs: list[Paragraph] = []
-    if config.libreoffice:
+    if "libreoffice" in names:
         reference_extra = [] if config.reference_lang in langs else [config.reference_lang]
         paragraphs += collect_libreoffice(
             langs + reference_extra, cache_dir, config.libreoffice_subdirs, config.workers
         )
     extra: list[TextSource] = list(sources or [])
-    if config.wesnoth:
-        from training.corpus.wesnoth import WesnothSource
-
-        extra.append(WesnothSource(langs, cache_dir))
+    extra += [CatalogSource(game, langs, cache_dir) for game in names if game in GAMES]
     if config.text_files:
         files = dict(item.split("=", 1) for item in config.text_files)
         extra.append(PlainTextSource(files))
@@ -181,7 +187,9 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
             )
         )
     for source in extra:
-        paragraphs += list(tqdm(source.iter_paragraphs(), desc=f"read {source.name}"))
+        read = list(tqdm(source.iter_paragraphs(), desc=f"read {source.name}"))
+        # Short UI strings are labels, not prose: only LibreOffice's aligned paragraphs keep short ones.
+        paragraphs += [p for p in read if len(p.text) >= (12 if p.lang in ("zh", "ja") else config.min_chars)]
 
     paragraphs, untranslated = drop_untranslated(paragraphs, config.reference_lang)
     paragraphs = [p for p in paragraphs if p.lang in langs]
@@ -240,6 +248,10 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     stats = {
         "config": config_to_dict(config),
         "langs": langs,
+        "licences": {
+            **({"libreoffice": "MPL-2.0"} if "libreoffice" in names else {}),
+            **{source.name: getattr(source, "licence", "unknown") for source in extra},
+        },
         "untranslated_dropped": dict(untranslated),
         "exact_duplicates_dropped": duplicates,
         "langid_on_all_cleaned_paragraphs": langid_report,
@@ -247,16 +259,24 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         "langid_on_cleaned_short_lt40": _langid_report(*_by_length(unique, detected, short=True)),
         "langid_on_cleaned_long_ge40": _langid_report(*_by_length(unique, detected, short=False)),
         "splits": {name: _split_stats(ds) for name, ds in corpus.items()},
+        "train_chars_by_source": _chars_by_source(corpus["train"]),
     }
     _save_atomically(corpus, out_dir, stats)
     return corpus
 
 
 def _choose_parallel_ids(rows, langs, config: CorpusConfig, rng: random.Random) -> set[str]:
+    """The held-out parallel split: paragraphs aligned across every language. It is drawn from the
+    LibreOffice help whenever that source is in the corpus, so that adding sources never changes the
+    evaluation set (other aligned sources are used only without it)."""
+    from training.corpus.libreoffice import SOURCE_NAME as LIBREOFFICE
+
+    eligible = [p for p, _ in rows if p.parallel_id is not None]
+    if any(p.source == LIBREOFFICE for p in eligible):
+        eligible = [p for p in eligible if p.source == LIBREOFFICE]
     by_id: dict[str, dict[str, str]] = defaultdict(dict)
-    for p, _ in rows:
-        if p.parallel_id is not None:
-            by_id[p.parallel_id][p.lang] = p.text
+    for p in eligible:
+        by_id[p.parallel_id][p.lang] = p.text
     candidates = sorted(
         pid
         for pid, texts in by_id.items()
@@ -320,6 +340,14 @@ def _split_stats(dataset) -> dict:
     return dict(stats)
 
 
+def _chars_by_source(dataset) -> dict[str, dict[str, int]]:
+    """Characters of the (cleaned) split per source and language."""
+    chars: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for source, lang, text in zip(dataset["source"], dataset["lang"], dataset["text"]):
+        chars[source][lang] += len(text)
+    return {source: dict(by_lang) for source, by_lang in sorted(chars.items())}
+
+
 def _save_atomically(corpus, out_dir: Path, stats: dict) -> None:
     """Save into a sibling temp dir, then swap it in: an interrupted build never leaves a half corpus."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -357,6 +385,20 @@ def corpus_summary_markdown(stats: dict) -> str:
             f"| {long.get('accuracy', float('nan')):.3f} | {long.get('unknown', float('nan')):.3f} "
             f"| {acc.get('accuracy', float('nan')):.3f} | {acc.get('unknown', float('nan')):.3f} |"
         )
+    by_source = stats.get("train_chars_by_source", {})
+    if by_source:
+        licences = stats.get("licences", {})
+        lines += [
+            "",
+            "Training text per source (MB of UTF-8 characters after cleaning and language ID):",
+            "",
+            "| source | licence | " + " | ".join(stats["langs"]) + " |",
+            "|---|---|" + "---|" * len(stats["langs"]),
+        ]
+        for source, by_lang in by_source.items():
+            cells = [f"{by_lang.get(lang, 0) / 1e6:.2f}" for lang in stats["langs"]]
+            licence = licences.get(source, licences.get("libreoffice", "") if "libreoffice" in source else "")
+            lines.append(f"| {source} | {licence} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
