@@ -390,7 +390,7 @@ def corpus_summary_markdown(stats: dict) -> str:
         licences = stats.get("licences", {})
         lines += [
             "",
-            "Training text per source (MB of UTF-8 characters after cleaning and language ID):",
+            "Training text per source (millions of characters, after cleaning and language ID):",
             "",
             "| source | licence | " + " | ".join(stats["langs"]) + " |",
             "|---|---|" + "---|" * len(stats["langs"]),
