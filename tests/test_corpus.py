@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -180,3 +181,31 @@ def test_real_libreoffice_slice(real_slice_corpus_dir):
     assert not any((l, t) in train_texts for l, t in zip(parallel["lang"], parallel["text"]))
     stats = json.loads((real_slice_corpus_dir / "corpus_stats.json").read_text())
     assert stats["langid_on_cleaned_long_ge40"]["en"]["accuracy"] > 0.95
+
+
+def test_other_sources_cannot_leak_held_out_text_or_repeat_it(tmp_path, aligned_text_files):
+    """A second source quoting a held-out paragraph (shared 8-gram) loses that paragraph; one repeating a
+    first-source paragraph with other punctuation is counted once; the rest of it stays."""
+    config = CorpusConfig(
+        corpus_dir=str(tmp_path / "c"), langs=["en", "fr"], sources=[], n_parallel=2, val_fraction=0.0, seed=3
+    )
+    held_out_source = PlainTextSource(aligned_text_files, aligned=True)
+    reference = build_corpus(
+        dataclasses.replace(config, corpus_dir=str(tmp_path / "ref")), sources=[held_out_source]
+    )
+    held_out_en = [
+        t for t, l in zip(reference["parallel"]["text"], reference["parallel"]["lang"]) if l == "en"
+    ]
+    train_en = [t for t, l in zip(reference["train"]["text"], reference["train"]["lang"]) if l == "en"]
+    quote = "As the manual says: " + held_out_en[0]
+    repeat = train_en[0].upper().replace(".", "!")
+    fresh = "Our extra source writes a completely new sentence about spreadsheets, charts and macros."
+    (tmp_path / "extra.txt").write_text("\n\n".join([quote, repeat, fresh]))
+    extra = PlainTextSource({"en": tmp_path / "extra.txt"}, name="extra")
+    corpus = build_corpus(config, sources=[held_out_source, extra])
+    texts = {t for split in ("train", "validation") for t in corpus[split]["text"]}
+    assert fresh in texts and quote not in texts and repeat not in texts
+    assert sorted(corpus["parallel"]["text"]) == sorted(reference["parallel"]["text"])  # same evaluation set
+    stats = json.loads((tmp_path / "c" / "corpus_stats.json").read_text())
+    assert stats["cross_source_near_duplicates_dropped"] == 1
+    assert stats["held_out_ngram_overlap"]["by_source"]["extra"] == 1

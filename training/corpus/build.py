@@ -23,6 +23,7 @@ from tqdm import tqdm
 from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.catalogs import GAMES, CatalogSource
+from training.corpus.cleaning import LeakIndex, drop_cross_source_near_duplicates
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
 from training.errors import UnknownLanguage, UserError
 
@@ -206,6 +207,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
             seen.add((p.lang, p.text))
             unique.append(p)
     duplicates = len(paragraphs) - len(unique)
+    unique, near_duplicates = drop_cross_source_near_duplicates(unique)
 
     detected = [langid.detect(p.text) for p in tqdm(unique, desc="language id")]
     langid_report = _langid_report(unique, detected)
@@ -222,6 +224,18 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         for r in rows
         if r[0].parallel_id not in parallel_ids and (r[0].lang, r[0].text) not in parallel_texts
     ]
+    # No training or validation text of another source may repeat held-out text (n-gram overlap).
+    leak_index = LeakIndex((p.lang, p.text) for p, _ in parallel_rows)
+    held_out_source = parallel_rows[0][0].source
+    leaks: Counter = Counter()
+    clean_rest = []
+    for row in rest:
+        if leak_index.leaks(row[0].text, row[0].lang):
+            leaks[row[0].source] += 1
+            if row[0].source != held_out_source:
+                continue
+        clean_rest.append(row)
+    rest = clean_rest
     rng.shuffle(rest)
     # At least one validation paragraph per language: every later stage needs validation loss per language.
     n_val = {
@@ -254,6 +268,9 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         },
         "untranslated_dropped": dict(untranslated),
         "exact_duplicates_dropped": duplicates,
+        "cross_source_near_duplicates_dropped": near_duplicates,
+        # Paragraphs sharing an n-gram with held-out text; dropped unless from the held-out split's source.
+        "held_out_ngram_overlap": {"source_of_held_out": held_out_source, "by_source": dict(leaks)},
         "langid_on_all_cleaned_paragraphs": langid_report,
         # Before the language-ID filter, by length: short headings are where any detector struggles.
         "langid_on_cleaned_short_lt40": _langid_report(*_by_length(unique, detected, short=True)),
