@@ -69,6 +69,9 @@ def test_run_directory_contents(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["steps"] == 24
     assert set(summary["validation_loss"]) == {"en", "fr", "de"}
+    # nats/char ≈ nats/token ÷ characters per token: a few chars per token on this tokenizer
+    for lang, per_char in summary["validation_nats_per_char"].items():
+        assert 0 < per_char < summary["validation_loss"][lang]
     assert set(summary["language_consistency"]) == {"greedy", "sampled"}
     assert summary["language_consistency"]["greedy"]["en"]["n"] == 3
     # Loadable by the generic HF entry points, from safetensors.
@@ -164,3 +167,49 @@ def test_unknown_preset_is_refused(tmp_path, real_slice_corpus_dir, slice_tokeni
     ):
         pretrain(config)
     assert config_to_dict(config)["preset"] == "huge"
+
+
+def test_nats_per_char_matches_hf_losses_by_hand(slice_tokenizer_dir):
+    """Σ over texts of (HF mean loss × predicted tokens, BOS-prefixed) / characters, one text at a time —
+    and the windowed path for a text longer than the context gives the sum of its windows."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.evaluate import nats_per_char
+    from training.models import build_model, gpt2_config
+
+    tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
+    model = build_model(
+        gpt2_config(
+            "tiny",
+            len(tokenizer),
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            n_ctx=32,
+        ),
+        seed=0,
+    ).eval()
+    texts = ["Click OK to close the dialog.", "Cliquez sur OK pour fermer la boîte de dialogue.", "Ja"]
+    by_hand = 0.0
+    for text in texts:
+        ids = torch.tensor(
+            [[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]]
+        )
+        by_hand += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+    expected = by_hand / sum(len(t) for t in texts)
+    assert nats_per_char(model, tokenizer, texts, n_ctx=32, device=torch.device("cpu")) == pytest.approx(
+        expected, rel=1e-5
+    )
+    long_text = " ".join(texts * 6)
+    ids = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 31
+    windows = [ids[i : i + 15] for i in range(0, len(ids), 15)]
+    total = 0.0
+    for window in windows:
+        tensor = torch.tensor([[tokenizer.bos_token_id] + window])
+        total += model(input_ids=tensor, labels=tensor).loss.item() * len(window)
+    got = nats_per_char(model, tokenizer, [long_text], n_ctx=16, device=torch.device("cpu"), batch_size=3)
+    assert got == pytest.approx(total / len(long_text), rel=1e-5)

@@ -38,6 +38,40 @@ def loss_per_language(
 
 
 @torch.no_grad()
+def nats_per_char(
+    model, tokenizer, texts: Sequence[str], n_ctx: int, device: torch.device, batch_size: int = 16
+) -> float:
+    """Held-out loss in nats per character: the summed negative log-likelihood of every token of every
+    text (the first predicted from BOS), divided by the texts' characters. Unlike nats per token it
+    compares models with different tokenizers. A text longer than the context is scored in windows of
+    `n_ctx − 1` tokens, each after its own BOS (no context carried over: a slight overestimate)."""
+    if not texts:
+        raise ValueError("no texts to evaluate")
+    was_training = model.training
+    model.eval()
+    windows = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        for start in range(0, len(ids), n_ctx - 1):
+            windows.append([tokenizer.bos_token_id] + ids[start : start + n_ctx - 1])
+    windows.sort(key=len)  # similar lengths per batch: little padding
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        width = max(len(w) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, window in enumerate(batch):
+            ids[row, : len(window)] = torch.tensor(window)
+            mask[row, : len(window)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        nll = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+        total += float((nll * mask[:, 1:]).sum())
+    model.train(was_training)
+    return total / sum(len(text) for text in texts)
+
+
+@torch.no_grad()
 def generate_continuations(
     model,
     tokenizer,

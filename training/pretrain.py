@@ -250,6 +250,18 @@ def finish(
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     val_loss = evaluate.loss_per_language(model, val_blocks, config.micro_batch, device)
+    # Tokenizer-independent: comparable across models with different tokenizers (at most 300 paragraphs).
+    validation = corpus["validation"]
+    nats_per_char = {
+        lang: evaluate.nats_per_char(
+            model,
+            tokenizer,
+            [t for t, l in zip(validation["text"], validation["lang"]) if l == lang][:300],
+            model.config.n_positions,
+            device,
+        )
+        for lang in sorted(val_loss)
+    }
 
     parallel = corpus["parallel"]
     texts, langs = evaluate.usable_prompts(
@@ -294,6 +306,7 @@ def finish(
         "wall_time_s": state["wall_time_s"],
         "tokens_per_s_median": sorted(steady)[len(steady) // 2] if steady else None,
         "validation_loss": val_loss,
+        "validation_nats_per_char": nats_per_char,
         "language_consistency": consistency,
     }
     atomic_write_json(run.path / "summary.json", summary)
