@@ -137,15 +137,24 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
         create_store(config, model, tokenizer, len(blocks), langs, fingerprint)
     world.barrier()
     store = ActivationStore(config.store, writable=True)
-    if (
-        store.attrs["model_sha256"] != fingerprint
-        or store.attrs["n_ctx"] != config.n_ctx
-        or store.attrs["seed"] != config.seed
-        or store.attrs["mixture"] != config.mixture
-    ):
+    wanted = {
+        "model_sha256": fingerprint,
+        "n_ctx": config.n_ctx,
+        "seed": config.seed,
+        "mixture": config.mixture,
+        "blocks_per_shard": config.blocks_per_shard,
+        "n_tokens": store.tokens_per_shard * store.n_shards
+        if len(blocks) // config.blocks_per_shard == store.n_shards
+        else "a different number of shards",
+    }
+    differing = {
+        key: (store.attrs.get(key), value) for key, value in wanted.items() if store.attrs.get(key) != value
+    }
+    if differing:
+        details = ", ".join(f"{key}: {old!r} → {new!r}" for key, (old, new) in differing.items())
         raise ModelMismatch(
-            f"{config.store} holds a store from another model or config; choose a new --store to collect "
-            "afresh"
+            f"{config.store} holds a store collected with another model or config ({details}); "
+            "choose a new --store to collect afresh"
         )
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
 

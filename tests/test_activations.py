@@ -128,7 +128,7 @@ def test_store_from_another_model_is_refused(tiny_store, tiny_model_dir, real_sl
     model.save_pretrained(other)
     with pytest.raises(ValueError, match="was collected from .* not from"):
         tiny_store.check_model(other)
-    with pytest.raises(ValueError, match="another model or config"):
+    with pytest.raises(ValueError, match=r"another model or config \(.*n_ctx: 16 → 12"):
         collect_activations(
             CollectConfig(
                 **{**collect_args(tiny_model_dir, tiny_store.url, real_slice_corpus_dir), "n_ctx": 12}

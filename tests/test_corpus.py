@@ -209,3 +209,29 @@ def test_other_sources_cannot_leak_held_out_text_or_repeat_it(tmp_path, aligned_
     stats = json.loads((tmp_path / "c" / "corpus_stats.json").read_text())
     assert stats["cross_source_near_duplicates_dropped"] == 1
     assert stats["held_out_ngram_overlap"]["by_source"]["extra"] == 1
+
+
+def test_existing_corpus_is_reused_only_with_the_same_settings(tmp_path, aligned_text_files):
+    from training.errors import ConfigMismatch
+
+    source = PlainTextSource(aligned_text_files, aligned=True)
+    config = CorpusConfig(
+        corpus_dir=str(tmp_path / "c"), langs=["en", "fr"], sources=[], n_parallel=2, seed=3
+    )
+    first = build_corpus(config, sources=[source])
+    again = build_corpus(dataclasses.replace(config, workers=1), sources=[source])  # build-only setting
+    assert again["train"]["text"] == first["train"]["text"]
+    with pytest.raises(ConfigMismatch, match=r"other settings \(n_parallel: 2 → 3\)"):
+        build_corpus(dataclasses.replace(config, n_parallel=3), sources=[source])
+    build_corpus(dataclasses.replace(config, n_parallel=3, overwrite=True), sources=[source])
+    # A corpus recorded by the version before --sources (libreoffice/wesnoth switches, out_dir) still loads.
+    stats_path = tmp_path / "c" / "corpus_stats.json"
+    stats = json.loads(stats_path.read_text())
+    legacy = {k: v for k, v in stats["config"].items() if k not in ("sources", "min_chars", "corpus_dir")}
+    stats["config"] = {**legacy, "out_dir": "x", "libreoffice": True, "wesnoth": False}
+    stats_path.write_text(json.dumps(stats))
+    build_corpus(
+        dataclasses.replace(config, n_parallel=3, sources=["libreoffice"])
+    )  # reused, nothing fetched
+    with pytest.raises(ConfigMismatch, match="sources"):
+        build_corpus(dataclasses.replace(config, n_parallel=3, sources=["libreoffice", "wesnoth"]))

@@ -154,6 +154,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
 
     out_dir = Path(config.corpus_dir)
     if (out_dir / "dataset_dict.json").exists() and not config.overwrite:
+        _check_same_build(out_dir, config)
         return datasets.load_from_disk(str(out_dir))
     langs = list(dict.fromkeys(config.langs))
     if not langs:
@@ -280,6 +281,44 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     }
     _save_atomically(corpus, out_dir, stats)
     return corpus
+
+
+# Settings that do not change what a corpus holds.
+_BUILD_ONLY = ("corpus_dir", "cache_dir", "workers", "overwrite")
+
+
+def _upgrade_legacy_config(saved: dict) -> dict:
+    """Corpora built before `--sources` recorded `libreoffice`/`wesnoth` switches and `out_dir`."""
+    saved = dict(saved)
+    if "sources" not in saved:
+        saved["sources"] = (["libreoffice"] if saved.pop("libreoffice", True) else []) + (
+            ["wesnoth"] if saved.pop("wesnoth", False) else []
+        )
+    saved.pop("out_dir", None)
+    return saved
+
+
+def _check_same_build(out_dir: Path, config: CorpusConfig) -> None:
+    """An existing corpus is reused only if it was built with the same settings (else it would silently
+    answer for another request)."""
+    from training.errors import ConfigMismatch
+
+    stats_path = out_dir / "corpus_stats.json"
+    if not stats_path.exists():
+        return
+    saved = _upgrade_legacy_config(json.loads(stats_path.read_text()).get("config", {}))
+    current = json.loads(json.dumps(config_to_dict(config)))
+    if saved.get("min_chars") is None and saved.get("sources") == ["libreoffice"]:
+        saved["min_chars"] = current["min_chars"]  # only applies to other sources: no difference here
+    differing = sorted(
+        k for k in set(saved) | set(current) if k not in _BUILD_ONLY and saved.get(k) != current.get(k)
+    )
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
+        raise ConfigMismatch(
+            f"{out_dir} holds a corpus built with other settings ({details}); use another "
+            "--corpus-dir, or --overwrite true to rebuild it"
+        )
 
 
 def _choose_parallel_ids(rows, langs, config: CorpusConfig, rng: random.Random) -> set[str]:
