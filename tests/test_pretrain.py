@@ -213,3 +213,13 @@ def test_nats_per_char_matches_hf_losses_by_hand(slice_tokenizer_dir):
         total += model(input_ids=tensor, labels=tensor).loss.item() * len(window)
     got = nats_per_char(model, tokenizer, [long_text], n_ctx=16, device=torch.device("cpu"), batch_size=3)
     assert got == pytest.approx(total / len(long_text), rel=1e-5)
+
+
+def test_warmup_stable_decay_schedule():
+    config = PretrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(0, 100, config) == pytest.approx(0.1)
+    assert [learning_rate(s, 100, config) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]  # stable phase
+    assert learning_rate(80, 100, config) == pytest.approx(0.95)  # 20 decay steps, linear
+    assert learning_rate(99, 100, config) == pytest.approx(0.0)
+    # The stable phase does not depend on the total: a longer run passes through a shorter one's state.
+    assert all(learning_rate(s, 100, config) == learning_rate(s, 1000, config) for s in range(80))

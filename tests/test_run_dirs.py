@@ -112,3 +112,20 @@ def _flat(config) -> dict:
             value = getattr(value, name)
         values[flag] = value
     return values
+
+
+def test_a_field_added_later_with_its_default_does_not_refuse(tmp_path):
+    """A run saved before a config field existed resumes as long as the new field keeps its default."""
+    import json
+
+    from training.pretrain import PretrainConfig
+
+    config = PretrainConfig(run_dir=str(tmp_path / "run"))
+    run = RunDir.open(config.run_dir, config)
+    saved = json.loads(run.config_path.read_text())
+    del saved["schedule"]  # as written by an older version
+    run.config_path.write_text(json.dumps(saved))
+    RunDir.open(config.run_dir, config)
+    run.config_path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigMismatch, match=r"schedule: None → 'wsd'"):
+        RunDir.open(config.run_dir, dataclasses.replace(config, schedule="wsd"))

@@ -190,6 +190,11 @@ def run_main(main: typing.Callable[[list[str]], Any], argv: list[str] | None = N
         raise SystemExit(2) from None
 
 
+def _as_saved(config: Any) -> dict[str, Any]:
+    """The config as `config.json` holds it (JSON types)."""
+    return json.loads(json.dumps(config_to_dict(config), default=str))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -255,13 +260,19 @@ class RunDir:
         if not self.config_path.exists():
             return
         saved = _flatten(json.loads(self.config_path.read_text()))
-        current = _flatten(
-            json.loads(json.dumps(config_to_dict(config), default=str))
-        )  # as it would be saved
+        current = _flatten(_as_saved(config))
+        # A field added to the config class after the run was saved is compatible if it keeps its default.
+        defaults = _flatten(_as_saved(type(config)()))
         allowed = set(may_change)
-        differing = sorted(
-            k for k in set(saved) | set(current) if k not in allowed and saved.get(k) != current.get(k)
-        )
+
+        def differs(key: str) -> bool:
+            if key in allowed or key.split(".")[0] in allowed:
+                return False
+            if key not in saved and current.get(key) == defaults.get(key):
+                return False
+            return saved.get(key) != current.get(key)
+
+        differing = sorted(k for k in set(saved) | set(current) if differs(k))
         if differing:
             details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in differing)
             raise ConfigMismatch(

@@ -29,6 +29,7 @@ from training import evaluate
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.config import RunDir
 from training.data import micro_batch_indices
+from training.errors import UserError
 from training.models import resolve_device
 
 
@@ -39,7 +40,9 @@ class OptimizerConfig:
     declared by each, with its own defaults."""
 
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak (cosine)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a share of the peak"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine, or wsd (warmup-stable-decay)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the steps spent decaying"})
     weight_decay: float = field(
         default=0.1, metadata={"help": "AdamW weight decay (matrices only; masked entries exempt)"}
     )
@@ -48,6 +51,12 @@ class OptimizerConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
     log_every: int = field(default=10, metadata={"help": "steps between train-loss records"})
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"unknown --schedule {self.schedule!r}: cosine or wsd")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass
@@ -118,12 +127,22 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 def learning_rate(step: int, total_steps: int, config) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio × lr` at the last step."""
+    """Linear warm-up to `lr`, then either cosine decay to `min_lr_ratio × lr` at the last step, or
+    warmup-stable-decay (`schedule="wsd"`): constant `lr`, then a linear decay to `min_lr_ratio × lr`
+    over the last `decay_fraction` of the steps. A WSD run's stable phase is the same whatever the total,
+    so a longer run's checkpoint can be decayed to read a shorter budget (Hägele et al. 2024)."""
     if step < config.warmup_steps:
         return config.lr * warmup_factor(step, config.warmup_steps)
+    floor = config.min_lr_ratio
+    if getattr(config, "schedule", "cosine") == "wsd":
+        decay_start = total_steps - max(1, round(config.decay_fraction * total_steps))
+        if step < decay_start:
+            return config.lr
+        progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
+        return config.lr * (1 - (1 - floor) * min(progress, 1.0))
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    return config.lr * (floor + (1 - floor) * cosine)
 
 
 def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
