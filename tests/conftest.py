@@ -186,20 +186,10 @@ def tiny_model_dir(slice_tokenizer_dir, tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from training.models import build_model, gpt2_config
+    from tests.helpers import tiny_gpt2
 
     tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
-    config = gpt2_config(
-        "tiny",
-        len(tokenizer),
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_ctx=32,
-    )
-    model = build_model(config, seed=0)
+    model = tiny_gpt2(tokenizer, seed=0)
     with torch.no_grad():  # larger random MLP weights: activations with some structure to reconstruct
         for block in model.transformer.h:
             block.mlp.c_fc.weight.mul_(5)

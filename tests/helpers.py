@@ -25,3 +25,20 @@ def random_clt(n_layers: int, d_model: int, n_features: int = 48, seed: int = 0)
         clt.input_scale.copy_(2.0 ** (torch.arange(n_layers) % 3 - 1))  # 0.5, 1, 2, 0.5, ...
         clt.output_scale.copy_(2.0 ** (1 - torch.arange(n_layers) % 3))  # 2, 1, 0.5, 2, ...
     return clt.eval()
+
+
+def tiny_gpt2(tokenizer, seed: int = 0):
+    """A randomly initialised 2-layer, 32-wide GPT-2 over `tokenizer` (context 32)."""
+    from training.models import build_model, gpt2_config
+
+    config = gpt2_config(
+        "tiny",
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_ctx=32,
+    )
+    return build_model(config, seed=seed)

@@ -175,23 +175,11 @@ def test_nats_per_char_matches_hf_losses_by_hand(slice_tokenizer_dir):
     import torch
     from transformers import AutoTokenizer
 
+    from tests.helpers import tiny_gpt2
     from training.evaluate import nats_per_char
-    from training.models import build_model, gpt2_config
 
     tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
-    model = build_model(
-        gpt2_config(
-            "tiny",
-            len(tokenizer),
-            tokenizer.bos_token_id,
-            tokenizer.eos_token_id,
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            n_ctx=32,
-        ),
-        seed=0,
-    ).eval()
+    model = tiny_gpt2(tokenizer).eval()
     texts = ["Click OK to close the dialog.", "Cliquez sur OK pour fermer la boîte de dialogue.", "Ja"]
     by_hand = 0.0
     for text in texts:
