@@ -24,6 +24,7 @@ from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.catalogs import GAMES, CatalogSource
 from training.corpus.cleaning import LeakIndex, drop_cross_source_near_duplicates
+from training.corpus.ddtp import DDTPSource
 from training.corpus.manuals import MANUALS, ManualSource
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
 from training.errors import UnknownLanguage, UserError
@@ -162,7 +163,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         raise ValueError("no languages requested (--langs)")
     cache_dir = Path(config.cache_dir)
 
-    known = ["libreoffice", *GAMES, *MANUALS]
+    known = ["libreoffice", *GAMES, *MANUALS, "ddtp"]
     names = list(dict.fromkeys(known if config.sources == ["all"] else config.sources))
     unknown = sorted(set(names) - set(known))
     if unknown:
@@ -176,6 +177,8 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     extra: list[TextSource] = list(sources or [])
     extra += [CatalogSource(game, langs, cache_dir) for game in names if game in GAMES]
     extra += [ManualSource(manual, langs, cache_dir) for manual in names if manual in MANUALS]
+    if "ddtp" in names:
+        extra.append(DDTPSource(langs, cache_dir))
     if config.text_files:
         files = dict(item.split("=", 1) for item in config.text_files)
         extra.append(PlainTextSource(files))

@@ -113,10 +113,11 @@ def system_archive_uri() -> str:
     return archive[0].rstrip("/")
 
 
-def suite_apt_options(suite: str, cache_dir: Path) -> list[str]:
+def suite_apt_options(suite: str, cache_dir: Path, languages: list[str] | None = None) -> list[str]:
     """apt-get options for a private, download-only view of `suite` (its package lists live in the cache;
-    the system's apt state is untouched). The lists are fetched once."""
-    root = Path(cache_dir) / f"apt-{suite}"
+    the system's apt state is untouched). The lists are fetched once. `languages` (apt codes such as
+    `fr`, `zh_CN`) also fetches the translated package descriptions (`Translation-xx`)."""
+    root = Path(cache_dir) / (f"apt-{suite}" + (f"-{'-'.join(languages)}" if languages else ""))
     lists = root / "lists"
     (lists / "partial").mkdir(parents=True, exist_ok=True)
     sources = root / "sources.list"
@@ -124,6 +125,7 @@ def suite_apt_options(suite: str, cache_dir: Path) -> list[str]:
         keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
         sources.write_text(f"deb [signed-by={keyring}] {system_archive_uri()} {suite} main\n")
     options = [
+        *(["-o", f"Acquire::Languages={','.join(languages)}"] if languages else []),
         "-o",
         f"Dir::State::Lists={lists}",
         "-o",
