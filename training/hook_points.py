@@ -175,18 +175,3 @@ def record_layers(model: nn.Module, template: str, **forward_kwargs) -> Tensor:
     with hooks(model, named):
         getattr(model, "transformer", model)(**forward_kwargs)
     return torch.stack([seen[layer] for layer in range(n_layers)])
-
-
-class HookedRun:
-    """Reusable context manager form of `hooks` for classes that build their hook list in `named_hooks()`."""
-
-    def named_hooks(self) -> list[tuple[str, HookFn]]:
-        raise NotImplementedError
-
-    def __enter__(self):
-        self._context = hooks(self.model, self.named_hooks())
-        self._context.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.catalogs import GAMES, CatalogSource
-from training.corpus.cleaning import LeakIndex, drop_cross_source_near_duplicates
+from training.corpus.cleaning import UNSPACED, LeakIndex, drop_cross_source_near_duplicates
 from training.corpus.ddtp import DDTPSource
 from training.corpus.manuals import MANUALS, ManualSource
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
@@ -197,7 +197,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
     for source in extra:
         read = list(tqdm(source.iter_paragraphs(), desc=f"read {source.name}"))
         # Short UI strings are labels, not prose: only LibreOffice's aligned paragraphs keep short ones.
-        paragraphs += [p for p in read if len(p.text) >= (12 if p.lang in ("zh", "ja") else config.min_chars)]
+        paragraphs += [p for p in read if len(p.text) >= (12 if p.lang in UNSPACED else config.min_chars)]
 
     paragraphs, untranslated = drop_untranslated(paragraphs, config.reference_lang)
     paragraphs = [p for p in paragraphs if p.lang in langs]

@@ -15,12 +15,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from training.corpus.cleaning import UNSPACED
 from training.corpus.debian import DebianFetchError, suite_apt_options
 from training.corpus.sources import Paragraph
 
 SOURCE_NAME = "ddtp"
 APT_CODES = {"zh": "zh_CN", "zh-tw": "zh_TW", "pt-br": "pt_BR"}
-UNSPACED = ("zh", "ja")
 
 
 def parse_translation_list(text: str, lang: str) -> Iterator[Paragraph]:
