@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +21,8 @@ from safetensors.torch import load_file
 
 from training import paths
 from training.config import RunDir, atomic_write_json, parse_config, run_main
-from training.data import micro_batch_indices
-from training.loop import make_optimizer
-from training.models import PRESETS, build_model, gpt2_config
-from training.pretrain import PretrainConfig, pretrain
+from training.models import PRESETS, gpt2_config
+from training.pretrain import PretrainConfig, pretrain, time_bare_steps
 
 
 @dataclass
@@ -40,25 +37,6 @@ class BenchPretrainConfig:
     repeats: int = field(default=2, metadata={"help": "alternate the two loops this many times"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
     run_dir: str = field(default="runs/bench-pretrain", metadata={"help": "run directory (results.json)"})
-
-
-def bare_loop(
-    config: PretrainConfig, blocks: torch.Tensor, vocab_size: int, bos: int, eos: int, steps: int
-) -> float:
-    """The minimal PyTorch loop: forward, backward, AdamW step. Returns seconds for `steps` steps."""
-    model_config = gpt2_config(config.preset, vocab_size, bos, eos, config.dropout)
-    model = build_model(model_config, config.seed)
-    optimizer = make_optimizer(model, config)
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        (indices,) = micro_batch_indices(step, config.micro_batch, 1, 0, 1, len(blocks), config.seed)
-        batch = blocks[indices].long()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main(argv: list[str]) -> None:
@@ -88,16 +66,10 @@ def main(argv: list[str]) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                results["bare_s"].append(
-                    bare_loop(
-                        config,
-                        blocks,
-                        len(tokenizer),
-                        tokenizer.bos_token_id,
-                        tokenizer.eos_token_id,
-                        args.steps,
-                    )
+                model_config = gpt2_config(
+                    config.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
                 )
+                results["bare_s"].append(time_bare_steps(model_config, blocks, config, args.steps))
     tokens = args.steps * config.micro_batch * PRESETS[config.preset].n_ctx
     project, bare = min(results["project_s"]), min(results["bare_s"])
     result = {

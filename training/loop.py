@@ -126,6 +126,11 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size, local_rank=local_rank), device
 
 
+def wsd_decay_start(total_steps: int, config) -> int:
+    """The first step of a WSD run's decay: where a decay branch forks off a longer run."""
+    return total_steps - max(1, round(config.decay_fraction * total_steps))
+
+
 def learning_rate(step: int, total_steps: int, config) -> float:
     """Linear warm-up to `lr`, then either cosine decay to `min_lr_ratio × lr` at the last step, or
     warmup-stable-decay (`schedule="wsd"`): constant `lr`, then a linear decay to `min_lr_ratio × lr`
@@ -135,7 +140,7 @@ def learning_rate(step: int, total_steps: int, config) -> float:
         return config.lr * warmup_factor(step, config.warmup_steps)
     floor = config.min_lr_ratio
     if getattr(config, "schedule", "cosine") == "wsd":
-        decay_start = total_steps - max(1, round(config.decay_fraction * total_steps))
+        decay_start = wsd_decay_start(total_steps, config)
         if step < decay_start:
             return config.lr
         progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
@@ -156,12 +161,14 @@ def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), foreach=False)
 
 
-def start_run(config) -> tuple[Dist, torch.device, RunDir, dict | None]:
+def start_run(
+    config, may_change: tuple[str, ...] = ("device",)
+) -> tuple[Dist, torch.device, RunDir, dict | None]:
     """Common start of every training run: distributed setup, the run directory, and either the
     summary of a finished run (nothing to do) or a config check + save (new or resumed run)."""
     world, device = init_distributed(config.device)
     # The config is checked also for a finished run: its summary would answer another config.
-    run = RunDir.open(config.run_dir, config, save=False)
+    run = RunDir.open(config.run_dir, config, may_change=may_change, save=False)
     summary_path = run.path / "summary.json"
     if summary_path.exists():
         return world, device, run, json.loads(summary_path.read_text())
@@ -276,8 +283,12 @@ def train_steps(
     total_steps: int,
     desc: str = "train",
     after_step: Callable[[], None] | None = None,
+    stop_at: int | None = None,
 ) -> dict:
     """Run language-model optimizer steps `state['step']` … `total_steps` and return the updated `state`.
+
+    `stop_at` pauses earlier (checkpointed, resumable) while the lr schedule still spans `total_steps`:
+    how a WSD run is stopped at a decay-branch point.
 
     `config` provides lr, min_lr_ratio, warmup_steps, micro_batch, grad_accum, grad_clip, bf16, seed,
     log_every, eval_every and ckpt_every (PretrainConfig and FinetuneConfig both do).
@@ -350,7 +361,7 @@ def train_steps(
     model.train()
     state = run_steps(
         state,
-        total_steps,
+        total_steps if stop_at is None else min(stop_at, total_steps),
         one_step,
         world,
         run,

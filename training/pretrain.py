@@ -15,17 +15,30 @@ runs data-parallel (gloo on CPU, NCCL on GPUs).
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 
 from training import evaluate, paths
+from training.checkpoint import STATE_FILE, find_checkpoint
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import CorpusConfig, build_corpus, default_corpus_dir, load_corpus
-from training.data import pack_by_language
-from training.loop import Dist, OptimizerConfig, make_optimizer, resume, start_run, train_steps
+from training.data import micro_batch_indices, pack_by_language
+from training.errors import ConfigMismatch, UserError
+from training.loop import (
+    Dist,
+    OptimizerConfig,
+    make_optimizer,
+    resume,
+    start_run,
+    train_steps,
+    wsd_decay_start,
+)
 from training.mixtures import count_chars, parse_mixture, sample_mixture
 from training.models import build_model, gpt2_config
 from training.tokenizer import count_tokens, fertility, train_bpe_tokenizer
@@ -84,11 +97,36 @@ class PretrainConfig(OptimizerConfig):
     gen_new_tokens: int = field(default=32, metadata={"help": "continuation length in tokens"})
     seed: int = field(default=0, metadata={"help": "seed for init, mixture sampling and data order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    pause_at_step: int | None = field(
+        default=None,
+        metadata={"help": "stop (checkpointed) after this step, the schedule still spanning the whole run"},
+    )
+    branch_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a WSD run (same config, more steps) paused at this run's decay start: continue from its "
+            "checkpoint and decay here — how a longer run is read at a shorter budget"
+        },
+    )
+
+
+# Fields a resumed run may change: pausing earlier or later does not change what the run computes.
+MAY_CHANGE = ("device", "pause_at_step")
 
 
 # ---------------------------------------------------------------------------------------------
 # Preparation: tokenizer and packed data (rank 0 writes, the others read)
 # ---------------------------------------------------------------------------------------------
+
+
+def train_mixture_tokenizer(corpus, spec: str, chars: int, vocab_size: int, seed: int):
+    """A byte-level BPE trained on `chars` characters of the corpus's train split in mixture `spec`."""
+    train = corpus["train"]
+    texts, langs = list(train["text"]), list(train["lang"])
+    sample = sample_mixture(
+        texts, langs, parse_mixture(spec), chars, count_chars, seed=seed, unit_name="characters"
+    )
+    return train_bpe_tokenizer([texts[i] for i in sample.indices], vocab_size=vocab_size)
 
 
 def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
@@ -101,21 +139,49 @@ def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
     else:
         spec = config.mixture if config.tokenizer_mixture == "same" else config.tokenizer_mixture
-        train = corpus["train"]
-        texts, langs = list(train["text"]), list(train["lang"])
-        sample = sample_mixture(
-            texts,
-            langs,
-            parse_mixture(spec),
-            config.tokenizer_chars,
-            count_chars,
-            seed=config.seed,
-            unit_name="characters",
+        tokenizer = train_mixture_tokenizer(
+            corpus, spec, config.tokenizer_chars, config.vocab_size, config.seed
         )
-        texts = [texts[i] for i in sample.indices]
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
     tokenizer.save_pretrained(model_dir)
     return tokenizer
+
+
+def fork_branch(config: PretrainConfig, run: RunDir) -> None:
+    """Start a WSD decay branch in `run`: copy the tokenizer, the packed data, the metrics so far and the
+    checkpoint of `config.branch_from`, which must hold this run's config with more steps, paused exactly
+    where this run's decay starts. Until the checkpoint is copied (last) the fork is simply redone."""
+    if find_checkpoint(run.path) is not None:
+        return
+    source = Path(config.branch_from)
+    if config.schedule != "wsd" or config.max_steps is None:
+        raise UserError("--branch-from needs --schedule wsd and --max-steps (the branch's total steps)")
+    if not (source / "config.json").exists():
+        raise UserError(f"--branch-from {source}: no pretraining run there")
+    allowed = ("device", "pause_at_step", "branch_from", "run_dir", "max_steps")
+    try:
+        RunDir(source).check_config(config, may_change=allowed)
+    except ConfigMismatch as error:
+        raise UserError(f"--branch-from: {error}".split("; use another")[0]) from None
+    fork_step = wsd_decay_start(config.max_steps, config)
+    checkpoint = find_checkpoint(source)
+    source_step = None if checkpoint is None else json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    if source_step != fork_step:
+        raise UserError(
+            f"--branch-from {source} is at step {source_step}, but a {config.max_steps}-step branch forks "
+            f"at step {fork_step}: run it with --pause-at-step {fork_step} first"
+        )
+    (run.path / "model").mkdir(parents=True, exist_ok=True)
+    for tokenizer_file in (source / "model").glob("*.json"):
+        if tokenizer_file.name != "config.json":
+            shutil.copy2(tokenizer_file, run.path / "model" / tokenizer_file.name)
+    shutil.copytree(source / "data", run.path / "data", dirs_exist_ok=True)
+    # The source's records past the fork belong to its longer schedule, not to this branch.
+    history = [r for r in RunDir(source).read_metrics() if r["step"] <= fork_step]
+    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    partial = run.path / "checkpoint.fork"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(checkpoint, partial)
+    partial.rename(run.path / "checkpoint")
 
 
 def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: RunDir) -> dict:
@@ -176,6 +242,28 @@ def load_data(
 # ---------------------------------------------------------------------------------------------
 
 
+def time_bare_steps(
+    model_config, blocks: Int[torch.Tensor, "blocks ctx"], config: PretrainConfig, steps: int, warmup: int = 0
+) -> float:
+    """Seconds for `steps` bare optimizer steps (forward, backward, AdamW; nothing else) of a fresh model
+    on `config.micro_batch` blocks per step, after `warmup` untimed steps: the reference throughput the
+    project loop is benchmarked against, and the clock a scaling sweep converts minutes with."""
+    model = build_model(model_config, config.seed)
+    optimizer = make_optimizer(model, config)
+    model.train()
+    start = time.perf_counter()
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        (indices,) = micro_batch_indices(step, config.micro_batch, 1, 0, 1, len(blocks), config.seed)
+        batch = blocks[indices].long()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
@@ -185,11 +273,13 @@ def total_steps_for(config: PretrainConfig, n_ctx: int, world_size: int) -> int:
 
 def pretrain(config: PretrainConfig) -> dict:
     """Run (or resume, or just report) a pretraining run; returns the final summary."""
-    world, device, run, finished = start_run(config)
+    world, device, run, finished = start_run(config, may_change=MAY_CHANGE)
     if finished is not None:
         return finished
 
     if world.is_main:
+        if config.branch_from:
+            fork_branch(config, run)
         corpus = (
             build_corpus(CorpusConfig(corpus_dir=config.corpus_dir))
             if not Path(config.corpus_dir, "dataset_dict.json").exists()
@@ -231,8 +321,11 @@ def pretrain(config: PretrainConfig) -> dict:
         state,
         total_steps,
         desc="pretrain",
+        stop_at=config.pause_at_step,
     )
     world.shutdown()
+    if state["step"] < total_steps:
+        return {"run_dir": str(run.path), "paused_at_step": state["step"], "total_steps": total_steps}
 
     summary = None
     if world.is_main:
