@@ -73,7 +73,11 @@ def test_branch_refused_in_one_line_when_the_source_does_not_fit(
     long = micro_config(tmp_path / "long", real_slice_corpus_dir, slice_tokenizer_dir, max_steps=30)
     pretrain(dataclasses.replace(long, pause_at_step=10))
     branch = micro_config(
-        tmp_path / "branch", real_slice_corpus_dir, slice_tokenizer_dir, max_steps=16, branch_from=long.run_dir
+        tmp_path / "branch",
+        real_slice_corpus_dir,
+        slice_tokenizer_dir,
+        max_steps=16,
+        branch_from=long.run_dir,
     )
     with pytest.raises(UserError, match=r"is at step 10, but a 16-step branch forks at step 12"):
         pretrain(branch)
