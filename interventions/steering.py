@@ -37,6 +37,7 @@ from torch import Tensor
 from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd
 from interventions.sae import SAEEdit
 from training import langid
+from training.evaluate import distinct_share
 
 METHODS = ("clt", "random", "diffmean", "lape", "sae")
 
@@ -226,7 +227,7 @@ def evaluate(
         fluency += loss.tolist()
         generated = output[:, ids.shape[1] :].tolist()
         continuations += [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
-        distinct += [len(set(row)) / len(row) for row in generated]
+        distinct += [distinct_share(row) for row in generated]
     n = len(continuations)
     return {
         **judge(continuations, source, target, distinct),

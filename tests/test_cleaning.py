@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from training.corpus.cleaning import LeakIndex, drop_cross_source_near_duplicates, near_duplicate_key, ngrams
+from training.corpus.cleaning import (
+    LeakIndex,
+    drop_cross_source_near_duplicates,
+    near_duplicate_key,
+    ngrams,
+    wrong_script,
+)
 from training.corpus.sources import Paragraph
 
 
@@ -37,3 +43,26 @@ def test_leak_index_flags_shared_eight_grams_per_language():
     assert not index.leaks("choose format cells and set the number format of the selected cells", "fr")
     assert index.leaks("提示：选择格式单元格并设置所选单元格的数字格式", "zh")
     assert not index.leaks("选择格式单元格", "zh")
+
+
+def test_wrong_script_on_hand_made_lines():
+    # Russian and Greek pages with an English passage left untranslated.
+    assert not wrong_script("Нажмите кнопку «Сохранить», чтобы записать файл.", "ru")
+    assert wrong_script("Click Save to write the file (see the Save dialog).", "ru")
+    assert wrong_script("Откройте Tools - Options - LibreOffice Writer - General settings now", "ru")
+    assert not wrong_script("Πατήστε το κουμπί Αποθήκευση για να γράψετε το αρχείο.", "el")
+    assert wrong_script("Press the Save button to write the file.", "el")
+    # Chinese has Han and no kana; Japanese needs hiragana.
+    assert not wrong_script("单击保存按钮以写入文件。", "zh")
+    assert wrong_script("保存ボタンをクリックしてファイルを書き込みます。", "zh")
+    assert not wrong_script("保存ボタンをクリックしてファイルを書き込みます。", "ja")
+    assert wrong_script("单击保存按钮以写入文件。", "ja")
+    assert wrong_script("Click the Save button.", "zh")
+    # Latin-script languages: a Russian line labelled French is refused; accents count as Latin.
+    assert not wrong_script("Cliquez sur « Enregistrer » pour écrire le fichier ; voilà.", "fr")
+    assert wrong_script("Нажмите кнопку, чтобы записать файл.", "fr")
+    # Letters only are counted: digits and punctuation do not dilute the share; no letters at all fails.
+    assert not wrong_script("Версия 7.5.1 (2023-01-01): 100% готово!", "ru")
+    assert wrong_script("12345 — 678.90", "en")
+    # No rule for a language: it passes.
+    assert not wrong_script("Any text at all", "xx")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training import scaling
 from training.errors import UserError
 from training.pretrain import PretrainConfig, pretrain
 from training.scaling import SweepConfig, run_sweep
@@ -87,12 +88,12 @@ def test_branch_refused_in_one_line_when_the_source_does_not_fit(
         pretrain(dataclasses.replace(branch, run_dir=str(tmp_path / "cosine"), schedule="cosine"))
 
 
-def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir):
+def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir, monkeypatch):
     config = SweepConfig(
         run_dir=str(tmp_path / "sweep"),
         corpus_dir=str(real_slice_corpus_dir),
         shapes=["1x32", "2x32"],
-        minutes=[0.005, 0.01],
+        minutes=[0.01, 0.02],
         head_dim=16,
         mixture="en=0.5,fr=0.25,de=0.25",
         vocab_size=400,
@@ -107,12 +108,16 @@ def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir
         gen_prompts=2,
         device="cpu",
     )
+    # The clock is real but machine-dependent; fix it so the step counts are known: 1x32 runs 30 and 60
+    # steps, 2x32 one step at both budgets (a branch forking at step 0 is the short run from scratch).
+    assert 0 < scaling.calibrate(config, "1x32", vocab_size=400) < float("inf")
+    steps_per_s = {"1x32": 50.0, "2x32": 1.0}
+    monkeypatch.setattr(scaling, "calibrate", lambda config, shape, vocab_size: steps_per_s[shape])
     results = run_sweep(config)
     reads = {(r["shape"], r["minutes"]): r for r in results["reads"]}
     assert set(reads) == {(s, m) for s in config.shapes for m in config.minutes}
     for (shape, minutes), record in reads.items():
-        steps_per_s = results["calibration"][shape]["steps_per_s"]
-        assert record["steps"] == max(1, round(minutes * 60 * steps_per_s))
+        assert record["steps"] == {("1x32", 0.01): 30, ("1x32", 0.02): 60}.get((shape, minutes), 1)
         assert set(record["nats_per_char"]) == {"en", "fr", "de"}
     assert set(results["best_shape_per_budget"]) == set(config.minutes)
     assert (tmp_path / "sweep" / "scaling.png").stat().st_size > 0

@@ -71,6 +71,16 @@ def nats_per_char(
     return total / sum(len(text) for text in texts)
 
 
+# The project's sampler for "sampled" continuations: nucleus sampling as in the model evaluations of the
+# field (temperature 0.8, top-p 0.95); greedy decoding shows the mode, this shows what the model says.
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
+
+
+def distinct_share(token_ids: Sequence[int]) -> float:
+    """Share of distinct tokens in a generated sequence: 1 for no repetition, 1/n for one token n times."""
+    return len(set(token_ids)) / max(1, len(token_ids))
+
+
 @torch.no_grad()
 def generate_continuations(
     model,
@@ -82,8 +92,9 @@ def generate_continuations(
     device: torch.device,
     seed: int = 0,
     batch_size: int = 32,
-) -> tuple[list[str], list[str]]:
-    """Continue the first `prompt_tokens` tokens of each text (after a BOS); return (prompts, continuations).
+) -> tuple[list[str], list[str], list[list[int]]]:
+    """Continue the first `prompt_tokens` tokens of each text (after a BOS), greedily or with `SAMPLING`;
+    return (prompts, continuations, continuation token ids).
 
     Every prompt has the same length, so batches need no padding. Texts shorter than the prompt are
     skipped by the caller (`usable_prompts`).
@@ -93,12 +104,12 @@ def generate_continuations(
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)  # sampling is reproducible and leaves the caller's RNG untouched
     bos = tokenizer.bos_token_id
-    prompts, continuations = [], []
+    prompts, continuations, generated = [], [], []
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     for start in range(0, len(encoded), batch_size):
         chunk = [[bos] + ids[:prompt_tokens] for ids in encoded[start : start + batch_size]]
         input_ids = torch.tensor(chunk, device=device)
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "top_k": 50}
+        sampling = {"do_sample": False} if greedy else SAMPLING
         output = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -110,9 +121,10 @@ def generate_continuations(
         for row in output.tolist():
             prompts.append(tokenizer.decode(row[1 : 1 + prompt_tokens]))
             continuations.append(tokenizer.decode(row[1 + prompt_tokens :], skip_special_tokens=True))
+            generated.append(row[1 + prompt_tokens :])
     torch.set_rng_state(generator_state)
     model.train(was_training)
-    return prompts, continuations
+    return prompts, continuations, generated
 
 
 def usable_prompts(
@@ -144,21 +156,25 @@ def continuation_consistency(
     device: torch.device,
     seed: int = 0,
 ) -> tuple[dict[str, dict[str, float]], list[dict]]:
-    """Per prompt language: share of continuations the language identifier assigns to that language."""
-    prompts, continuations = generate_continuations(
+    """Per prompt language: share of continuations the language identifier assigns to that language, and
+    the mean share of distinct tokens in them (low = the model repeats itself)."""
+    prompts, continuations, generated = generate_continuations(
         model, tokenizer, texts, prompt_tokens, new_tokens, greedy, device, seed
     )
+    distinct = [distinct_share(ids) for ids in generated]
     records, report = [], {}
     for lang in sorted(set(langs)):
         rows = [i for i, l in enumerate(langs) if l == lang]
         report[lang] = langid.consistency([continuations[i] for i in rows], [lang] * len(rows))
-    for prompt, continuation, lang in zip(prompts, continuations, langs):
+        report[lang]["distinct_share"] = sum(distinct[i] for i in rows) / len(rows)
+    for prompt, continuation, lang, share in zip(prompts, continuations, langs, distinct):
         records.append(
             {
                 "lang": lang,
                 "prompt": prompt,
                 "continuation": continuation,
                 "detected": langid.detect(continuation),
+                "distinct_share": share,
                 "greedy": greedy,
             }
         )

@@ -166,8 +166,9 @@ def fork_branch(config: PretrainConfig, run: RunDir) -> None:
     checkpoint = find_checkpoint(source)
     source_step = None if checkpoint is None else json.loads((checkpoint / STATE_FILE).read_text())["step"]
     if source_step != fork_step:
+        at = "has no checkpoint" if source_step is None else f"is at step {source_step}"
         raise UserError(
-            f"--branch-from {source} is at step {source_step}, but a {config.max_steps}-step branch forks "
+            f"--branch-from {source} {at}, but a {config.max_steps}-step branch forks "
             f"at step {fork_step}: run it with --pause-at-step {fork_step} first"
         )
     (run.path / "model").mkdir(parents=True, exist_ok=True)

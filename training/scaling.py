@@ -179,12 +179,12 @@ def run_sweep(config: SweepConfig) -> dict:
         for budget in minutes[:-1]:
             if (shape, budget) in reads:
                 continue
+            branch = pretrain_config(config, shape, budget, steps[budget])
             fork = wsd_decay_start(steps[budget], main)
-            if not Path(pretrain_config(config, shape, budget, steps[budget]).run_dir, "checkpoint").exists():
-                pretrain(dataclasses.replace(main, pause_at_step=fork))
-            branch = dataclasses.replace(
-                pretrain_config(config, shape, budget, steps[budget]), branch_from=main.run_dir
-            )
+            if fork > 0:  # (a branch forking at step 0 is simply the short run from scratch)
+                if not Path(branch.run_dir, "checkpoint").exists():
+                    pretrain(dataclasses.replace(main, pause_at_step=fork))
+                branch = dataclasses.replace(branch, branch_from=main.run_dir)
             reads[(shape, budget)] = log_read(run, shape, budget, pretrain(branch), mixture)
         if (shape, minutes[-1]) not in reads:
             reads[(shape, minutes[-1])] = log_read(run, shape, minutes[-1], pretrain(main), mixture)

@@ -23,7 +23,12 @@ from tqdm import tqdm
 from training import langid
 from training.config import atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.catalogs import GAMES, CatalogSource
-from training.corpus.cleaning import UNSPACED, LeakIndex, drop_cross_source_near_duplicates
+from training.corpus.cleaning import (
+    UNSPACED,
+    LeakIndex,
+    drop_cross_source_near_duplicates,
+    wrong_script,
+)
 from training.corpus.ddtp import DDTPSource
 from training.corpus.manuals import MANUALS, ManualSource
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource, TextSource
@@ -94,6 +99,10 @@ class CorpusConfig:
     )
     val_fraction: float = field(
         default=0.02, metadata={"help": "share of non-parallel paragraphs held out for validation loss"}
+    )
+    min_script_share: float = field(
+        default=0.6,
+        metadata={"help": "drop paragraphs with less than this share of letters in their language's script"},
     )
     require_langid_match: bool = field(
         default=True,
@@ -215,6 +224,9 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
             unique.append(p)
     duplicates = len(paragraphs) - len(unique)
     unique, near_duplicates = drop_cross_source_near_duplicates(unique)
+    misfit = [wrong_script(p.text, p.lang, config.min_script_share) for p in unique]
+    wrong = Counter(p.lang for p, bad in zip(unique, misfit) if bad)
+    unique = [p for p, bad in zip(unique, misfit) if not bad]
 
     detected = [langid.detect(p.text) for p in tqdm(unique, desc="language id")]
     langid_report = _langid_report(unique, detected)
@@ -276,6 +288,7 @@ def build_corpus(config: CorpusConfig, sources: list[TextSource] | None = None):
         "untranslated_dropped": dict(untranslated),
         "exact_duplicates_dropped": duplicates,
         "cross_source_near_duplicates_dropped": near_duplicates,
+        "wrong_script_dropped": dict(wrong),
         # Paragraphs sharing an n-gram with held-out text; dropped unless from the held-out split's source.
         "held_out_ngram_overlap": {"source_of_held_out": held_out_source, "by_source": dict(leaks)},
         "langid_on_all_cleaned_paragraphs": langid_report,

@@ -8,6 +8,9 @@
   16-gram for zh/ja, which have no spaces) with any held-out parallel paragraph of its language is dropped,
   so no training text repeats evaluation text. Overlap inside the held-out split's own source is left as
   it is (the split is chosen per paragraph from it) and reported.
+- Script: a paragraph must be written mostly in its language's script (share of its letters ≥
+  `min_share`): translated documentation often leaves English passages in a Russian or Greek page, and
+  Chinese and Japanese share the Han characters, so Japanese needs kana and Chinese has (almost) none.
 """
 
 from __future__ import annotations
@@ -23,6 +26,38 @@ _NOT_LETTERS = re.compile(r"[\W\d_]+", re.UNICODE)
 WORD_NGRAM = 8
 CHAR_NGRAM = 16
 UNSPACED = ("zh", "ja")
+
+_SCRIPT_LETTERS = {
+    "latin": re.compile(r"[A-Za-z\u00C0-\u024F]"),
+    "cyrillic": re.compile(r"[\u0400-\u052F]"),
+    "greek": re.compile(r"[\u0370-\u03FF\u1F00-\u1FFF]"),
+    "han": re.compile(r"[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]"),
+    "kana": re.compile(r"[\u3040-\u30FF]"),
+}
+_HIRAGANA = re.compile(r"[\u3040-\u309F]")
+LANG_SCRIPT = {
+    **{lang: "latin" for lang in ("en", "fr", "de", "es", "eu", "it", "pt", "nl", "ca", "gl", "pl", "tr")},
+    **{lang: "cyrillic" for lang in ("ru", "uk", "bg", "sr")},
+    "el": "greek",
+    "zh": "han",
+}
+
+
+def wrong_script(text: str, lang: str, min_share: float = 0.6) -> bool:
+    """True if `text` is not mostly written in `lang`'s script (languages without a rule pass)."""
+    letters = sum(char.isalpha() for char in text)
+    if letters == 0:
+        return True
+
+    def share(script: str) -> float:
+        return len(_SCRIPT_LETTERS[script].findall(text)) / letters
+
+    if lang == "ja":  # Han + kana, and some hiragana: Chinese text has none
+        return not _HIRAGANA.search(text) or share("han") + share("kana") < min_share
+    if lang == "zh" and len(_SCRIPT_LETTERS["kana"].findall(text)) >= 2:
+        return True
+    script = LANG_SCRIPT.get(lang)
+    return script is not None and share(script) < min_share
 
 
 def near_duplicate_key(text: str) -> str:
