@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import subprocess
 
 import pytest
+import torch
 
 from clt.export import load_native, save_native
 from tests.helpers import random_clt
-from training.errors import CorruptData
+from training.errors import CorruptData, UserError
 from training.fingerprint import model_fingerprint, release_files, write_manifest
 from training.models import load_model
 
@@ -72,3 +75,94 @@ def test_script_refuses_a_tampered_release_in_one_line(release, tmp_path):
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "config.json does not match its sha256" in result.stderr
+
+
+@pytest.fixture()
+def finished_runs(tmp_path, tiny_model_dir):
+    """A pretraining run, a CLT run and a locate run as the release reads them (the model is the tiny
+    random one, the CLT random: what is tested is the packaging and the measured fp16 rounding)."""
+    from analysis.located import save_located
+    from training.config import atomic_write_json
+
+    pretrain_run, clt_run, locate_run = tmp_path / "pretrain", tmp_path / "clt", tmp_path / "locate"
+    shutil.copytree(tiny_model_dir, pretrain_run / "model")
+    model, _ = load_model(pretrain_run / "model")
+    sha = model_fingerprint(pretrain_run / "model")
+    atomic_write_json(
+        pretrain_run / "summary.json",
+        {
+            "mixture": {"en": 0.5, "fr": 0.25, "de": 0.25},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "tokens_trained": 1000,
+            "validation_nats_per_char": {"en": 1.5, "fr": 1.6, "de": 1.7},
+            "language_consistency": {"sampled": {"en": {"consistent": 0.5}}},
+        },
+    )
+    clt = random_clt(model.config.n_layer, model.config.n_embd, n_features=8)
+    save_native(clt, clt_run / "clt", {"model_dir": str(pretrain_run / "model"), "model_sha256": sha})
+    atomic_write_json(clt_run / "summary.json", {"replacement": {"all": {"kl": 0.5}}})
+    save_located(
+        locate_run / "located.json",
+        {
+            "langs": ["en", "fr"],
+            "n_layers": model.config.n_layer,
+            "model_dir": str(pretrain_run / "model"),
+            "model_sha256": sha,
+            "features": {"en": [[0, 1]], "fr": [[1, 2]]},
+        },
+    )
+    return pretrain_run, clt_run, locate_run, sha
+
+
+def test_release_packages_fp16_repoints_hashes_and_measures_the_rounding(
+    tmp_path, finished_runs, real_slice_corpus_dir
+):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from analysis.located import load_located
+    from clt.export import load_model_and_clt
+    from training.release import ReleaseConfig, release
+
+    pretrain_run, clt_run, locate_run, sha = finished_runs
+    config = ReleaseConfig(
+        name="base-test",
+        pretrain_run=str(pretrain_run),
+        clt_run=str(clt_run),
+        locate_run=str(locate_run),
+        corpus_dir=str(real_slice_corpus_dir),
+        models_root=str(tmp_path / "models"),
+    )
+    out = release(config, command="pytest release")
+    for weights_file in ("model/model.safetensors", "clt/clt.safetensors"):  # stored fp16, loaded fp32
+        with safe_open(str(out / weights_file), "pt") as weights:
+            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.n_layer == 2
+    # The CLT and the located units point at the released (rounded) weights, keeping the original hash.
+    model, tokenizer, clt = load_model_and_clt(out / "model", out / "clt")
+    # ... and the released pair runs in circuit-tracer (tests/test_released_models.py does this for the
+    # smallest real release): its replacement model reproduces the model's logits.
+    from attribution.circuit_tracer_bridge import circuit_tracer_model
+    from clt.export import export_circuit_tracer
+
+    export_circuit_tracer(clt, tmp_path / "ct")
+    tokens = torch.tensor([[tokenizer.bos_token_id, 5, 17, 42, 7]])
+    with torch.no_grad():
+        logits = circuit_tracer_model(model, tokenizer, tmp_path / "ct")(tokens)
+        torch.testing.assert_close(logits, model(tokens).logits, rtol=1e-4, atol=1e-4)
+    located = load_located(out / "located.json", model_dir=out / "model")
+    assert located["located_on_model_sha256"] == sha != located["model_sha256"]
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert sorted(manifest["files"]) == sorted(release_files(out))
+    assert {"clt/clt.safetensors", "located.json", "README.md", "model/tokenizer.json"} <= set(
+        manifest["files"]
+    )
+    assert manifest["command"] == "pytest release" and len(manifest["corpus_sha256"]) == 64
+    fp16 = manifest["metrics"]["fp16"]
+    assert 0 <= fp16["model_kl_fp32_to_fp16"] < 1e-3
+    assert fp16["replacement_kl_released"] == pytest.approx(fp16["replacement_kl_original"], rel=0.05)
+    # Released once: a replacement needs a reason, which the manifest then records.
+    with pytest.raises(UserError, match="already released"):
+        release(config)
+    out = release(dataclasses.replace(config, replace_reason="test: measured reason"), command="pytest")
+    assert json.loads((out / "MANIFEST.json").read_text())["replace_reason"] == "test: measured reason"
