@@ -9,6 +9,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from training import langid
+from training.errors import UserError
 
 
 @torch.no_grad()
@@ -86,42 +87,54 @@ def generate_continuations(
     model,
     tokenizer,
     texts: Sequence[str],
-    prompt_tokens: int,
+    prompt_tokens: int | None,
     new_tokens: int,
     greedy: bool,
     device: torch.device,
     seed: int = 0,
     batch_size: int = 32,
 ) -> tuple[list[str], list[str], list[list[int]]]:
-    """Continue the first `prompt_tokens` tokens of each text (after a BOS), greedily or with `SAMPLING`;
-    return (prompts, continuations, continuation token ids).
+    """Continue each text (after a BOS) — its first `prompt_tokens` tokens, or all of it if None — greedily
+    or with `SAMPLING`; return (prompts, continuations, continuation token ids), in the order of `texts`.
 
-    Every prompt has the same length, so batches need no padding. Texts shorter than the prompt are
-    skipped by the caller (`usable_prompts`).
+    Prompts of equal token length are batched together, so batches need no padding. Texts shorter than
+    `prompt_tokens` are skipped by the caller (`usable_prompts`).
     """
+    bos = tokenizer.bos_token_id
+    encoded = [
+        [bos] + ids[:prompt_tokens] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ]
+    longest = max((len(ids) for ids in encoded), default=0)
+    if longest + new_tokens > model.config.n_positions:
+        raise UserError(
+            f"a prompt of {longest - 1} tokens (+ BOS) and {new_tokens} new tokens exceed the model's "
+            f"context of {model.config.n_positions}: use shorter prompts or fewer new tokens"
+        )
     was_training = model.training
     model.eval()
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)  # sampling is reproducible and leaves the caller's RNG untouched
-    bos = tokenizer.bos_token_id
-    prompts, continuations, generated = [], [], []
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    for start in range(0, len(encoded), batch_size):
-        chunk = [[bos] + ids[:prompt_tokens] for ids in encoded[start : start + batch_size]]
-        input_ids = torch.tensor(chunk, device=device)
-        sampling = {"do_sample": False} if greedy else SAMPLING
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            **sampling,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=None,  # always generate `new_tokens`: equal-length continuations are judged alike
-        )
-        for row in output.tolist():
-            prompts.append(tokenizer.decode(row[1 : 1 + prompt_tokens]))
-            continuations.append(tokenizer.decode(row[1 + prompt_tokens :], skip_special_tokens=True))
-            generated.append(row[1 + prompt_tokens :])
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(index)
+    prompts, continuations, generated = [""] * len(texts), [""] * len(texts), [[] for _ in texts]
+    sampling = {"do_sample": False} if greedy else SAMPLING
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            input_ids = torch.tensor([encoded[i] for i in chunk], device=device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                **sampling,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=None,  # always `new_tokens`: equal-length continuations are judged alike
+            )
+            for i, row in zip(chunk, output.tolist()):
+                prompts[i] = tokenizer.decode(row[1:length])
+                continuations[i] = tokenizer.decode(row[length:], skip_special_tokens=True)
+                generated[i] = row[length:]
     torch.set_rng_state(generator_state)
     model.train(was_training)
     return prompts, continuations, generated
@@ -150,7 +163,7 @@ def continuation_consistency(
     tokenizer,
     texts: Sequence[str],
     langs: Sequence[str],
-    prompt_tokens: int,
+    prompt_tokens: int | None,
     new_tokens: int,
     greedy: bool,
     device: torch.device,

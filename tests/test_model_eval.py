@@ -1,0 +1,71 @@
+"""Models side by side on the same held-out text (training.model_eval) and prompt batching by length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.helpers import tiny_gpt2
+from training import evaluate
+from training.corpus.build import load_corpus
+from training.errors import UserError
+from training.model_eval import ModelEvalConfig, cut_prompt, run_model_eval
+from training.models import load_model
+
+
+def test_cut_prompt_at_a_word_boundary():
+    text = "The quick brown fox jumps over the lazy dog and keeps running far away"
+    assert cut_prompt(text, "en", 30) == "The quick brown fox jumps"
+    assert cut_prompt("short text", "en", 30) == "short text"
+    assert cut_prompt("单击保存按钮以写入文件。" * 4, "zh", 64) == ("单击保存按钮以写入文件。" * 2)[:24]
+
+
+def test_prompts_of_mixed_lengths_batch_like_single_prompts(slice_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
+    model = tiny_gpt2(tokenizer, seed=3)
+    texts = ["Open the file", "Select the cell range and then", "Open a", "Save the document now please"]
+    device = torch.device("cpu")
+    _, together, ids = evaluate.generate_continuations(model, tokenizer, texts, None, 6, True, device)
+    for text, continuation, row in zip(texts, together, ids):
+        _, alone, _ = evaluate.generate_continuations(model, tokenizer, [text], None, 6, True, device)
+        assert alone == [continuation] and len(row) == 6
+    with pytest.raises(UserError, match="exceed the model.s context of 32"):
+        evaluate.generate_continuations(model, tokenizer, texts, None, 30, True, device)
+
+
+def test_models_side_by_side(tmp_path, tiny_model_dir, slice_tokenizer_dir, real_slice_corpus_dir):
+    other = tmp_path / "other" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
+    tiny_gpt2(tokenizer, seed=7).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    config = ModelEvalConfig(
+        model_dirs=[str(tiny_model_dir), str(other)],
+        names=["a", "b"],
+        corpus_dir=str(real_slice_corpus_dir),
+        run_dir=str(tmp_path / "eval"),
+        prompts_per_lang=4,
+        prompt_chars=30,
+        new_tokens=4,
+        nats_paragraphs=20,
+        device="cpu",
+    )
+    results = run_model_eval(config)
+    assert [m["name"] for m in results["models"]] == ["a", "b"] and results["langs"] == ["de", "en", "fr"]
+    assert len(results["prompts"]) == 12 and all(len(p) <= 30 for p in results["prompts"])
+    # nats/char is the library's own measure on the first validation paragraphs of each language.
+    corpus = load_corpus(real_slice_corpus_dir)
+    model, tok = load_model(other)
+    french = [t for t, l in zip(corpus["validation"]["text"], corpus["validation"]["lang"]) if l == "fr"][:20]
+    expected = evaluate.nats_per_char(model, tok, french, model.config.n_positions, torch.device("cpu"))
+    assert results["models"][1]["nats_per_char"]["fr"] == pytest.approx(expected, rel=1e-6)
+    for record in results["models"]:
+        for mode in ("greedy", "sampled"):
+            assert len(record["continuations"][mode]) == 12
+            assert all(0 < record[mode][lang]["distinct_share"] <= 1 for lang in results["langs"])
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| fr | " in report and "Distinct-token share, sampled" in report
+    # Resumed: nothing recomputed, same answer.
+    assert json.dumps(run_model_eval(config)) == json.dumps(results)
