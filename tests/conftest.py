@@ -25,6 +25,7 @@ def real_slice_corpus_dir(tmp_path_factory) -> Path:
         CorpusConfig(
             corpus_dir=str(out),
             langs=SLICE_LANGS,
+            sources=["libreoffice"],
             libreoffice_subdirs=["shared/optionen"],
             n_parallel=40,
             val_fraction=0.1,

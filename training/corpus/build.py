@@ -43,7 +43,7 @@ def default_cache_dir() -> Path:
 
 
 def default_corpus_dir() -> Path:
-    return default_cache_dir() / "corpus" / "libreoffice-7lang"
+    return default_cache_dir() / "corpus" / "all-sources-7lang"
 
 
 @dataclass
@@ -61,10 +61,11 @@ class CorpusConfig:
         default_factory=lambda: list(DEFAULT_LANGS), metadata={"help": "comma-separated language codes"}
     )
     sources: list[str] = field(
-        default_factory=lambda: ["libreoffice"],
+        default_factory=lambda: ["all"],
         metadata={
-            "help": "text sources: libreoffice (paragraph-parallel help, the held-out parallel split) and "
-            "game translation catalogs: " + ", ".join(GAMES) + "; 'all' = every one"
+            "help": "text sources: libreoffice (paragraph-parallel help, the held-out parallel split), game "
+            "translation catalogs (" + ", ".join(GAMES) + "), manuals (" + ", ".join(MANUALS) + "), ddtp "
+            "(package descriptions); 'all' (default) = every one"
         },
     )
     min_chars: int = field(
@@ -314,6 +315,7 @@ def _upgrade_legacy_config(saved: dict) -> dict:
             ["wesnoth"] if saved.pop("wesnoth", False) else []
         )
     saved.pop("out_dir", None)
+    saved.setdefault("min_script_share", 0.0)  # built before the script check: none was applied
     return saved
 
 
