@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from clt.evaluate import summary_row
 from clt.train import CLTTrainConfig, train_clt
 from training import paths
 from training.config import (
@@ -62,23 +63,7 @@ def main(argv: list[str]) -> None:
                     "ckpt_every": 200,
                 },
             )
-            report = train_clt(config)
-            held, repl = report["heldout"]["all"], report["replacement"]["all"]
-            rows.append(
-                {
-                    "kind": kind,
-                    "lambda": lam,
-                    "mean_fvu": held["mean_fvu"],
-                    "fvu": held["fvu"],
-                    "mean_l0": held["mean_l0"],
-                    "kl": repl["kl"],
-                    "delta_ce": repl["delta_ce"],
-                    "top1": repl["top1_agreement"],
-                    "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),
-                    "never_active": sum(held["never_active_fraction"]) / len(held["never_active_fraction"]),
-                    "steps": report["steps"],
-                }
-            )
+            rows.append({"kind": kind, "lambda": lam, **summary_row(train_clt(config))})
     out = run.path / "clt_vs_per_layer"
     atomic_write_json(out.with_suffix(".json"), rows)
 

@@ -223,3 +223,23 @@ def evaluate_clt(config: EvalConfig) -> dict:
     if run is not None:
         atomic_write_json(run.path / "summary.json", report)
     return report
+
+
+def summary_row(report: dict) -> dict:
+    """The headline numbers of a `train_clt` summary: held-out FVU, L0 and never-active features (per
+    layer and mean), the replacement model's KL / ΔCE / top-1 agreement, dead features during training."""
+    held, replacement = report["heldout"]["all"], report["replacement"]["all"]
+    never = held["never_active_fraction"]
+    return {
+        "mean_fvu": held["mean_fvu"],
+        "fvu": held["fvu"],
+        "mean_l0": held["mean_l0"],
+        "l0": held["l0"],
+        "kl": replacement["kl"],
+        "delta_ce": replacement["delta_ce"],
+        "top1": replacement["top1_agreement"],
+        "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),
+        "never_active": sum(never) / len(never),
+        "never_active_per_layer": never,
+        "steps": report["steps"],
+    }

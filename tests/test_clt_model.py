@@ -144,6 +144,26 @@ def test_loss_terms_against_hand_computation():
     assert terms.total.item() == pytest.approx(mse.item() + lam * sparsity + mu * preact)
 
 
+def test_preactivation_term_pushes_a_dead_feature_up():
+    """Positive control for the dead-feature fix: a feature below its threshold on every token gets the
+    encoder-bias gradient −μ‖W_dec‖ from the pre-activation term, i.e. gradient descent raises it toward
+    firing, at a rate proportional to μ; the reconstruction cannot move it (it never fires)."""
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=6, n_features=5))
+    with torch.no_grad():
+        clt.b_enc[1, 3] = -50.0  # feature 3 of layer 1: dead on any input of this scale
+    x, y = torch.randn(8, 2, 6), torch.randn(8, 2, 6)
+    grads = {}
+    for mu in (0.0, 0.1, 0.2):
+        clt.zero_grad()
+        clt_loss(clt, x, y, 0.0, mu).total.backward()
+        grads[mu] = clt.b_enc.grad[1, 3].item()
+    norm = clt.decoder_norms()[1, 3].item()
+    assert grads[0.0] == 0.0
+    assert grads[0.1] == pytest.approx(-0.1 * norm, rel=1e-5)
+    assert grads[0.2] == pytest.approx(2 * grads[0.1], rel=1e-5)
+
+
 def test_fvu_is_zero_for_perfect_and_one_for_mean_prediction():
     y = torch.randn(50, 2, 4)
     assert torch.allclose(fraction_of_variance_unexplained(y, y), torch.zeros(2))
