@@ -58,6 +58,9 @@ def test_wrong_script_on_hand_made_lines():
     assert not wrong_script("保存ボタンをクリックしてファイルを書き込みます。", "ja")
     assert wrong_script("单击保存按钮以写入文件。", "ja")
     assert wrong_script("Click the Save button.", "zh")
+    # ... but Chinese technical text full of English names is Chinese.
+    assert not wrong_script("选择「插入 - 层」 (只适用于 LibreOffice Draw)", "zh")
+    assert not wrong_script("建议使用 apt full-upgrade 来进行这个操作。", "zh")
     # Latin-script languages: a Russian line labelled French is refused; accents count as Latin.
     assert not wrong_script("Cliquez sur « Enregistrer » pour écrire le fichier ; voilà.", "fr")
     assert wrong_script("Нажмите кнопку, чтобы записать файл.", "fr")

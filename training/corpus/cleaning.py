@@ -34,12 +34,12 @@ _SCRIPT_LETTERS = {
     "han": re.compile(r"[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]"),
     "kana": re.compile(r"[\u3040-\u30FF]"),
 }
+CJK_MIN_SHARE = 0.2
 _HIRAGANA = re.compile(r"[\u3040-\u309F]")
 LANG_SCRIPT = {
     **{lang: "latin" for lang in ("en", "fr", "de", "es", "eu", "it", "pt", "nl", "ca", "gl", "pl", "tr")},
     **{lang: "cyrillic" for lang in ("ru", "uk", "bg", "sr")},
     "el": "greek",
-    "zh": "han",
 }
 
 
@@ -52,10 +52,13 @@ def wrong_script(text: str, lang: str, min_share: float = 0.6) -> bool:
     def share(script: str) -> float:
         return len(_SCRIPT_LETTERS[script].findall(text)) / letters
 
-    if lang == "ja":  # Han + kana, and some hiragana: Chinese text has none
-        return not _HIRAGANA.search(text) or share("han") + share("kana") < min_share
-    if lang == "zh" and len(_SCRIPT_LETTERS["kana"].findall(text)) >= 2:
-        return True
+    # A Han character is a word where a Latin word takes several letters, and Chinese or Japanese technical
+    # text is full of English names ("选择 LibreOffice Writer 的菜单"): these two only need a fifth of
+    # their letters in their script, Japanese some hiragana, Chinese (almost) no kana.
+    if lang == "ja":
+        return not _HIRAGANA.search(text) or share("han") + share("kana") < CJK_MIN_SHARE
+    if lang == "zh":
+        return len(_SCRIPT_LETTERS["kana"].findall(text)) >= 2 or share("han") < CJK_MIN_SHARE
     script = LANG_SCRIPT.get(lang)
     return script is not None and share(script) < min_share
 
