@@ -71,7 +71,11 @@ class CLTTrainConfig:
     )
     tanh_scale: float = field(default=4.0, metadata={"help": "c in tanh(c·a·‖W_dec‖)"})
     preact_coefficient: float = field(
-        default=3e-6, metadata={"help": "μ of the pre-activation (dead feature) term"}
+        default=3e-3,
+        metadata={
+            "help": "μ of the pre-activation (dead feature) term; 3e-3 keeps never-active features ≤ 5% per "
+            "layer at unchanged FVU and KL, 3e-6 (before 2026-12) left 60-92% (docs/clt.md)"
+        },
     )
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     target_l0: float | None = field(

@@ -42,3 +42,25 @@ def tiny_gpt2(tokenizer, seed: int = 0):
         n_ctx=32,
     )
     return build_model(config, seed=seed)
+
+
+# A pretraining run small enough for a test: 2 × 32 model, context 32, a few dozen steps on the slice.
+MICRO_PRETRAIN = {
+    "mixture": "en=0.5,fr=0.25,de=0.25",
+    "token_budget": 12000,
+    "max_steps": 24,
+    "micro_batch": 4,
+    "warmup_steps": 4,
+    "eval_every": 8,
+    "eval_blocks": 4,
+    "ckpt_every": 8,
+    "log_every": 4,
+    "gen_prompts": 3,
+    "gen_prompt_tokens": 8,
+    "gen_new_tokens": 8,
+    "lr": 3e-3,
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_ctx": 32,
+}

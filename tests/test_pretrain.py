@@ -12,37 +12,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import PYTHON, REPO, checkpoint_step, kill_when, run_torchrun, script_env
+from tests.helpers import MICRO_PRETRAIN
 from training.config import config_to_dict
 from training.loop import learning_rate
 from training.pretrain import PretrainConfig, pretrain
 
-MICRO_MODEL = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ctx", "32"]
-
 
 def micro_args(run_dir, corpus_dir, tokenizer_dir, **overrides) -> list[str]:
-    args = {
-        "run-dir": run_dir,
-        "corpus-dir": corpus_dir,
-        "tokenizer-dir": tokenizer_dir,
-        "mixture": "en=0.5,fr=0.25,de=0.25",
-        "token-budget": 12000,
-        "max-steps": 24,
-        "micro-batch": 4,
-        "warmup-steps": 4,
-        "eval-every": 8,
-        "eval-blocks": 4,
-        "ckpt-every": 8,
-        "log-every": 4,
-        "gen-prompts": 3,
-        "gen-prompt-tokens": 8,
-        "gen-new-tokens": 8,
-        "lr": 3e-3,
-    }
-    args.update(overrides)
+    args = {"run_dir": run_dir, "corpus_dir": corpus_dir, "tokenizer_dir": tokenizer_dir, **MICRO_PRETRAIN}
+    args.update({key.replace("-", "_"): value for key, value in overrides.items()})
     flat = []
     for key, value in args.items():
-        flat += [f"--{key}", str(value)]
-    return flat + MICRO_MODEL
+        flat += [f"--{key.replace('_', '-')}", str(value)]
+    return flat
 
 
 def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

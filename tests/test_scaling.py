@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import MICRO_PRETRAIN
 from training import scaling
 from training.errors import UserError
 from training.pretrain import PretrainConfig, pretrain
@@ -19,29 +20,14 @@ from training.scaling import SweepConfig, run_sweep
 
 
 def micro_config(run_dir, corpus_dir, tokenizer_dir, **overrides) -> PretrainConfig:
+    """The micro run of test_pretrain as a WSD run of 30 steps (a quarter of it decaying)."""
     config = PretrainConfig(
         run_dir=str(run_dir),
         corpus_dir=str(corpus_dir),
         tokenizer_dir=str(tokenizer_dir),
-        mixture="en=0.5,fr=0.25,de=0.25",
-        token_budget=12000,
-        max_steps=30,
-        micro_batch=4,
-        warmup_steps=4,
-        eval_every=10,
-        eval_blocks=4,
-        ckpt_every=7,
-        log_every=5,
-        gen_prompts=2,
-        gen_prompt_tokens=8,
-        gen_new_tokens=8,
-        lr=3e-3,
+        **{**MICRO_PRETRAIN, "max_steps": 30, "ckpt_every": 7, "gen_prompts": 2},
         schedule="wsd",
         decay_fraction=0.25,
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_ctx=32,
         device="cpu",
     )
     return dataclasses.replace(config, **overrides)
