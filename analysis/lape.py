@@ -143,6 +143,9 @@ def plot_lape(selection: dict, matrix: dict | None, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # A model with no LAPE neuron in any language (e.g. a barely trained one) has no matrix to draw.
+    if matrix and not any(matrix["n_neurons"][l] for l in matrix["lape"]):
+        matrix = None
     n_panels = 1 + (2 if matrix else 0)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
     ax = axes[0][0]

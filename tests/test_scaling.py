@@ -96,9 +96,10 @@ def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir
     )
     # The clock is real but machine-dependent; fix it so the step counts are known: 1x32 runs 30 and 60
     # steps, 2x32 one step at both budgets (a branch forking at step 0 is the short run from scratch).
-    assert 0 < scaling.calibrate(config, "1x32", vocab_size=400) < float("inf")
-    steps_per_s = {"1x32": 50.0, "2x32": 1.0}
-    monkeypatch.setattr(scaling, "calibrate", lambda config, shape, vocab_size: steps_per_s[shape])
+    micro = scaling.pretrain_config(config, "1x32", 0, 1)
+    assert 0 < scaling.calibrate(micro, vocab_size=400, steps=3) < float("inf")
+    steps_per_s = {1: 50.0, 2: 1.0}  # by layers: 1x32, 2x32
+    monkeypatch.setattr(scaling, "calibrate", lambda run, vocab_size, steps: steps_per_s[run.n_layer])
     results = run_sweep(config)
     reads = {(r["shape"], r["minutes"]): r for r in results["reads"]}
     assert set(reads) == {(s, m) for s in config.shapes for m in config.minutes}

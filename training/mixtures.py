@@ -22,6 +22,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "balanced": {lang: 1 / len(MAJOR_LANGS) for lang in MAJOR_LANGS},
     # Seed 003 trained a model without English to see whether the shared space survives.
     "no-en": {lang: 1 / (len(MAJOR_LANGS) - 1) for lang in MAJOR_LANGS if lang != "en"},
+    # Every language of the default corpus alike, Basque included: what a CLT of any model is trained on.
+    "balanced+eu": {lang: 1 / (len(MAJOR_LANGS) + 1) for lang in [*MAJOR_LANGS, LOW_RESOURCE_LANG]},
     # English-heavy with Basque scarce (1.5%): the starting point for low-resource adaptation.
     "en-heavy+eu": {
         "en": 0.885,
@@ -38,7 +40,8 @@ class MixtureError(UserError):
 
 
 def parse_mixture(spec: str) -> dict[str, float]:
-    """A preset name (`en-heavy`, `balanced`, `no-en`, `en-heavy+eu`) or `en=0.5,fr=0.2,de=0.3`."""
+    """A preset name (`en-heavy`, `balanced`, `no-en`, `en-heavy+eu`, `balanced+eu`) or a spec like
+    `en=0.5,fr=0.2,de=0.3`."""
     spec = spec.strip()
     if spec in PRESETS:
         return dict(PRESETS[spec])

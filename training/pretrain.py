@@ -129,6 +129,18 @@ def train_mixture_tokenizer(corpus, spec: str, chars: int, vocab_size: int, seed
     return train_bpe_tokenizer([texts[i] for i in sample.indices], vocab_size=vocab_size)
 
 
+def saved_mixture_tokenizer(path: Path, corpus, spec: str, chars: int, vocab_size: int, seed: int) -> Path:
+    """`train_mixture_tokenizer` once, saved at `path` (atomically: a half-written tokenizer never loads);
+    returns `path`. Runs that must share one vocabulary point `--tokenizer-dir` at it."""
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        staging = path.with_name(path.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        train_mixture_tokenizer(corpus, spec, chars, vocab_size, seed).save_pretrained(staging)
+        staging.rename(path)
+    return path
+
+
 def prepare_tokenizer(config: PretrainConfig, corpus, run: RunDir):
     from transformers import AutoTokenizer
 

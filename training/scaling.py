@@ -27,7 +27,7 @@ from training.errors import UserError
 from training.loop import wsd_decay_start
 from training.mixtures import parse_mixture
 from training.models import gpt2_config
-from training.pretrain import PretrainConfig, pretrain, time_bare_steps, train_mixture_tokenizer
+from training.pretrain import PretrainConfig, pretrain, saved_mixture_tokenizer, time_bare_steps
 
 # Shape and budget fields fix what a read means; the rest may not change under a resumed sweep either,
 # except adding shapes or budgets (new runs) and the device.
@@ -103,29 +103,16 @@ def pretrain_config(config: SweepConfig, shape: str, minutes: float, steps: int)
     )
 
 
-def prepare_tokenizer(config: SweepConfig, corpus) -> Path:
-    """One tokenizer for every shape, trained on the sweep's mixture."""
-    path = Path(config.run_dir) / "tokenizer"
-    if not (path / "tokenizer.json").exists():
-        tokenizer = train_mixture_tokenizer(
-            corpus, config.mixture, config.tokenizer_chars, config.vocab_size, config.seed
-        )
-        tokenizer.save_pretrained(path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-    return path
-
-
-def calibrate(config: SweepConfig, shape: str, vocab_size: int) -> float:
-    """Optimizer steps per second of `shape` (bare steps on random blocks, after 3 untimed ones)."""
-    layers, width = parse_shape(shape)
+def calibrate(config: PretrainConfig, vocab_size: int, steps: int = 20) -> float:
+    """Optimizer steps per second of `config`'s model shape and batch: bare steps on random blocks, after
+    3 untimed ones, on the machine as it is now (run it before loading the machine with other work)."""
     model_config = gpt2_config(
-        "small", vocab_size, 1, 1, n_layer=layers, n_embd=width, n_head=width // config.head_dim,
-        n_ctx=config.n_ctx,
+        config.preset, vocab_size, 1, 1, n_layer=config.n_layer, n_embd=config.n_embd,
+        n_head=config.n_head, n_ctx=config.n_ctx,
     )  # fmt: skip
-    blocks = torch.randint(0, vocab_size, (4 * config.micro_batch, config.n_ctx), generator=torch.Generator())
-    run_config = pretrain_config(config, shape, 0, 1)
-    seconds = time_bare_steps(model_config, blocks, run_config, config.calibration_steps, warmup=3)
-    return config.calibration_steps / seconds
+    n_ctx = model_config.n_positions
+    blocks = torch.randint(0, vocab_size, (4 * config.micro_batch, n_ctx), generator=torch.Generator())
+    return steps / time_bare_steps(model_config, blocks, config, steps, warmup=3)
 
 
 def read(summary: dict, mixture: dict[str, float]) -> dict:
@@ -153,14 +140,19 @@ def run_sweep(config: SweepConfig) -> dict:
     mixture = parse_mixture(config.mixture)
     minutes = sorted(config.minutes)
     corpus = load_corpus(config.corpus_dir)
-    tokenizer_dir = prepare_tokenizer(config, corpus)
+    tokenizer_dir = saved_mixture_tokenizer(
+        Path(config.run_dir) / "tokenizer", corpus, config.mixture, config.tokenizer_chars,
+        config.vocab_size, config.seed,
+    )  # fmt: skip
     vocab_size = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
 
     # Calibrate every shape first, on the machine before the sweep loads it.
     calibrations = run.keyed(("calibration",))
     for shape in config.shapes:
         if (shape,) not in calibrations:
-            steps_per_s = calibrate(config, shape, vocab_size)
+            steps_per_s = calibrate(
+                pretrain_config(config, shape, 0, 1), vocab_size, config.calibration_steps
+            )
             record = {"calibration": shape, "steps_per_s": steps_per_s, "threads": torch.get_num_threads()}
             record["tokens_per_s"] = steps_per_s * config.micro_batch * config.n_ctx
             run.log_metrics(record)
