@@ -83,7 +83,9 @@ def save_located(path: str | Path, doc: dict) -> Path:
 
 
 def load_located(path: str | Path, model=None, clt=None, model_dir: str | Path | None = None) -> dict:
-    path = Path(path)
+    from training.fingerprint import in_release
+
+    path = in_release(path, "located.json")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run scripts/locate_language.py first")
     doc = validate_located(json.loads(path.read_text()), model, clt)

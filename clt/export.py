@@ -27,7 +27,7 @@ from clt.model import CLTConfig, CrossLayerTranscoder
 from training import paths
 from training.config import atomic_write_json
 from training.errors import ModelMismatch, UserError
-from training.fingerprint import verify_release
+from training.fingerprint import in_release, verify_release
 
 NATIVE_WEIGHTS = "clt.safetensors"
 TL_INPUT_HOOK = "ln2.hook_normalized"
@@ -45,7 +45,7 @@ def save_native(clt: CrossLayerTranscoder, out_dir: str | Path, metadata: dict |
 
 
 def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[CrossLayerTranscoder, dict]:
-    path = Path(path)
+    path = in_release(path, "clt")
     if not (path / NATIVE_WEIGHTS).exists():
         raise UserError(
             f"no transcoder at {path} (expected {NATIVE_WEIGHTS} and config.json; train one with "

@@ -140,6 +140,8 @@ def test_release_packages_fp16_repoints_hashes_and_measures_the_rounding(
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.n_layer == 2
     # The CLT and the located units point at the released (rounded) weights, keeping the original hash.
     model, tokenizer, clt = load_model_and_clt(out / "model", out / "clt")
+    load_model_and_clt(out, out)  # the release's root stands for its model and its CLT
+    assert load_located(out, model_dir=out)["model_sha256"] == model_fingerprint(out)
     # ... and the released pair runs in circuit-tracer (tests/test_released_models.py does this for the
     # smallest real release): its replacement model reproduces the model's logits.
     from attribution.circuit_tracer_bridge import circuit_tracer_model

@@ -17,7 +17,7 @@ def file_sha256(path: Path) -> str:
 
 def model_fingerprint(model_dir: str | Path) -> str:
     """Hash of the model weights: a store (and a CLT) records it so that mismatches are caught."""
-    path = Path(model_dir) / "model.safetensors"
+    path = in_release(model_dir, "model") / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: expected a save_pretrained directory with safetensors weights"
@@ -53,6 +53,15 @@ def write_manifest(release_dir: str | Path, command: str, **details) -> Path:
     manifest = {"files": release_files(release_dir), "command": command, **details}
     path = release_dir / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def in_release(path: str | Path, part: str) -> Path:
+    """`path`, or its `part` ("model", "clt", "located.json") when `path` is a release's root: so
+    `--model-dir models/base-balanced` and `--clt models/base-balanced` both work."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() and (path / part).exists():
+        return path / part
     return path
 
 

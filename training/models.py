@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from training.errors import UserError
-from training.fingerprint import verify_release
+from training.fingerprint import in_release, verify_release
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
     (never unpickled), so a user's GPT-2-family directory loads the same way as ours."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model_dir)
+    path = in_release(model_dir, "model")
     verify_release(path)  # a released model (models/<name>/) must match its MANIFEST.json
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise UserError(
