@@ -18,7 +18,7 @@ from torch import Tensor
 
 from analysis.firing import firing_share
 from analysis.lape import entropy
-from clt.export import folded_weights
+from analysis.output_features import logit_directions, written_directions
 from clt.model import CrossLayerTranscoder
 from clt.recorder import MLPActivationRecorder
 
@@ -137,13 +137,10 @@ def promoted_tokens(
     centre(Σ_targets W_dec) ⊙ ln_f.weight · W_U
     (ln_f's centring and weight are linear and kept; its scale is a positive per-position factor that
     does not change the ranking)."""
-    folded = folded_weights(clt)
     W_U = model.lm_head.weight.detach().cpu().float()  # [vocab, d]
-    ln_w = model.transformer.ln_f.weight.detach().cpu().float()
+    directions = logit_directions(model, written_directions(clt))  # ln_f centres, then scales by its weight
     out = {}
     for layer, feature in features:
-        written = folded["W_dec"][layer][feature].sum(0)
-        direction = (written - written.mean()) * ln_w  # ln_f centres its input, then scales by its weight
-        top = (W_U @ direction).topk(k).indices.tolist()
+        top = (W_U @ directions[layer, feature]).topk(k).indices.tolist()
         out[(layer, feature)] = [tokenizer.decode([t]) for t in top]
     return out
