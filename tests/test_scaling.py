@@ -111,3 +111,11 @@ def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir
     assert "Best shape per budget" in (tmp_path / "sweep" / "report.md").read_text()
     # Resumed with the same config, nothing is recomputed (and the answer is the same).
     assert run_sweep(config)["reads"] == results["reads"]
+
+
+def test_learning_rate_scales_with_width_when_asked():
+    config = SweepConfig(lr=4e-3)
+    assert scaling.pretrain_config(config, "6x256", 15, 10).lr == 4e-3  # default: one lr for every shape
+    scaled = dataclasses.replace(config, lr_width=128)
+    assert scaling.pretrain_config(scaled, "4x128", 15, 10).lr == pytest.approx(4e-3)
+    assert scaling.pretrain_config(scaled, "6x384", 15, 10).lr == pytest.approx(4e-3 / 3)

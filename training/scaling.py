@@ -55,7 +55,14 @@ class SweepConfig:
     token_budget: int = field(default=12_000_000, metadata={"help": "distinct training tokens sampled"})
     n_ctx: int = field(default=256, metadata={"help": "context length (all shapes)"})
     micro_batch: int = field(default=16, metadata={"help": "blocks per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (all shapes)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (of a shape --lr-width wide)"})
+    lr_width: int = field(
+        default=0,
+        metadata={
+            "help": "if > 0, a shape of width w trains at lr × lr_width / w (Adam's update to a hidden "
+            "matrix grows with its fan-in: the muP rule); 0 = the same lr for every shape"
+        },
+    )
     warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps"})
     decay_fraction: float = field(default=0.2, metadata={"help": "share of each budget spent decaying"})
     calibration_steps: int = field(default=20, metadata={"help": "timed bare steps per shape"})
@@ -91,7 +98,7 @@ def pretrain_config(config: SweepConfig, shape: str, minutes: float, steps: int)
         n_head=width // config.head_dim,
         n_ctx=config.n_ctx,
         micro_batch=config.micro_batch,
-        lr=config.lr,
+        lr=config.lr * (config.lr_width / width if config.lr_width else 1.0),
         schedule="wsd",
         decay_fraction=config.decay_fraction,
         warmup_steps=config.warmup_steps,
