@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from training import paths
 from training.config import RunDir, atomic_write_json, parse_config, run_main
-from training.models import PRESETS, gpt2_config
-from training.pretrain import PretrainConfig, pretrain, time_bare_steps
+from training.models import PRESETS
+from training.pretrain import PretrainConfig, model_config_for, pretrain, time_bare_steps
 
 
 @dataclass
@@ -66,8 +66,8 @@ def main(argv: list[str]) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                model_config = gpt2_config(
-                    config.preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+                model_config = model_config_for(
+                    config, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
                 )
                 results["bare_s"].append(time_bare_steps(model_config, blocks, config, args.steps))
     tokens = args.steps * config.micro_batch * PRESETS[config.preset].n_ctx

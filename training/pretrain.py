@@ -255,6 +255,21 @@ def load_data(
 # ---------------------------------------------------------------------------------------------
 
 
+def model_config_for(config: PretrainConfig, vocab_size: int, bos_token_id: int, eos_token_id: int):
+    """The GPT2Config of a run: its preset, with the run's overrides of shape, context and dropout."""
+    return gpt2_config(
+        config.preset,
+        vocab_size=vocab_size,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        dropout=config.dropout,
+        n_layer=config.n_layer,
+        n_embd=config.n_embd,
+        n_head=config.n_head,
+        n_ctx=config.n_ctx,
+    )
+
+
 def time_bare_steps(
     model_config, blocks: Int[torch.Tensor, "blocks ctx"], config: PretrainConfig, steps: int, warmup: int = 0
 ) -> float:
@@ -304,17 +319,7 @@ def pretrain(config: PretrainConfig) -> dict:
         corpus = load_corpus(config.corpus_dir)
         tokenizer = prepare_tokenizer(config, corpus, run)
 
-    model_config = gpt2_config(
-        config.preset,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        dropout=config.dropout,
-        n_layer=config.n_layer,
-        n_embd=config.n_embd,
-        n_head=config.n_head,
-        n_ctx=config.n_ctx,
-    )
+    model_config = model_config_for(config, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     n_ctx = model_config.n_positions
     meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, world)
 

@@ -26,8 +26,13 @@ from training.corpus.build import load_corpus
 from training.errors import UserError
 from training.loop import wsd_decay_start
 from training.mixtures import parse_mixture
-from training.models import gpt2_config
-from training.pretrain import PretrainConfig, pretrain, saved_mixture_tokenizer, time_bare_steps
+from training.pretrain import (
+    PretrainConfig,
+    model_config_for,
+    pretrain,
+    saved_mixture_tokenizer,
+    time_bare_steps,
+)
 
 # Shape and budget fields fix what a read means; the rest may not change under a resumed sweep either,
 # except adding shapes or budgets (new runs) and the device.
@@ -113,10 +118,7 @@ def pretrain_config(config: SweepConfig, shape: str, minutes: float, steps: int)
 def calibrate(config: PretrainConfig, vocab_size: int, steps: int = 20) -> float:
     """Optimizer steps per second of `config`'s model shape and batch: bare steps on random blocks, after
     3 untimed ones, on the machine as it is now (run it before loading the machine with other work)."""
-    model_config = gpt2_config(
-        config.preset, vocab_size, 1, 1, n_layer=config.n_layer, n_embd=config.n_embd,
-        n_head=config.n_head, n_ctx=config.n_ctx,
-    )  # fmt: skip
+    model_config = model_config_for(config, vocab_size, 1, 1)
     n_ctx = model_config.n_positions
     blocks = torch.randint(0, vocab_size, (4 * config.micro_batch, n_ctx), generator=torch.Generator())
     return steps / time_bare_steps(model_config, blocks, config, steps, warmup=3)
