@@ -14,7 +14,7 @@ from pathlib import Path
 
 from training import evaluate
 from training.config import RunDir, atomic_write_json
-from training.corpus.build import load_corpus, require_langs
+from training.corpus.build import default_corpus_dir, load_corpus, require_langs
 from training.corpus.cleaning import UNSPACED
 from training.errors import UserError
 
@@ -25,7 +25,10 @@ class ModelEvalConfig:
 
     model_dirs: list[str] = field(default_factory=list, metadata={"help": "model directories"})
     names: list[str] = field(default_factory=list, metadata={"help": "their names (default: folder names)"})
-    corpus_dir: str = field(default="data/corpus-all", metadata={"help": "corpus with the held-out splits"})
+    corpus_dir: str = field(
+        default_factory=lambda: str(default_corpus_dir()),
+        metadata={"help": "corpus with the held-out splits"},
+    )
     run_dir: str = field(default="runs/model-eval", metadata={"help": "run directory"})
     langs: list[str] = field(
         default_factory=list, metadata={"help": "languages (default: every language of the parallel split)"}

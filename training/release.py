@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import atomic_write_json, atomic_write_text
+from training.corpus.build import default_corpus_dir
 from training.errors import UserError
 from training.fingerprint import file_sha256, model_fingerprint, write_manifest
 
@@ -34,7 +35,8 @@ class ReleaseConfig:
     clt_run: str = field(default="", metadata={"help": "CLT run dir (clt/, summary.json)"})
     locate_run: str = field(default="", metadata={"help": "locate_language run dir (located.json)"})
     corpus_dir: str = field(
-        default="data/corpus-all", metadata={"help": "the corpus the model was trained on"}
+        default_factory=lambda: str(default_corpus_dir()),
+        metadata={"help": "the corpus the model was trained on"},
     )
     models_root: str = field(default="models", metadata={"help": "where releases live"})
     eval_blocks: int = field(default=8, metadata={"help": "held-out blocks per language for the fp16 check"})

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from training.config import RunDir, atomic_write_json
-from training.corpus.build import load_corpus
+from training.corpus.build import default_corpus_dir, load_corpus
 from training.errors import UserError
 from training.loop import wsd_decay_start
 from training.mixtures import parse_mixture
@@ -45,7 +45,8 @@ class SweepConfig:
 
     run_dir: str = field(default="runs/scaling-sweep", metadata={"help": "sweep directory"})
     corpus_dir: str = field(
-        default="data/corpus-all", metadata={"help": "corpus (build_corpus.py --sources all)"}
+        default_factory=lambda: str(default_corpus_dir()),
+        metadata={"help": "corpus (default: the built one)"},
     )
     shapes: list[str] = field(
         default_factory=lambda: ["4x128", "6x256", "6x384"], metadata={"help": "shapes as LAYERSxWIDTH"}
