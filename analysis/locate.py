@@ -1,7 +1,8 @@
 """Where is language decided? The location report as a run directory.
 
 `locate_language(LocateConfig(...))` computes the sections — logit lens, cross-lingual similarity,
-layer-ablation sweeps, LAPE neurons, CLT language features, probes — each saved to
+layer-ablation sweeps, LAPE neurons, CLT language features, the feature sets of every selection
+strategy (analysis/feature_selection.py), probes — each saved to
 `sections/<name>.json` when done and reused on a re-run (only which sections to run may change between
 runs of one directory), then writes plots, report.{json,md,html} and located.json, the language
 neurons / features / layers that steering and fine-tuning read (analysis/located.py).
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analysis import ablation, lape, lens, probes, similarity
+from analysis.feature_selection import STRATEGIES
 from analysis.language_features import (
     feature_activation_probability,
     language_features,
@@ -23,14 +25,14 @@ from analysis.language_features import (
 )
 from analysis.located import feature_aligned_neurons, located_from_sections, save_located
 from analysis.report import write_report
-from analysis.text_blocks import blocks_by_lang, texts_by_lang
+from analysis.text_blocks import blocks_by_lang, prompt_blocks, selection_half, texts_by_lang
 from analysis.token_language import corpus_texts_by_lang, language_table, token_counts
 from training import paths
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus, parallel_sets, require_langs
 from training.errors import UserError
 
-SECTIONS = ("lens", "similarity", "ablation", "lape", "features", "probes")
+SECTIONS = ("lens", "similarity", "ablation", "lape", "features", "feature_sets", "probes", "linguamap")
 
 
 @dataclass
@@ -79,6 +81,22 @@ class LocateConfig:
         metadata={"help": "language features: fire on at least this share of the language's tokens"},
     )
     features_per_lang: int = field(default=10, metadata={"help": "catalogue size per language"})
+    strategies: list[str] = field(
+        default_factory=lambda: list(STRATEGIES),
+        metadata={"help": f"feature selection strategies for feature_sets: {', '.join(STRATEGIES)}"},
+    )
+    attribution_prompts: int = field(
+        default=50, metadata={"help": "held-out prompts per language for the attribution strategy"}
+    )
+    token_min_share: float = field(
+        default=0.8, metadata={"help": "output/attribution: a language's tokens have p(lang | token) ≥ this"}
+    )
+    token_min_count: int = field(
+        default=3, metadata={"help": "output/attribution: ... and occur at least this often in its text"}
+    )
+    linguamap_items: int = field(
+        default=100, metadata={"help": "LinguaMap section: held-out cloze items per cell (0, 3 shots)"}
+    )
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 
@@ -102,6 +120,43 @@ class LocateInputs:
         return torch.cat([self.validation[l] for l in langs]), [
             l for l in langs for _ in range(len(self.validation[l]))
         ]
+
+
+def selection_data(
+    tokenizer,
+    corpus,
+    langs: list[str],
+    corpus_dir: str | None,
+    n_ctx: int,
+    seed: int,
+    train_texts: dict[str, list[str]] | None = None,
+    validation_texts: dict[str, list[str]] | None = None,
+    blocks_per_lang: int = 48,
+    attribution_prompts: int = 50,
+    prompt_tokens: int = 16,
+    train_texts_per_lang: int = 3000,
+):
+    """The text feature selection reads: training blocks, the parallel split after steering's
+    evaluation paragraphs, and held-out validation blocks and prompts."""
+    from analysis.feature_selection import SelectionData
+
+    if train_texts is None:
+        train_texts = corpus_texts_by_lang(corpus_dir, langs, "train", train_texts_per_lang, seed)
+    if validation_texts is None:
+        validation_texts = texts_by_lang(corpus["validation"], langs)
+    translated = {l: selection_half(texts) for l, texts in texts_by_lang(corpus["parallel"], langs).items()}
+    short = [l for l, texts in translated.items() if not texts]
+    if short:
+        raise UserError(f"the parallel split is too small for {short}: rebuild the corpus with a larger one")
+    return SelectionData(
+        train_blocks=blocks_by_lang(tokenizer, train_texts, n_ctx, 10**9),
+        translated_texts=translated,
+        validation_blocks=blocks_by_lang(tokenizer, validation_texts, n_ctx, blocks_per_lang),
+        attribution_prompts={
+            l: prompt_blocks(tokenizer, texts, prompt_tokens, attribution_prompts)
+            for l, texts in validation_texts.items()
+        },
+    )
 
 
 def load_inputs(config: LocateConfig) -> LocateInputs:
@@ -226,11 +281,79 @@ def features_section(inputs: LocateInputs) -> dict:
     }
 
 
+def feature_sets_section(inputs: LocateInputs) -> dict:
+    """Every selection strategy's ranked feature sets, each feature with what makes it inspectable."""
+    from analysis.feature_selection import FeatureSelector
+
+    config = inputs.config
+    unknown = sorted(set(config.strategies) - set(STRATEGIES))
+    if unknown:
+        raise UserError(f"unknown strategies {unknown}; choose from {STRATEGIES}")
+    data = selection_data(
+        inputs.tokenizer,
+        load_corpus(config.corpus_dir or default_corpus_dir()),
+        config.langs,
+        config.corpus_dir,
+        config.n_ctx,
+        config.seed,
+        inputs.train_texts,
+        inputs.validation_texts,
+        config.blocks_per_lang,
+        config.attribution_prompts,
+        config.prompt_tokens,
+    )
+    selector = FeatureSelector(
+        inputs.model,
+        inputs.clt,
+        inputs.tokenizer,
+        data,
+        config.langs,
+        config.token_min_share,
+        config.token_min_count,
+    )
+    sets = {}
+    for strategy in config.strategies:
+        print(f"  strategy {strategy}", flush=True)
+        rule = (
+            {"max_entropy_bits": config.max_entropy_bits, "min_frequency": config.min_frequency}
+            if strategy == "entropy"
+            else {}
+        )
+        sets[strategy] = selector.select(strategy, config.features_per_lang, progress=True, **rule)
+        selector.describe(sets[strategy], inputs.stacked_validation()[0])
+    return {"langs": config.langs, "ln_f_inverse_scale": selector.inverse_scale, "sets": sets}
+
+
 def probes_section(inputs: LocateInputs) -> dict:
     blocks, block_langs = inputs.stacked_validation()
     return probes.language_probes(
         inputs.model, blocks, block_langs, inputs.config.langs, clt=inputs.clt, seed=inputs.config.seed
     )
+
+
+def linguamap_section(inputs: LocateInputs) -> dict:
+    """LinguaMap's four scenarios at 0 and 3 shots, both scorings (scripts/linguamap.py has every option)."""
+    import random
+
+    from analysis import linguamap as lm
+    from analysis.linguamap_run import evaluate_cell, help_roots, protocol_jobs, scenario_prompts
+
+    config = inputs.config
+    if "en" not in config.langs:
+        return {"skipped": "the scenarios need English among --langs"}
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    items, counts = lm.held_out_items(corpus, config.langs, help_roots(config.langs))
+    if not items:
+        return {"item_counts": counts, "skipped": "no aligned UI-term items in the held-out parallel split"}
+    chosen = random.Random(config.seed).sample(items, min(config.linguamap_items, len(items)))
+    cells = []
+    for scenario, lang, shots, mode in protocol_jobs(
+        config.langs, lm.SCENARIOS, [0, 3], ["generation", "likelihood"]
+    ):
+        prompts = scenario_prompts(chosen, scenario, lang, shots, config.seed)
+        result = evaluate_cell(inputs.model, inputs.tokenizer, prompts, mode, 16)
+        cells.append({"scenario": scenario, "lang": lang, "shots": shots, "mode": mode, **result})
+    return {"item_counts": counts, "n_items_used": len(chosen), "cells": cells}
 
 
 SECTION_FUNCTIONS = {
@@ -239,7 +362,9 @@ SECTION_FUNCTIONS = {
     "ablation": ablation_section,
     "lape": lape_section,
     "features": features_section,
+    "feature_sets": feature_sets_section,
     "probes": probes_section,
+    "linguamap": linguamap_section,
 }
 PLOTS = {  # section → (title, file, plotting function)
     "lens": (
@@ -276,7 +401,7 @@ def locate_language(config: LocateConfig) -> dict:
         if path.exists():
             sections[name] = json.loads(path.read_text())
             print(f"[{name}] reused {path}")
-        elif name in config.sections and (name != "features" or inputs.clt is not None):
+        elif name in config.sections and (name not in ("features", "feature_sets") or inputs.clt is not None):
             print(f"[{name}] computing…", flush=True)
             with torch.no_grad():
                 sections[name] = compute(inputs)

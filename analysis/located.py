@@ -11,7 +11,11 @@ A JSON document (`located.json`):
      "neurons_5pct": {lang: [[layer, index], ...]}    the 5% variant
      "features": {lang: [[layer, index], ...]}        language-identity CLT features (empty without a CLT)
      "feature_aligned_neurons": {lang: [[layer, index], ...]}   MLP neurons whose output weights align
-                  most with the decoders of the language's features (fine-tuning targets)}
+                  most with the decoders of the language's features (fine-tuning targets),
+     "feature_sets": {strategy: {lang: [[layer, index], ...]}}  (version 2) ranked CLT features of each
+                  selection strategy — entropy, output, attribution, aligned (analysis/feature_selection.py)}
+
+Version 1 files (no feature_sets) still load: their `features` become the `entropy` set.
 
 `load_located` validates the structure, and (given a model) that every unit exists in it.
 """
@@ -27,19 +31,22 @@ from training import hook_points
 from training.config import atomic_write_json
 
 FORMAT = "multilingual-clt/located-units"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 UNIT_KEYS = ("neurons", "neurons_5pct", "features", "feature_aligned_neurons")
 
 
 def validate_located(doc: dict, model=None, clt=None) -> dict:
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if doc.get("format") != FORMAT or doc.get("version") not in READABLE_VERSIONS:
         raise ValueError(
             f"not a located-units file (format {doc.get('format')!r}, version {doc.get('version')!r}); "
             f"expected {FORMAT!r} version {VERSION}"
         )
+    if "feature_sets" not in doc:  # version 1: the entropy rule was the only feature set
+        doc = {**doc, "version": VERSION, "feature_sets": {"entropy": doc.get("features", {})}}
     langs = doc["langs"]
-    for key in UNIT_KEYS:
-        units = doc.get(key, {})
+    sets = {f"feature_sets.{s}": units for s, units in doc.get("feature_sets", {}).items()}
+    for key, units in [(k, doc.get(k, {})) for k in UNIT_KEYS] + list(sets.items()):
         extra = sorted(set(units) - set(langs))
         if extra:
             raise ValueError(f"{key} has languages {extra} that are not in langs {langs}")
@@ -66,18 +73,18 @@ def validate_located(doc: dict, model=None, clt=None) -> dict:
                 if bad:
                     raise ValueError(f"{key}[{lang}] names neurons {bad[:3]} outside 0…{n_neurons - 1}")
     if clt is not None:
-        for lang, items in doc.get("features", {}).items():
-            bad = [item for item in items if not 0 <= item[1] < clt.config.n_features]
-            if bad:
-                raise ValueError(
-                    f"features[{lang}] names features {bad[:3]} outside 0…{clt.config.n_features - 1}"
-                )
+        for key, units in [("features", doc.get("features", {}))] + list(sets.items()):
+            for lang, items in units.items():
+                bad = [item for item in items if not 0 <= item[1] < clt.config.n_features]
+                if bad:
+                    raise ValueError(
+                        f"{key}[{lang}] names features {bad[:3]} outside 0…{clt.config.n_features - 1}"
+                    )
     return doc
 
 
 def save_located(path: str | Path, doc: dict) -> Path:
-    doc = {"format": FORMAT, "version": VERSION, **doc}
-    validate_located(doc)
+    doc = validate_located({"format": FORMAT, "version": VERSION, **doc})  # fills feature_sets if absent
     atomic_write_json(path, doc)
     return Path(path)
 
@@ -167,4 +174,11 @@ def located_from_sections(
         "neurons_5pct": neurons5,
         "features": features,
         "feature_aligned_neurons": aligned,
+        "feature_sets": {
+            "entropy": features,
+            **{
+                strategy: {l: [[f["layer"], f["feature"]] for f in items] for l, items in ranked.items()}
+                for strategy, ranked in sections.get("feature_sets", {}).get("sets", {}).items()
+            },
+        },
     }

@@ -49,17 +49,22 @@ def language_token_weights(
     return weights / weights.sum(0, keepdim=True)
 
 
+def language_readouts(model, token_weights: Float[Tensor, "vocab lang"]) -> Float[Tensor, "lang d_model"]:
+    """Per language, the direction at the final residual (after ln_f) that reads "L rather than the
+    others": W_Uᵀ (w_L − mean of the other languages' w), w_L = column L of `token_weights`."""
+    W_U = model.lm_head.weight.detach().cpu().float()  # [vocab, d]
+    n_langs = token_weights.shape[1]
+    others = (token_weights.sum(1, keepdim=True) - token_weights) / max(1, n_langs - 1)
+    return (W_U.T @ (token_weights - others)).T
+
+
 @torch.no_grad()
 def output_scores(
     model, clt: CrossLayerTranscoder, token_weights: Float[Tensor, "vocab lang"]
 ) -> Float[Tensor, "layer feature lang"]:
     """Every feature's margin for every language (module docstring)."""
-    W_U = model.lm_head.weight.detach().cpu().float()  # [vocab, d]
     directions = logit_directions(model, written_directions(clt))  # [layer, feature, d]
-    per_language = directions @ (W_U.T @ token_weights)  # mean effect on each language's tokens
-    n_langs = token_weights.shape[1]
-    others = (per_language.sum(-1, keepdim=True) - per_language) / max(1, n_langs - 1)
-    return per_language - others
+    return directions @ language_readouts(model, token_weights).T
 
 
 def rank_output_features(

@@ -171,4 +171,48 @@ def write_report(run_dir: Path, sections: dict, plots: dict[str, Path], title: s
             ["lang", "layer", "feature", "freq", "max other", "entropy (bits)", "promotes", "top context"],
             rows,
         )
+    linguamap = sections.get("linguamap", {})
+    if linguamap.get("cells"):
+        from analysis.linguamap import OUTCOMES
+
+        report.table(
+            "LinguaMap scenarios (UI-term cloze; scripts/linguamap.py)",
+            ["mode", "scenario", "lang", "shots", "n", *OUTCOMES],
+            [
+                [c["mode"], c["scenario"], c["lang"], c["shots"], c["n"], *(f"{c[o]:.2f}" for o in OUTCOMES)]
+                for c in linguamap["cells"]
+            ],
+        )
+    feature_sets = sections.get("feature_sets", {})
+    for strategy, ranked in feature_sets.get("sets", {}).items():
+        langs = feature_sets.get("langs", list(ranked))
+        rows = []
+        for lang, items in ranked.items():
+            for f in items:
+                frequency = f.get("frequency_by_lang", {})
+                context = (f.get("contexts") or [{"context": ""}])[0]["context"]
+                rows.append(
+                    [
+                        lang,
+                        f["layer"],
+                        f["feature"],
+                        f"{f['score']:.3g}",
+                        " ".join(f"{frequency.get(l, 0.0):.2f}" for l in langs),
+                        " ".join(f.get("promotes", [])[:5]).replace("\n", "⏎"),
+                        context[-60:],
+                    ]
+                )
+        report.table(
+            f"Feature set: {strategy}",
+            [
+                "lang",
+                "layer",
+                "feature",
+                "score",
+                f"frequency ({' '.join(langs)})",
+                "promotes",
+                "top context",
+            ],
+            rows,
+        )
     return report.write(Path(run_dir), result)

@@ -28,6 +28,22 @@ def residual_stream(
     )
 
 
+@torch.no_grad()
+def residual_means(
+    model, blocks_by_lang: dict[str, Int[Tensor, "n pos"]], batch_size: int = 16
+) -> dict[str, Float[Tensor, "layer d"]]:
+    """Per language, the mean residual after each block over its tokens (BOS excluded)."""
+    from analysis.firing import firing_counts
+
+    device = next(model.parameters()).device
+    out = {}
+    for lang, blocks in blocks_by_lang.items():
+        # The residual as [layer, batch, pos, d] "units": their mean activation is the mean residual.
+        counter = firing_counts(lambda ids: residual_stream(model, ids), {lang: blocks}, batch_size, device)
+        out[lang] = counter.mean_activation()[..., 0].cpu()
+    return out
+
+
 def lens_logits(model, residual: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:
     """The logit lens: the model's own final LayerNorm and unembedding applied to any residual."""
     return model.lm_head(model.transformer.ln_f(residual))

@@ -9,6 +9,16 @@ from training.corpus.build import unknown_language_message
 from training.errors import UnknownLanguage
 
 
+def evaluation_half(texts: list[str]) -> list[str]:
+    """The first half of a language's parallel-split paragraphs: steering's evaluation prompts."""
+    return texts[: (len(texts) + 1) // 2]
+
+
+def selection_half(texts: list[str]) -> list[str]:
+    """The second half: what unit selection (analysis/feature_selection.py) may read — never the first."""
+    return texts[(len(texts) + 1) // 2 :]
+
+
 def texts_by_lang(split, langs: list[str]) -> dict[str, list[str]]:
     """All texts of a corpus split, grouped by language (only `langs`)."""
     out: dict[str, list[str]] = {lang: [] for lang in langs}

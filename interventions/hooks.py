@@ -293,12 +293,19 @@ def record_patterns(model, input_ids: Tensor) -> list[Tensor]:
 
 
 @contextmanager
-def freeze_attention(model, patterns: list[Tensor]):
-    """Within the block, every attention layer uses the given patterns instead of its own softmax."""
+def freeze_attention(model, patterns: list[Tensor], prompt_only: bool = False):
+    """Within the block, every attention layer uses the given patterns instead of its own softmax.
+
+    prompt_only: in generation, freeze only the pass over the prompt (the one whose query/key lengths
+    match the patterns); the generated tokens' own queries attend normally (seed 003 freezes attention
+    on the prompt positions it edits — there is no clean pattern for a token the clean run never saw)."""
+    from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
     def frozen(module, query, key, value, attention_mask, **kwargs):
         weights = patterns[module.layer_idx].to(value.dtype)
         if weights.shape[-2:] != (query.shape[-2], key.shape[-2]):
+            if prompt_only:
+                return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
             raise ValueError(
                 f"frozen patterns are for {tuple(weights.shape[-2:])} query/key positions, the run has "
                 f"{(query.shape[-2], key.shape[-2])}: freezing applies to a forward pass over the same tokens"

@@ -1,32 +1,62 @@
-"""A steering sweep as a run directory: language pairs × methods × strengths, evaluated and summarised.
+"""A steering sweep as a run directory: pairs × methods × strengths × decodings, evaluated and
+compared on a fluency-matched frontier (interventions/frontier.py).
 
-`run_steering(SteerConfig(...))` loads the model and CLT (one loader), takes language features and
-LAPE neurons from `located.json` or locates them on the spot with locate_language's default rules,
-evaluates each (pair, method, strength) on held-out prompts (interventions/steering.py) and appends one
+`run_steering(SteerConfig(...))` loads the model and CLT (one loader), takes feature sets and LAPE
+neurons from `located.json` or locates them on the spot with locate_language's rules, evaluates each
+(pair, method, strength, decoding) on held-out prompts (interventions/steering.py) and appends one
 record per configuration to the run directory, so a killed run resumes; a run directory holding another
-model, CLT, located file or evaluation setting is refused (only which pairs, methods and strengths to
-run may change). Writes summary.json, summary.md and dose_response.png.
+model, CLT, located file, recipe or evaluation setting is refused (only which pairs, methods and
+strengths to run may change). Writes summary.json, summary.md, frontier.png and dose_response.png.
+
+Prompts come from the first half of each language's paragraphs in the corpus's parallel split (feature
+selection reads only the second half), or from a user's JSONL file (`--prompts`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from analysis.feature_selection import STRATEGIES
 from analysis.located import load_located
-from analysis.text_blocks import blocks_by_lang, prompt_blocks, texts_by_lang
-from interventions.steering import evaluate, language_units, plan, sae_language_latents
+from analysis.text_blocks import blocks_by_lang, evaluation_half, prompt_blocks, texts_by_lang
+from interventions.frontier import (
+    dose_table,
+    frontier,
+    frontier_markdown,
+    plot_frontier,
+    span_diagnostics,
+    span_markdown,
+)
+from interventions.steering import (
+    RECIPES,
+    Recipe,
+    evaluate,
+    language_units,
+    parse_method,
+    plan,
+    sae_language_latents,
+)
 from training import paths
 from training.config import RunDir, atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.build import default_corpus_dir, load_corpus, require_langs
 from training.errors import UserError
 
 # Which steps to run may change between runs of one directory; everything else defines the results.
-MAY_CHANGE = ("device", "source", "target", "pairs", "langs", "methods", "strengths")
-KEY = ("source", "target", "method", "strength")
+MAY_CHANGE = ("device", "prompt", "source", "target", "pairs", "langs", "methods", "strengths", "decodings")
+KEY = ("source", "target", "method", "strength", "decoding")
+
+# Strength grids (≥ 8 values each) when --strengths is not given, by what the strength multiplies.
+STRENGTHS = {
+    "mean": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],  # × a unit's mean activation
+    "factor": [2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0],  # multiplicative recipes (seed 003)
+    "direction": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0],  # × a residual direction (diffmean, oracle)
+}
 
 
 @dataclass
@@ -47,15 +77,57 @@ class SteerConfig:
         metadata={"help": "languages for --pairs all"},
     )
     methods: list[str] = field(
-        default_factory=lambda: ["clt", "random", "diffmean", "lape"],
-        metadata={"help": "clt, random, diffmean, lape, sae"},
+        default_factory=lambda: [
+            "entropy",
+            "output",
+            "attribution",
+            "aligned",
+            "random-output",
+            "random-attribution",
+            "oracle",
+            "diffmean",
+        ],
+        metadata={
+            "help": "entropy, output, attribution, aligned, random-<strategy>, oracle, diffmean, lape, sae "
+            "(each optionally @layer)"
+        },
+    )
+    recipe: str = field(default="add", metadata={"help": f"feature edit recipe: {', '.join(RECIPES)}"})
+    drive: str | None = field(default=None, metadata={"help": "override the recipe: set, add or scale"})
+    suppress: str | None = field(
+        default=None, metadata={"help": "override the recipe: none, zero, negative or scale"}
+    )
+    positions: str | None = field(default=None, metadata={"help": "override the recipe: all, prompt or last"})
+    freeze_attention: bool | None = field(default=None, metadata={"help": "override the recipe"})
+    min_layer: int | None = field(
+        default=None,
+        metadata={"help": "override the recipe: features of layers ≥ this (negative: from the end)"},
     )
     sae: str = field(
         default="",
         metadata={"help": "residual SAE (sae-lens dir from scripts/train_sae.py) for the 'sae' method"},
     )
     strengths: list[float] = field(
-        default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0], metadata={"help": "dose-response strengths"}
+        default_factory=list, metadata={"help": "strengths for every method (default: a grid per method)"}
+    )
+    decodings: list[str] = field(
+        default_factory=lambda: ["greedy", "sampled"], metadata={"help": "greedy and/or sampled"}
+    )
+    samples: int = field(default=3, metadata={"help": "sampled continuations per prompt"})
+    budgets: list[float] = field(
+        default_factory=lambda: [0.5, 1.0], metadata={"help": "fluency budgets (Δ loss, nats/token)"}
+    )
+    oracle_k: int = field(default=10, metadata={"help": "features in the oracle's fit"})
+    diffmean_layer: int | None = field(
+        default=None, metadata={"help": "layer for diffmean/oracle (default: busiest entropy-feature layer)"}
+    )
+    prompts: str = field(
+        default="",
+        metadata={"help": 'JSONL of {"text": ..., "lang": ...}: evaluate on these prompts instead'},
+    )
+    prompt: str = field(
+        default="",
+        metadata={"help": "one prompt: print unsteered vs steered continuations per method (--to)"},
     )
     n_prompts: int = field(default=100, metadata={"help": "held-out prompts per pair"})
     prompt_tokens: int = field(default=16, metadata={"help": "prompt length (tokens after BOS)"})
@@ -65,24 +137,264 @@ class SteerConfig:
         default=48, metadata={"help": "validation blocks per language for the means"}
     )
     run_dir: str = field(default="runs/steer", metadata={"help": "output run directory"})
-    seed: int = field(default=0, metadata={"help": "random-control seed"})
+    seed: int = field(default=0, metadata={"help": "random-control and sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+    def resolved_recipe(self) -> Recipe:
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}; choose from {sorted(RECIPES)}")
+        overrides = {
+            name: getattr(self, name)
+            for name in ("drive", "suppress", "positions", "freeze_attention", "min_layer")
+            if getattr(self, name) is not None
+        }
+        return Recipe(**{**RECIPES[self.recipe].__dict__, **overrides})
+
+    def strengths_for(self, method: str) -> list[float]:
+        if self.strengths:
+            return list(self.strengths)
+        return STRENGTHS[strength_grid(method, self.resolved_recipe())]
+
+
+def strength_grid(method: str, recipe: Recipe) -> str:
+    """What a method's strength multiplies: a residual direction, a multiplicative factor or a mean."""
+    name, _ = parse_method(method)
+    if name in ("diffmean", "oracle"):
+        return "direction"
+    if recipe.drive == "scale" and name != "lape":
+        return "factor"
+    return "mean"
+
+
+# The strength --prompt uses per method when --strengths is not given: mid-grid values.
+DEMO_STRENGTH = {"mean": 4.0, "factor": 20.0, "direction": 1.0}
+
+
+def steer_prompt(config: SteerConfig) -> list[dict]:
+    """Continue one prompt (in --from's language) unsteered and under each method toward --to, greedily."""
+    from clt.export import load_model_and_clt
+
+    recipe = config.resolved_recipe()
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    for split in ("parallel", "validation"):
+        require_langs(corpus, [config.source, config.target], split)
+    model, tokenizer, clt = load_model_and_clt(config.model_dir, config.clt, config.device)
+    ids = prompt_ids(tokenizer, config.prompt, config.source, model.config.n_positions, config.new_tokens)[
+        None
+    ]
+    units = steering_units(config, model, tokenizer, clt, corpus, [config.source, config.target])
+    rows = []
+    for method in ["none"] + config.methods:
+        grid = "mean" if method == "none" else strength_grid(method, recipe)
+        strength = config.strengths[0] if config.strengths else DEMO_STRENGTH[grid]
+        try:
+            plan_ = (
+                []
+                if method == "none"
+                else plan(
+                    method,
+                    config.source,
+                    config.target,
+                    strength,
+                    units,
+                    clt,
+                    recipe,
+                    ids.shape[1],
+                    config.seed,
+                    config.diffmean_layer,
+                )
+            )
+        except ValueError as error:
+            rows.append({"method": method, "strength": strength, "error": str(error)})
+            continue
+        result = evaluate(
+            model,
+            tokenizer,
+            clt,
+            plan_,
+            ids,
+            config.source,
+            config.target,
+            config.new_tokens,
+            min_distinct=0.0,
+        )
+        example = result["examples"][0]
+        rows.append({"method": method, "strength": 0.0 if method == "none" else strength, **example})
+    return rows
 
 
 def steering_pairs(config: SteerConfig) -> list[tuple[str, str]]:
     return list(permutations(config.langs, 2)) if config.pairs == "all" else [(config.source, config.target)]
 
 
+def read_prompt_file(path: str) -> dict[str, list[str]]:
+    """A user's prompts, {"text", "lang"} per JSONL line → texts per language."""
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"prompt file {path} not found")
+    by_lang: dict[str, list[str]] = {}
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            text, lang = item["text"], item["lang"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f'{path}:{number}: expected {{"text": ..., "lang": ...}}') from None
+        if not str(text).strip():
+            raise UserError(f"{path}:{number}: empty prompt: give some text to continue")
+        by_lang.setdefault(lang, []).append(text)
+    if not by_lang:
+        raise UserError(f"{path} holds no prompts")
+    return by_lang  # languages are checked against the corpus by the caller
+
+
+def prompt_ids(
+    tokenizer, text: str, lang: str, n_positions: int, new_tokens: int, where: str = ""
+) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    label = f"{where}: " if where else ""
+    if not text.strip() or not ids:
+        raise UserError(f"{label}empty prompt: give some text to continue")
+    if len(ids) + 1 + new_tokens > n_positions:
+        raise UserError(
+            f"{label}the prompt has {len(ids)} tokens; with BOS and {new_tokens} new tokens that exceeds the "
+            f"model's context of {n_positions}: shorten it or lower --new-tokens"
+        )
+    return torch.tensor([tokenizer.bos_token_id] + ids)
+
+
 def run_steering(config: SteerConfig) -> dict:
     from clt.export import load_model_and_clt
 
-    pairs = steering_pairs(config)
-    languages = sorted({l for pair in pairs for l in pair})
+    recipe = config.resolved_recipe()
+    for method in config.methods:
+        try:
+            parse_method(method)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    if config.prompts:
+        user_texts = read_prompt_file(config.prompts)
+        targets = config.langs if config.pairs == "all" else [config.target]
+        pairs = [(s, t) for s in user_texts for t in targets if t != s]
+        if not pairs:
+            raise UserError(f"the prompts are all in {config.target}: choose another --to (or --pairs all)")
+    else:
+        user_texts, pairs = None, steering_pairs(config)
+    languages = sorted({l for pair in pairs for l in pair})
     for split in ("parallel", "validation"):  # before loading anything: an unknown language fails at once
         require_langs(corpus, languages, split)
     model, tokenizer, clt = load_model_and_clt(config.model_dir, config.clt, config.device)
+    units = steering_units(config, model, tokenizer, clt, corpus, languages)
+    if user_texts is not None:
+        prompts = {
+            lang: _stack(
+                [
+                    prompt_ids(
+                        tokenizer, text, lang, model.config.n_positions, config.new_tokens, config.prompts
+                    )
+                    for text in texts
+                ]
+            )
+            for lang, texts in user_texts.items()
+        }
+    else:
+        parallel_texts = texts_by_lang(corpus["parallel"], languages)
+        prompts = {
+            l: prompt_blocks(
+                tokenizer, evaluation_half(parallel_texts[l]), config.prompt_tokens, config.n_prompts
+            )
+            for l in languages
+        }
+
+    done = run.keyed(KEY)
+    jobs = []
+    for decoding in config.decodings:
+        for s, t in pairs:
+            jobs.append((s, t, "none", 0.0, decoding))
+            jobs += [
+                (s, t, m, strength, decoding) for m in config.methods for strength in config.strengths_for(m)
+            ]
+    for source, target, method, strength, decoding in tqdm(
+        [j for j in jobs if j not in done], desc="steering", unit="config"
+    ):
+        key = {
+            "source": source,
+            "target": target,
+            "method": method,
+            "strength": strength,
+            "decoding": decoding,
+        }
+        baseline = done.get((source, target, "none", 0.0, decoding))
+        try:
+            plan_ = (
+                []
+                if method == "none"
+                else plan(
+                    method,
+                    source,
+                    target,
+                    strength,
+                    units,
+                    clt,
+                    recipe,
+                    prompts[source].shape[1],
+                    config.seed,
+                    config.diffmean_layer,
+                )
+            )
+        except ValueError as error:  # e.g. a language without features: recorded, not fatal
+            run.log_metrics({**key, "error": str(error)})
+            continue
+        result = evaluate(
+            model,
+            tokenizer,
+            clt,
+            plan_,
+            prompts[source],
+            source,
+            target,
+            config.new_tokens,
+            decoding=decoding,
+            samples=config.samples,
+            seed=config.seed,
+            min_distinct=None if baseline is None else baseline["min_distinct"],
+        )
+        n_edits = 0 if method == "none" else len(plan_.edits)
+        record = {**key, "n_edits": n_edits, **result}
+        run.log_metrics(record)
+        done[(source, target, method, strength, decoding)] = record  # the unsteered run sets later bars
+    # Only this invocation's configurations: a directory may hold more pairs or strengths from earlier runs.
+    wanted = set(jobs)
+    records = [r for key, r in run.keyed(KEY).items() if key in wanted and "error" not in r]
+    summary = summarize(records, pairs, config.methods, config.budgets)
+    strategies = [s for s in STRATEGIES if s in units.feature_sets]
+    summary["span"] = span_diagnostics(units, clt, pairs, strategies, config.seed)
+    atomic_write_json(run.path / "summary.json", {"config": config_to_dict(config), **summary})
+    atomic_write_text(
+        run.path / "summary.md",
+        summary_markdown(summary, config.budgets) + "\n" + span_markdown(summary["span"], config.oracle_k),
+    )
+    plot_frontier(summary["dose_response"], config.budgets, run.path / "frontier.png")
+    return summary
+
+
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """A user's prompts of one language as one batch: they must share a length (else the longest
+    common length is not meaningful) — so they are cut to the shortest, which is said once."""
+    shortest = min(len(r) for r in rows)
+    if any(len(r) != shortest for r in rows):
+        print(f"prompts cut to the shortest one's {shortest - 1} tokens so they batch together")
+    return torch.stack([r[:shortest] for r in rows])
+
+
+def steering_units(config: SteerConfig, model, tokenizer, clt, corpus, languages: list[str]):
+    """Feature sets, LAPE neurons and every language's means (from located.json, or located now)."""
+    strategies = sorted(
+        {parse_method(m)[0].removeprefix("random-") for m in config.methods} & set(STRATEGIES)
+    )
     if Path(config.located).exists():
         located = load_located(config.located, model=model, clt=clt, model_dir=config.model_dir)
         missing = sorted(set(languages) - set(located["langs"]))
@@ -90,12 +402,19 @@ def run_steering(config: SteerConfig) -> dict:
             raise UserError(
                 f"{config.located} has no units for {missing}; run locate_language.py with those languages"
             )
+        feature_sets = located["feature_sets"]
+        absent = [s for s in strategies if s not in feature_sets]
+        if absent:
+            raise UserError(
+                f"{config.located} has no feature sets for {absent}: rerun locate_language.py "
+                f"(--strategies {','.join(strategies)})"
+            )
     else:
         print(
-            f"{config.located} not found: locating language features and LAPE neurons now "
+            f"{config.located} not found: locating feature sets and LAPE neurons now "
             "(scripts/locate_language.py does this once, with a full report)"
         )
-        located = locate_units(model, tokenizer, clt, corpus, languages, config)
+        located = locate_units(model, tokenizer, clt, corpus, languages, config, strategies)
     means_blocks = blocks_by_lang(
         tokenizer, texts_by_lang(corpus["validation"], languages), config.n_ctx, config.blocks_per_lang
     )
@@ -103,10 +422,11 @@ def run_steering(config: SteerConfig) -> dict:
         model,
         clt,
         means_blocks,
-        {l: located["features"].get(l, []) for l in languages},
+        {s: {l: sets.get(l, []) for l in languages} for s, sets in located["feature_sets"].items()},
         {l: located["neurons"].get(l, []) for l in languages},
     )
-    if "sae" in config.methods:
+    units.oracle_k = config.oracle_k
+    if any(parse_method(m)[0] == "sae" for m in config.methods):
         if not config.sae:
             raise UserError("--methods includes sae: pass --sae DIR (train one with scripts/train_sae.py)")
         from interventions.sae import load_sae, sae_layer
@@ -115,209 +435,48 @@ def run_steering(config: SteerConfig) -> dict:
         units.sae_features, units.sae_means = sae_language_latents(
             model, units.sae, units.sae_layer, means_blocks
         )
-    parallel_texts = texts_by_lang(corpus["parallel"], languages)
-    prompts = {
-        l: prompt_blocks(tokenizer, parallel_texts[l], config.prompt_tokens, config.n_prompts)
-        for l in languages
-    }
-
-    done = run.keyed(KEY)
-    jobs = [(s, t, "none", 0.0) for s, t in pairs]
-    jobs += [(s, t, m, strength) for s, t in pairs for m in config.methods for strength in config.strengths]
-    for source, target, method, strength in tqdm(
-        [j for j in jobs if j not in done], desc="steering", unit="config"
-    ):
-        try:
-            edits = (
-                []
-                if method == "none"
-                else plan(method, source, target, strength, units, clt, seed=config.seed)
-            )
-        except ValueError as error:  # e.g. a language without features: recorded, not fatal
-            run.log_metrics(
-                {
-                    "source": source,
-                    "target": target,
-                    "method": method,
-                    "strength": strength,
-                    "error": str(error),
-                }
-            )
-            continue
-        result = evaluate(model, tokenizer, clt, edits, prompts[source], source, target, config.new_tokens)
-        run.log_metrics(
-            {
-                "source": source,
-                "target": target,
-                "method": method,
-                "strength": strength,
-                "n_edits": len(edits),
-                **result,
-            }
-        )
-    # Only this invocation's configurations: a directory may hold more pairs or strengths from earlier runs.
-    wanted = set(jobs)
-    records = [r for key, r in run.keyed(KEY).items() if key in wanted and "error" not in r]
-    summary = summarize(records, pairs, config.methods)
-    atomic_write_json(run.path / "summary.json", {"config": config_to_dict(config), **summary})
-    atomic_write_text(run.path / "summary.md", summary_markdown(summary))
-    plot_dose_response(records, config.methods, run.path / "dose_response.png")
-    return summary
+    return units
 
 
-def locate_units(model, tokenizer, clt, corpus, langs: list[str], config: SteerConfig) -> dict:
-    """Language features and LAPE neurons with locate_language.py's default rules (same functions)."""
-    from analysis.language_features import feature_activation_probability, language_features
+def locate_units(model, tokenizer, clt, corpus, langs, config: SteerConfig, strategies: list[str]) -> dict:
+    """Feature sets and LAPE neurons with locate_language.py's default rules (same functions)."""
+    from analysis.feature_selection import FeatureSelector
+    from analysis.feature_selection import units as unit_lists
     from analysis.lape import lape_select, neuron_activation_probability
-    from analysis.token_language import corpus_texts_by_lang
+    from analysis.locate import selection_data
 
-    texts = corpus_texts_by_lang(config.corpus_dir, langs, "train", 3000, config.seed)
-    blocks = blocks_by_lang(tokenizer, texts, config.n_ctx, 10**9)
-    catalogue = language_features(feature_activation_probability(model, clt, blocks), langs)
-    neurons = lape_select(neuron_activation_probability(model, blocks), langs, 0.01)["by_lang"]
+    data = selection_data(tokenizer, corpus, langs, config.corpus_dir, config.n_ctx, config.seed)
+    selector = FeatureSelector(model, clt, tokenizer, data, langs)
+    neurons = lape_select(neuron_activation_probability(model, data.train_blocks), langs, 0.01)["by_lang"]
     return {
-        "features": {l: [[f["layer"], f["feature"]] for f in items] for l, items in catalogue.items()},
+        "feature_sets": {s: unit_lists(selector.select(s)) for s in strategies},
         "neurons": {l: [list(u) for u in units] for l, units in neurons.items()},
     }
 
 
-def summarize(records: list[dict], pairs: list[tuple[str, str]], methods: list[str]) -> dict:
-    by_key = {(r["source"], r["target"], r["method"], r["strength"]): r for r in records}
-    table = {}
-    for source, target in pairs:
-        row = {"none": by_key.get((source, target, "none", 0.0))}
-        for method in methods:
-            candidates = [r for (s, t, m, _), r in by_key.items() if (s, t, m) == (source, target, method)]
-            row[method] = (
-                max(candidates, key=lambda r: (r["fluent_success"], r["success"], -r["strength"]))
-                if candidates
-                else None
-            )
-        table[f"{source}->{target}"] = row
-    mean_success = {}
-    for method in ["none"] + methods:
-        values = [
-            (row[method]["success"], row[method]["fluent_success"])
-            for row in table.values()
-            if row.get(method)
-        ]
-        mean_success[method] = (
-            {
-                "success": sum(v[0] for v in values) / len(values),
-                "fluent_success": sum(v[1] for v in values) / len(values),
-            }
-            if values
-            else None
-        )
-    dose = {}
-    for method in methods:
-        for strength in sorted({r["strength"] for r in records if r["method"] == method}):
-            rows = [r for r in records if r["method"] == method and r["strength"] == strength]
-            dose.setdefault(method, []).append(
-                {
-                    "strength": strength,
-                    "success": sum(r["success"] for r in rows) / len(rows),
-                    "fluent_success": sum(r["fluent_success"] for r in rows) / len(rows),
-                    "distinct": sum(r["distinct"] for r in rows) / len(rows),
-                    "retention": sum(r["retention"] for r in rows) / len(rows),
-                    "continuation_loss": sum(r["continuation_loss"] for r in rows) / len(rows),
-                    "prompt_kl": sum(r["prompt_kl"] for r in rows) / len(rows),
-                }
-            )
+def summarize(
+    records: list[dict], pairs: list[tuple[str, str]], methods: list[str], budgets: list[float]
+) -> dict:
     return {
-        "best_per_pair": {
-            pair: {
-                m: (
-                    {
-                        k: r[k]
-                        for k in (
-                            "strength",
-                            "success",
-                            "success_ci",
-                            "fluent_success",
-                            "fluent_success_ci",
-                            "distinct",
-                            "retention",
-                            "continuation_loss",
-                            "prompt_kl",
-                        )
-                    }
-                    if r
-                    else None
-                )
-                for m, r in row.items()
-            }
-            for pair, row in table.items()
-        },
-        "mean_best_success": mean_success,
-        "dose_response": dose,
+        "frontier": frontier(records, pairs, methods, budgets),
+        "dose_response": dose_table(records, methods),
     }
 
 
-def summary_markdown(summary: dict) -> str:
-    methods = [m for m in next(iter(summary["best_per_pair"].values()))]
-    lines = [
-        "Fluent swap success (target language and ≥ 50% distinct tokens) at each method's best strength, "
-        "with its 95%",
-        "Wilson interval; plain CLD2 success and source retention in brackets:",
-        "",
-        "| pair | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for pair, row in summary["best_per_pair"].items():
-        cells = []
-        for method in methods:
-            r = row.get(method)
-            cells.append(
-                "—"
-                if r is None
-                else f"{r['fluent_success']:.2f} [{r['fluent_success_ci'][0]:.2f}, "
-                f"{r['fluent_success_ci'][1]:.2f}] @{r['strength']:g} ({r['success']:.2f}, "
-                f"{r['retention']:.2f})"
+def summary_markdown(summary: dict, budgets: list[float]) -> str:
+    lines = [frontier_markdown(summary, budgets), "Dose-response (means over pairs):", ""]
+    for decoding, by_method in summary["dose_response"].items():
+        lines += [
+            f"{decoding}: strength → non-degenerate success / CLD2 success / distinct / retention / "
+            "Δ loss / prompt KL",
+            "",
+        ]
+        for method, entries in by_method.items():
+            cells = ", ".join(
+                f"{e['strength']:g}: {e['fluent_success']:.2f}/{e['success']:.2f}/{e['distinct']:.2f}/"
+                f"{e['retention']:.2f}/{e['delta_loss']:+.2f}/{e['prompt_kl']:.2f}"
+                for e in entries
             )
-        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Mean over pairs (fluent success / CLD2 success): "
-        + ", ".join(
-            f"{m} {v['fluent_success']:.3f} / {v['success']:.3f}"
-            for m, v in summary["mean_best_success"].items()
-            if v is not None
-        ),
-    ]
+            lines.append(f"- {method}: {cells}")
+        lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def plot_dose_response(records: list[dict], methods: list[str], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for method in methods:
-        strengths = sorted({r["strength"] for r in records if r["method"] == method})
-        if not strengths:
-            continue
-        for ax, key in zip(axes, ("success", "fluent_success", "retention", "continuation_loss")):
-            values = [
-                sum(r[key] for r in records if r["method"] == method and r["strength"] == s)
-                / max(1, sum(1 for r in records if r["method"] == method and r["strength"] == s))
-                for s in strengths
-            ]
-            ax.plot(strengths, values, "-o", label=method)
-            ax.set_xlabel("strength")
-            ax.set_title(
-                {
-                    "success": "swap success (CLD2: target language)",
-                    "fluent_success": "fluent swap success (≥ 50% distinct tokens)",
-                    "retention": "source-language retention",
-                    "continuation_loss": "unsteered model's loss on continuation",
-                }[key],
-                fontsize=9,
-            )
-            ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -250,6 +250,15 @@ def test_located_file_contract(tmp_path, tiny):
         validate_located(dict(loaded, neurons={"en": [[0, 10**6]]}), model=model)
     with pytest.raises(ValueError, match="not a located-units"):
         validate_located({"format": "x"})
+    # version 1 (before feature sets) still loads: its features become the entropy set
+    old = json.loads(path.read_text())
+    old["version"] = 1
+    old.pop("feature_sets")
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    upgraded = load_located(tmp_path / "v1.json", model=model)
+    assert upgraded["feature_sets"] == {"entropy": {"fr": [[1, 3]]}}
+    with pytest.raises(ValueError, match="feature_sets.output"):
+        validate_located(dict(loaded, feature_sets={"output": {"fr": [[9, 0]]}}))
 
 
 def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpus_dir, tmp_path):
@@ -295,11 +304,21 @@ def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpu
         "0.0",
         "--max-entropy-bits",
         "1.6",
+        "--token-min-count",
+        "1",
+        "--token-min-share",
+        "0.6",
+        "--attribution-prompts",
+        "4",
+        "--linguamap-items",
+        "10",
     ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
-    assert {"lens", "similarity", "ablation", "lape", "features", "probes"} <= set(report["sections"])
+    assert {"lens", "similarity", "ablation", "lape", "features", "feature_sets", "probes"} <= set(
+        report["sections"]
+    )
     assert len(report["findings"]) >= 5
     sim = report["sections"]["similarity"]
     assert len(sim["mean"]["centred"]["gap"]) == 2 and sim["n_paragraphs"] == 8
@@ -307,7 +326,19 @@ def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpu
     assert [r["side"] for r in ablation_rows] == ["none", "input", "output"]
     located = load_located(run_dir / "located.json", model_dir=tiny_model_dir)
     assert set(located["neurons"]) == {"en", "fr", "de"}
+    assert located["version"] == 2
+    assert set(located["feature_sets"]) == {"entropy", "output", "attribution", "aligned"}
+    sets = report["sections"]["feature_sets"]["sets"]
+    for strategy, ranked in sets.items():  # inspectable: layer, frequency per language, contexts, promotes
+        assert located["feature_sets"][strategy] == {
+            l: [[f["layer"], f["feature"]] for f in items] for l, items in ranked.items()
+        }
+        for f in [f for items in ranked.values() for f in items]:
+            assert set(f["frequency_by_lang"]) == {"en", "fr", "de"} and len(f["promotes"]) == 8
+    assert sum(len(items) for items in sets["output"].values()) > 0
+    markdown = (run_dir / "report.md").read_text()
+    assert "Feature set: output" in markdown and "Feature set: attribution" in markdown
     assert '<img src="data:image/png;base64,' in (run_dir / "report.html").read_text()
     # a re-run reuses every finished section
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("reused") == 6
+    assert again.returncode == 0 and again.stdout.count("reused") == 8

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from training.corpus.build import CorpusConfig, build_corpus, drop_untranslated, load_corpus
-from training.corpus.libreoffice import help_dir_name, package_name, parse_help_page
+from training.corpus.libreoffice import help_dir_name, package_name, parse_help_page, parse_help_page_marks
 from training.corpus.sources import HFDatasetSource, Paragraph, PlainTextSource
 
 PAGE = """<html><body>
@@ -31,6 +31,24 @@ def test_parse_help_page_cleans_variants_code_and_duplicates():
         ("hd_id10", "Load/Save options"),
         ("par_id11", "Choose Tools - Options - Load/Save.Done & saved."),
         ("par_id13", "Second paragraph."),
+    ]
+
+
+def test_marked_ui_terms_are_spans_of_the_same_cleaned_text():
+    marks = parse_help_page_marks(PAGE)
+    assert {pid: text for pid, (text, _) in marks.items()} == dict(parse_help_page(PAGE))
+    text, spans = marks["par_id11"]
+    assert spans == [(7, 22, "emph")] and text[7:22] == "Tools - Options"  # the hidden Mac variant is not
+    assert marks["hd_id10"][1] == [] and marks["par_id13"][1] == []
+    page = (
+        '<div id="DisplayArea"><p id="par_id1">Choisissez <span class="menuitem">  Format -\n  Cellules '
+        '</span> puis <span class="emph"><b>Hauteur</b> de ligne</span>.</p></div>'
+    )
+    text, spans = parse_help_page_marks(page)["par_id1"]
+    assert text == "Choisissez Format - Cellules puis Hauteur de ligne."
+    assert [(text[a:b], c) for a, b, c in spans] == [
+        ("Format - Cellules", "menuitem"),
+        ("Hauteur de ligne", "emph"),
     ]
 
 

@@ -237,13 +237,16 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
 
     d = model.config.n_embd
     units = LanguageUnits(
-        features={"fr": [(0, 1), (1, 2)], "de": [(1, 7)]},
-        feature_means={(0, 1): 1.0, (1, 2): 2.0, (1, 7): 3.0},
+        feature_sets={"entropy": {"fr": [(0, 1), (1, 2)], "de": [(1, 7)]}},
+        feature_strength={
+            "fr": torch.ones(2, clt.config.n_features),
+            "de": torch.full((2, clt.config.n_features), 3.0),
+        },
         neurons={"fr": [(0, 3)], "de": [(1, 4)]},
         neuron_means={(0, 3): 0.5, (1, 4): 0.7},
         residual_means={"fr": torch.zeros(2, d), "de": torch.ones(2, d)},
     )
-    edits = plan("clt", "fr", "de", 4.0, units, clt)
+    edits = plan("clt", "fr", "de", 4.0, units, clt, prompt_len=8).edits
     assert [(e.layer, list(e.features), e.value) for e in edits] == [
         (0, [1], 0.0),
         (1, [2], 0.0),
@@ -251,18 +254,33 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
     ]
     steered = evaluate(model, tokenizer, clt, edits, prompts, "fr", "de", new_tokens=5)
     assert steered["prompt_kl"] > 0
-    lape_edits = plan("lape", "fr", "de", 2.0, units)
+    sampled = evaluate(
+        model, tokenizer, clt, edits, prompts, "fr", "de", new_tokens=5, decoding="sampled", samples=3
+    )
+    assert sampled["n"] == 6 and sampled["decoding"] == "sampled"
+    again = evaluate(
+        model, tokenizer, clt, edits, prompts, "fr", "de", new_tokens=5, decoding="sampled", samples=3
+    )
+    assert again["examples"] == sampled["examples"]  # seeded
+    lape_edits = plan("lape", "fr", "de", 2.0, units, prompt_len=8).edits
     assert [(e.layer, list(e.neurons), e.value) for e in lape_edits] == [
         (0, [3], 0.0),
         (1, [4], pytest.approx(1.4)),
     ]
-    (residual,) = plan("diffmean", "fr", "de", 0.5, units)
+    (residual,) = plan("diffmean", "fr", "de", 0.5, units, prompt_len=8).edits
     assert residual.layer == 1 and torch.equal(residual.vector, torch.ones(d))
     exclude = {(0, 1), (1, 2), (1, 7)}
     randoms = random_matched_features(clt, [(0, 1), (1, 2)], exclude, seed=0)
     assert [l for l, _ in randoms] == [0, 1] and not exclude & set(randoms)
     with pytest.raises(ValueError, match="unknown method"):
         plan("magic", "fr", "de", 1.0, units)
+    # frozen prompt attention: the plan runs, and with no edits it changes nothing
+    from interventions.steering import Plan
+
+    frozen = evaluate(
+        model, tokenizer, clt, Plan([], freeze_attention=True), prompts, "fr", "de", new_tokens=5
+    )
+    assert frozen["examples"] == clean["examples"] and frozen["prompt_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_slice_corpus_dir, tmp_path):
@@ -311,6 +329,8 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
         "fr",
         "--to",
         "de",
+        "--methods",
+        "entropy,random-entropy,oracle,diffmean,lape",
         "--strengths",
         "0,2",
         "--n-prompts",
@@ -329,19 +349,113 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 + 4 * 2  # unsteered + 4 methods × 2 strengths
+    methods = ["entropy", "random-entropy", "oracle", "diffmean", "lape"]
+    assert len(records) == 2 * (1 + len(methods) * 2)  # (unsteered + 5 methods × 2 strengths) × 2 decodings
     assert all(
-        r["n"] == 6 and 0 <= r["success"] <= 1 and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
+        r["n"] in (6, 18)
+        and 0 <= r["success"] <= 1
+        and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
         for r in records
     )
-    none = next(r for r in records if r["method"] == "none")
+    none = next(r for r in records if r["method"] == "none" and r["decoding"] == "greedy")
     assert none["prompt_kl"] == pytest.approx(0.0, abs=1e-6)
+    # the unsteered run sets the pair's degeneracy bar: 0.8 × its mean distinct-token share
+    assert none["min_distinct"] == pytest.approx(0.8 * none["distinct"])
+    assert {r["min_distinct"] for r in records if r["decoding"] == "greedy"} == {none["min_distinct"]}
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["best_per_pair"]["fr->de"]) == {"none", "clt", "random", "diffmean", "lape"}
-    assert (run_dir / "dose_response.png").exists() and "fr->de" in (run_dir / "summary.md").read_text()
+    frontier = summary["frontier"]["greedy"]
+    assert set(frontier["per_pair"]["fr->de"]) == {"none", *methods}
+    assert set(frontier["mean"]["entropy"]) == {"0.5", "1.0"}
+    assert (run_dir / "frontier.png").exists() and "fr->de" in (run_dir / "summary.md").read_text()
+    span = summary["span"]
+    assert len(span["oracle_fit"]) == 2 and all(0 <= v <= 1 + 1e-6 for v in span["entropy"]["features"])
+    assert span["oracle_fit"][1] > 0  # the oracle rebuilds part of the direction
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # nothing redone
+
+    # a user's own prompts, and one prompt side by side
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text(
+        json.dumps({"text": "Die Datei wird gespeichert.", "lang": "de"})
+        + "\n"
+        + json.dumps({"text": "Die Tabelle enthält Daten.", "lang": "de"})
+        + "\n"
+    )
+    base = command[: command.index("--from")]
+    own = subprocess.run(
+        base
+        + [
+            "--prompts",
+            str(prompt_file),
+            "--to",
+            "fr",
+            "--methods",
+            "entropy,diffmean",
+            "--strengths",
+            "1",
+            "--decodings",
+            "greedy",
+            "--new-tokens",
+            "4",
+            "--n-ctx",
+            "16",
+            "--blocks-per-lang",
+            "4",
+            "--run-dir",
+            str(tmp_path / "own"),
+        ],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert own.returncode == 0, own.stderr[-3000:]
+    own_records = [json.loads(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["source"], r["target"]) for r in own_records} == {("de", "fr")} and all(
+        r["n"] == 2 for r in own_records
+    )
+    one = subprocess.run(
+        base
+        + [
+            "--prompt",
+            "Die Datei wird in dem Ordner gespeichert",
+            "--to",
+            "fr",
+            "--methods",
+            "entropy,diffmean",
+            "--new-tokens",
+            "4",
+            "--n-ctx",
+            "16",
+            "--blocks-per-lang",
+            "4",
+            "--run-dir",
+            str(tmp_path / "one"),
+        ],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "unsteered" in one.stdout and "entropy @4" in one.stdout and "diffmean @1" in one.stdout
+    for bad, message in (
+        (["--prompt", "Die Datei", "--from", "de", "--to", "xx"], "xx"),
+        (["--prompt", " ", "--from", "de", "--to", "fr"], "empty prompt"),
+        (["--prompt", "Die Datei " * 40, "--from", "de", "--to", "fr"], "context"),
+    ):
+        failed = subprocess.run(
+            base + bad + ["--n-ctx", "16", "--run-dir", str(tmp_path / "bad")],
+            env=script_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert failed.returncode != 0 and message in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_sae_lens_training_loading_and_latent_edits(setup, tmp_path):
@@ -418,7 +532,7 @@ def test_steer_script_locates_units_itself_without_a_located_file(
     ]
     result = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "locating language features" in result.stdout
+    assert "locating feature sets" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {
         "none",

@@ -7,6 +7,10 @@ Every help page exists in every language, and paragraphs carry stable ids (`par_
 - drop code paragraphs (class `code`, `bascode`, …);
 - drop paragraphs identical to the English one (untranslated fallback) — done in `build.py`, which
   sees all languages.
+
+The same parser records the UI terms the help marks inside a paragraph (`<span class="menuitem">`,
+`<span class="emph">`) as character spans of the cleaned text (`parse_help_page_marks`) — the
+answers of LinguaMap's cloze task (analysis/linguamap.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ _CODE_CLASSES = {"code", "codeintable", "bascode", "smathcode", "pycode", "examp
 _VOID_TAGS = {"br", "img", "input", "meta", "link", "hr", "wbr", "source", "area", "base", "col", "embed"}
 _SKIP_CONTENT_TAGS = {"script", "style", "noscript"}
 _WHITESPACE = re.compile(r"\s+")
+MARK_CLASSES = ("menuitem", "emph")
+# Private-use characters stand for "a marked span starts / ends here" while the text is collected.
+_MARK_START, _MARK_END = "\ue000", "\ue001"
 
 
 def package_name(lang: str) -> str:
@@ -51,6 +58,8 @@ class _HelpPageParser(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[tuple[str, str]] = []
+        self.marks: dict[str, list[tuple[int, int, str]]] = {}  # paragraph id → (start, end, class)
+        self._mark_stack: list[tuple[int, str]] = []  # (depth, class) of the open marked spans
         self._stack: list[str] = []
         self._in_display_depth: int | None = None  # stack depth of the DisplayArea div
         self._paragraph: tuple[str, int, bool] | None = None  # (id, depth, is_code)
@@ -82,6 +91,11 @@ class _HelpPageParser(HTMLParser):
             # A platform/application variant. Keep the default one so each paragraph reads once.
             if not attributes.get("id", "").startswith("default"):
                 self._hidden_depth = depth
+        elif tag == "span" and self._hidden_depth is None and not self._mark_stack:
+            marked = set(attributes.get("class", "").split()) & set(MARK_CLASSES)
+            if marked:
+                self._mark_stack.append((depth, sorted(marked)[0]))
+                self._chunks.append(_MARK_START)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in _VOID_TAGS or tag not in self._stack:
@@ -94,16 +108,20 @@ class _HelpPageParser(HTMLParser):
                 break
 
     def _close(self, depth: int) -> None:
+        if self._mark_stack and self._mark_stack[-1][0] == depth:
+            self._chunks.append(_MARK_END + self._mark_stack.pop()[1] + _MARK_END)
         if self._hidden_depth == depth:
             self._hidden_depth = None
         if self._skip_depth == depth:
             self._skip_depth = None
         if self._paragraph is not None and self._paragraph[1] == depth:
             element_id, _, is_code = self._paragraph
-            text = _WHITESPACE.sub(" ", "".join(self._chunks)).strip()
+            text, marks = _text_and_marks("".join(self._chunks))
             if text and not is_code:
                 self.paragraphs.append((element_id, text))
+                self.marks.setdefault(element_id, marks)
             self._paragraph = None
+            self._mark_stack.clear()
         if self._in_display_depth == depth:
             self._in_display_depth = None
 
@@ -112,18 +130,55 @@ class _HelpPageParser(HTMLParser):
             self._chunks.append(data)
 
 
-def parse_help_page(html: str) -> list[tuple[str, str]]:
-    """`(paragraph id, cleaned text)` pairs of one page, first occurrence of each id only."""
+def _text_and_marks(raw: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """The cleaned paragraph text (whitespace runs → one space, stripped: exactly what the corpus
+    holds) and the marked spans as (start, end, class) offsets into it, trimmed of spaces."""
+    plain = re.sub(f"{_MARK_END}[a-z]+{_MARK_END}|{_MARK_START}", "", raw)
+    text = _WHITESPACE.sub(" ", plain).strip()
+    marks, opened = [], None
+    for match in re.finditer(f"{_MARK_START}|{_MARK_END}([a-z]+){_MARK_END}", raw):
+        before = re.sub(f"{_MARK_END}[a-z]+{_MARK_END}|{_MARK_START}", "", raw[: match.start()])
+        offset = min(len(_WHITESPACE.sub(" ", before).lstrip()), len(text))
+        if match.group(0) == _MARK_START:
+            opened = offset
+        elif opened is not None:
+            start, end = opened, offset
+            while start < end and text[start] == " ":
+                start += 1
+            while end > start and text[end - 1] == " ":
+                end -= 1
+            if end > start:
+                marks.append((start, end, match.group(1)))
+            opened = None
+    return text, marks
+
+
+def _parse(html: str) -> _HelpPageParser:
     parser = _HelpPageParser()
     parser.feed(html)
     parser.close()
+    return parser
+
+
+def parse_help_page(html: str) -> list[tuple[str, str]]:
+    """`(paragraph id, cleaned text)` pairs of one page, first occurrence of each id only."""
     seen: set[str] = set()
     unique = []
-    for element_id, text in parser.paragraphs:
+    for element_id, text in _parse(html).paragraphs:
         if element_id not in seen:
             seen.add(element_id)
             unique.append((element_id, text))
     return unique
+
+
+def parse_help_page_marks(html: str) -> dict[str, tuple[str, list[tuple[int, int, str]]]]:
+    """Paragraph id → (cleaned text, marked UI-term spans (start, end, class)), first occurrence only."""
+    parser = _parse(html)
+    out: dict[str, tuple[str, list[tuple[int, int, str]]]] = {}
+    for element_id, text in parser.paragraphs:
+        if element_id not in out:
+            out[element_id] = (text, parser.marks.get(element_id, []))
+    return out
 
 
 def iter_help_tree(help_root: Path, lang: str, subdirs: list[str] | None = None) -> Iterator[Paragraph]:

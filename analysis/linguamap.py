@@ -1,0 +1,224 @@
+"""LinguaMap's four-scenario protocol, offline (seeds 000/001; docs/methods.md §10; issue #14).
+
+The task is a **UI-term cloze** on the parallel LibreOffice help: the help marks UI terms
+(`<span class="menuitem">Format - Cellules</span>`, `<span class="emph">Hauteur de ligne</span>`), and
+paragraphs are parallel by id, so each marked term has its translation in every language. An item is
+a paragraph prefix that ends just before a marked term; the answer is the term. The k-th marked span of
+a paragraph is aligned across languages only when every language marks the same number of spans (of
+the same classes, in the same order) — otherwise the paragraph is dropped.
+
+Held-out items come only from the corpus's held-out parallel split (never trained on); fine-tuning
+items only from pages that hold no held-out paragraph.
+
+Scenarios (demonstration language × query language → expected answer language), for each language L:
+    (1) en demos + en query → en     (2) L demos + L query → L
+    (3) en demos + L query → L       (4) L demos + en query → L
+A prompt is k demonstrations (prefix + term, one per line, from other pages) then the query prefix.
+
+Scoring, by generation: the greedy continuation is **correct** (starts with the expected term), **other
+language** (starts with the term of another language: the consistency bottleneck), **wrong, expected
+language** (CLD2 says the expected language: the transfer bottleneck) or **other**. By likelihood: the
+expected term is ranked against its translation in a contrast language (the query's language, else
+English, else French) and ≥ 3 other marked terms of the same page in the expected language, by mean
+log-probability per token (so longer terms are not penalised for their length); the top candidate
+gives the same four outcomes (a distractor on top = transfer bottleneck).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training import langid
+
+OUTCOMES = ("correct", "other_language", "wrong_expected_language", "other")
+SCENARIOS = ("1", "2", "3", "4")
+MIN_PREFIX_CHARS = 12
+
+
+@dataclass
+class ClozeItem:
+    """One marked term of one paragraph, in every language."""
+
+    item_id: str  # parallel id + "@" + index of the mark
+    page: str  # the help page (relative path) it comes from
+    prefix: dict[str, str]  # language → paragraph text before the term
+    term: dict[str, str]  # language → the term
+    distractors: dict[str, list[str]] = field(default_factory=dict)  # other marked terms of the page
+
+    def to_json(self) -> dict:
+        return self.__dict__
+
+    @staticmethod
+    def from_json(doc: dict) -> ClozeItem:
+        return ClozeItem(**doc)
+
+
+def align_marks(
+    paragraphs: dict[str, tuple[str, list[tuple[int, int, str]]]], parallel_id: str, page: str
+) -> list[ClozeItem]:
+    """Items of one paragraph given per language (text, marks), or [] when the languages' marks do not
+    correspond (different counts or classes) — such paragraphs are dropped, never guessed."""
+    langs = list(paragraphs)
+    marks = {lang: paragraphs[lang][1] for lang in langs}
+    classes = {lang: [c for _, _, c in marks[lang]] for lang in langs}
+    if len({tuple(c) for c in classes.values()}) != 1 or not marks[langs[0]]:
+        return []
+    items = []
+    for k in range(len(marks[langs[0]])):
+        prefix, term = {}, {}
+        for lang in langs:
+            text = paragraphs[lang][0]
+            start, end, _ = marks[lang][k]
+            prefix[lang], term[lang] = text[:start], text[start:end]
+        if all(len(p.strip()) >= MIN_PREFIX_CHARS for p in prefix.values()):
+            items.append(ClozeItem(f"{parallel_id}@{k}", page, prefix, term))
+    return items
+
+
+def with_distractors(items: list[ClozeItem], page_terms: dict[str, dict[str, list[str]]]) -> list[ClozeItem]:
+    """Adds each item's distractors: the other distinct marked terms of its page, per language."""
+    for item in items:
+        item.distractors = {
+            lang: sorted({t for t in page_terms.get(item.page, {}).get(lang, []) if t != item.term[lang]})
+            for lang in item.term
+        }
+    return items
+
+
+def scenario_languages(scenario: str, lang: str) -> tuple[str, str, str]:
+    """(demonstration language, query language, expected answer language)."""
+    return {
+        "1": ("en", "en", "en"),
+        "2": (lang, lang, lang),
+        "3": ("en", lang, lang),
+        "4": (lang, "en", lang),
+    }[scenario]
+
+
+def build_prompt(demos: list[tuple[str, str]], query_prefix: str) -> str:
+    """k demonstrations (prefix immediately followed by its term), one per line, then the query prefix
+    without its trailing space (the answer's first token carries the space, as BPE sees it mid-text)."""
+    lines = [prefix + term for prefix, term in demos]
+    return "\n".join(lines + [query_prefix.rstrip()])
+
+
+def answer_text(prefix: str, term: str) -> str:
+    """The term as it continues the prompt: with the space the prefix ended with, if any."""
+    return (" " if prefix[-1:].isspace() else "") + term
+
+
+def choose_demos(items: list[ClozeItem], query: ClozeItem, k: int, rng: random.Random) -> list[ClozeItem]:
+    """k items of other pages than the query's."""
+    pool = [item for item in items if item.page != query.page]
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def classify(continuation: str, item: ClozeItem, expected_lang: str) -> str:
+    """One of OUTCOMES for a generated continuation (see the module docstring)."""
+    text = continuation.strip().casefold()
+    if text.startswith(item.term[expected_lang].strip().casefold()):
+        return "correct"
+    expected = item.term[expected_lang].strip().casefold()
+    for lang, term in item.term.items():
+        other = term.strip().casefold()
+        if lang != expected_lang and other != expected and other and text.startswith(other):
+            return "other_language"
+    if langid.detect(continuation) == expected_lang:
+        return "wrong_expected_language"
+    return "other"
+
+
+def contrast_language(expected_lang: str, query_lang: str) -> str:
+    if query_lang != expected_lang:
+        return query_lang
+    return "en" if expected_lang != "en" else "fr"
+
+
+@torch.no_grad()
+def candidate_scores(model, tokenizer, prompt: str, candidates: list[str]) -> list[float]:
+    """Mean log-probability per token of each candidate continuation of `prompt` (BOS + prompt)."""
+    device = next(model.parameters()).device
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    scores = []
+    for candidate in candidates:
+        ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        if not ids:
+            scores.append(float("-inf"))
+            continue
+        full = torch.tensor([prompt_ids + ids], device=device)[:, -model.config.n_positions :]
+        logits = model(input_ids=full).logits[0, -len(ids) - 1 : -1]
+        logprobs = F.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids, device=device)[:, None])
+        scores.append(float(logprobs.mean()))
+    return scores
+
+
+def likelihood_outcome(scores: list[float]) -> str:
+    """Candidates are ordered [expected, contrast-language translation, distractors...]."""
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    return "correct" if best == 0 else "other_language" if best == 1 else "wrong_expected_language"
+
+
+def shares(outcomes: list[str]) -> dict[str, float]:
+    n = max(1, len(outcomes))
+    return {o: sum(x == o for x in outcomes) / n for o in OUTCOMES} | {"n": len(outcomes)}
+
+
+# --- items from the corpus ------------------------------------------------------------------------------
+
+
+def page_and_paragraph(parallel_id: str) -> tuple[str, str] | None:
+    """'lo:text/scalc/01/x.html#par_id1' → ('text/scalc/01/x.html', 'par_id1'); None for other sources."""
+    if not parallel_id or not parallel_id.startswith("lo:") or "#" not in parallel_id:
+        return None
+    page, paragraph = parallel_id[3:].split("#", 1)
+    return page, paragraph
+
+
+def held_out_items(corpus, langs: list[str], help_roots: dict[str, Path]) -> tuple[list[ClozeItem], dict]:
+    """Aligned items of the held-out parallel split's LibreOffice paragraphs, with counts."""
+    from training.corpus.libreoffice import help_dir_name, parse_help_page_marks
+
+    split = corpus["parallel"]
+    texts: dict[str, dict[str, str]] = {}
+    for text, lang, parallel_id in zip(split["text"], split["lang"], split["parallel_id"]):
+        if lang in langs and page_and_paragraph(parallel_id):
+            texts.setdefault(parallel_id, {})[lang] = text
+    pages = sorted({page_and_paragraph(pid)[0] for pid in texts})
+    parsed: dict[str, dict[str, dict]] = {}  # page → lang → paragraph id → (text, marks)
+    page_terms: dict[str, dict[str, list[str]]] = {}
+    for page in pages:
+        for lang in langs:
+            path = help_roots[lang] / help_dir_name(lang) / page
+            marks = (
+                parse_help_page_marks(path.read_text(encoding="utf-8", errors="replace"))
+                if path.exists()
+                else {}
+            )
+            parsed.setdefault(page, {})[lang] = marks
+            page_terms.setdefault(page, {})[lang] = [
+                t[a:b] for t, spans in marks.values() for a, b, _ in spans
+            ]
+    counts = {"paragraphs": len(texts), "with_marks": 0, "misaligned": 0, "text_mismatch": 0}
+    items = []
+    for parallel_id, by_lang in sorted(texts.items()):
+        page, paragraph = page_and_paragraph(parallel_id)
+        if set(by_lang) != set(langs):
+            continue
+        found = {lang: parsed[page][lang].get(paragraph) for lang in langs}
+        if any(f is None or f[0] != by_lang[lang] for lang, f in found.items()):
+            counts["text_mismatch"] += 1  # the page no longer gives the corpus's text: not aligned
+            continue
+        if not any(f[1] for f in found.values()):
+            continue
+        counts["with_marks"] += 1
+        aligned = align_marks({lang: found[lang] for lang in langs}, parallel_id, page)
+        if not aligned:
+            counts["misaligned"] += 1
+        items += aligned
+    counts["items"] = len(items)
+    return with_distractors(items, page_terms), counts

@@ -1,0 +1,250 @@
+"""LinguaMap's protocol as a run directory: items, the four scenarios × languages × shots, both scorings,
+and a JSON / Markdown / HTML report with a stacked-bar plot (analysis/linguamap.py holds the method).
+
+`run_linguamap(LinguaMapConfig(...))` builds the held-out items once (items.jsonl, with their counts),
+then appends one record per (scenario, language, shots, mode) to metrics.jsonl — a killed run resumes,
+a changed config is refused (only which scenarios / shots / modes to run and the device may change).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from analysis import linguamap as lm
+from training import paths
+from training.config import RunDir, atomic_write_text, config_to_dict
+from training.errors import UserError
+
+MAY_CHANGE = ("device", "scenarios", "shots", "modes")
+KEY = ("scenario", "lang", "shots", "mode")
+MODES = ("generation", "likelihood")
+
+
+@dataclass
+class LinguaMapConfig:
+    """LinguaMap's four-scenario protocol on the UI-term cloze of the held-out parallel help text."""
+
+    model_dir: str = field(default=paths.MODEL_DIR, metadata={"help": "HF model directory"})
+    corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
+    langs: list[str] = field(
+        default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh"], metadata={"help": "languages"}
+    )
+    scenarios: list[str] = field(default_factory=lambda: list(lm.SCENARIOS), metadata={"help": "1,2,3,4"})
+    shots: list[int] = field(
+        default_factory=lambda: [0, 1, 3], metadata={"help": "demonstrations per prompt"}
+    )
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "generation, likelihood"})
+    max_items: int = field(default=300, metadata={"help": "held-out items per (scenario, language, shots)"})
+    new_tokens: int = field(default=16, metadata={"help": "generated tokens per item"})
+    run_dir: str = field(default="runs/linguamap", metadata={"help": "output run directory"})
+    seed: int = field(default=0, metadata={"help": "item sampling and demonstration seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def load_items(config: LinguaMapConfig, run: RunDir) -> tuple[list[lm.ClozeItem], dict]:
+    """The held-out items (built once and saved in the run directory)."""
+    from training.corpus.build import default_corpus_dir, load_corpus, require_langs
+
+    path = run.path / "items.jsonl"
+    counts_path = run.path / "item_counts.json"
+    if path.exists() and counts_path.exists():
+        items = [lm.ClozeItem.from_json(json.loads(line)) for line in path.read_text().splitlines()]
+        return items, json.loads(counts_path.read_text())
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    require_langs(corpus, config.langs, "parallel")
+    items, counts = lm.held_out_items(corpus, config.langs, help_roots(config.langs))
+    if not items:
+        raise UserError(
+            f"no aligned UI-term items in the held-out parallel split for {config.langs}: the corpus needs "
+            "LibreOffice help paragraphs in its parallel split (build_corpus.py --sources libreoffice,...)"
+        )
+    atomic_write_text(path, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in items))
+    atomic_write_text(counts_path, json.dumps(counts, indent=2))
+    return items, counts
+
+
+def help_roots(langs: list[str]) -> dict[str, Path]:
+    from training.corpus.build import default_cache_dir
+    from training.corpus.libreoffice import LibreOfficeHelpSource
+
+    source = LibreOfficeHelpSource(langs, default_cache_dir())
+    return {lang: source.help_root(lang) for lang in langs}
+
+
+def scenario_prompts(
+    items: list[lm.ClozeItem], scenario: str, lang: str, shots: int, seed: int
+) -> list[tuple[lm.ClozeItem, str, str, str]]:
+    """(item, prompt, expected language, query language) for every item, demonstrations seeded per item."""
+    demo_lang, query_lang, expected = lm.scenario_languages(scenario, lang)
+    out = []
+    for index, item in enumerate(items):
+        rng = random.Random(f"{seed}:{scenario}:{lang}:{shots}:{index}")
+        demos = [(d.prefix[demo_lang], d.term[demo_lang]) for d in lm.choose_demos(items, item, shots, rng)]
+        out.append((item, lm.build_prompt(demos, item.prefix[query_lang]), expected, query_lang))
+    return out
+
+
+def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict:
+    """Outcome shares of one (scenario, language, shots) cell under one scoring mode."""
+    from training.evaluate import generate_continuations
+
+    limit = model.config.n_positions
+    fits = [
+        p
+        for p in prompts
+        if len(tokenizer(p[1], add_special_tokens=False)["input_ids"]) + 1 + new_tokens <= limit
+    ]
+    skipped = len(prompts) - len(fits)
+    examples = []
+    if not fits:
+        outcomes = []
+    elif mode == "generation":
+        device = next(model.parameters()).device
+        _, continuations, _ = generate_continuations(
+            model, tokenizer, [p[1] for p in fits], None, new_tokens, greedy=True, device=device
+        )
+        outcomes = [lm.classify(c, item, expected) for (item, _, expected, _), c in zip(fits, continuations)]
+        examples = [
+            {"prompt": p[1][-80:], "expected": p[0].term[p[2]], "continuation": c, "outcome": o}
+            for p, c, o in list(zip(fits, continuations, outcomes))[:3]
+        ]
+    else:
+        outcomes = []
+        for item, prompt, expected, query_lang in fits:
+            distractors = item.distractors.get(expected, [])[:5]
+            contrast = item.term[lm.contrast_language(expected, query_lang)]
+            if len(distractors) < 3 or contrast == item.term[expected]:
+                skipped += 1
+                continue
+            space = item.prefix[query_lang]
+            candidates = [lm.answer_text(space, t) for t in [item.term[expected], contrast, *distractors]]
+            outcomes.append(lm.likelihood_outcome(lm.candidate_scores(model, tokenizer, prompt, candidates)))
+    return {**lm.shares(outcomes), "skipped": skipped, "examples": examples}
+
+
+def protocol_jobs(langs: list[str], scenarios, shots, modes) -> list[tuple[str, str, int, str]]:
+    """(scenario, language, shots, mode) cells: scenario 1 (all English) once, the others per language."""
+    return [
+        (scenario, lang, k, mode)
+        for scenario in scenarios
+        for lang in (["en"] if scenario == "1" else [l for l in langs if l != "en"])
+        for k in shots
+        for mode in modes
+    ]
+
+
+def run_linguamap(config: LinguaMapConfig) -> dict:
+    from training.models import load_model
+
+    for name, values, allowed in (
+        ("scenarios", config.scenarios, lm.SCENARIOS),
+        ("modes", config.modes, MODES),
+    ):
+        bad = sorted(set(values) - set(allowed))
+        if bad:
+            raise UserError(f"unknown {name} {bad}; choose from {allowed}")
+    if "en" not in config.langs:
+        raise UserError(
+            "the protocol's scenarios use English demonstrations or queries: include en in --langs"
+        )
+    run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
+    items, counts = load_items(config, run)
+    rng = random.Random(config.seed)
+    chosen = rng.sample(items, min(config.max_items, len(items)))
+    model, tokenizer = load_model(config.model_dir, config.device)
+    done = run.keyed(KEY)
+    jobs = protocol_jobs(config.langs, config.scenarios, config.shots, config.modes)
+    for scenario, lang, shots, mode in tqdm(
+        [j for j in jobs if j not in done], desc="linguamap", unit="cell"
+    ):
+        prompts = scenario_prompts(chosen, scenario, lang, shots, config.seed)
+        result = evaluate_cell(model, tokenizer, prompts, mode, config.new_tokens)
+        run.log_metrics({"scenario": scenario, "lang": lang, "shots": shots, "mode": mode, **result})
+    records = [r for key, r in run.keyed(KEY).items() if key in set(jobs)]
+    result = {
+        "config": config_to_dict(config),
+        "item_counts": counts,
+        "n_items_used": len(chosen),
+        "cells": records,
+    }
+    write_report(run.path, result, config)
+    return result
+
+
+def write_report(run_dir: Path, result: dict, config: LinguaMapConfig) -> None:
+    from analysis.render import Report
+
+    report = Report(f"LinguaMap protocol: {config.model_dir}")
+    counts = result["item_counts"]
+    report.text(
+        f"Held-out items: {counts['items']} aligned UI terms from {counts['with_marks']} parallel "
+        f"paragraphs with marks ({counts['misaligned']} dropped: the languages mark different spans; "
+        f"{counts['text_mismatch']} dropped: page text differs from the corpus); "
+        f"{result['n_items_used']} used per cell."
+    )
+    for mode in config.modes:
+        rows = []
+        for r in sorted(
+            (r for r in result["cells"] if r["mode"] == mode),
+            key=lambda r: (r["scenario"], r["lang"], r["shots"]),
+        ):
+            rows.append(
+                [r["scenario"], r["lang"], r["shots"], r["n"], r["skipped"]]
+                + [f"{r[o]:.3f}" for o in lm.OUTCOMES]
+            )
+        report.table(
+            f"Outcome shares ({mode})",
+            ["scenario", "lang", "shots", "n", "skipped", *lm.OUTCOMES],
+            rows,
+        )
+    plot = Path(run_dir) / "outcomes.png"
+    plot_outcomes(result["cells"], config, plot)
+    report.image("Outcomes per scenario and language (most shots)", plot)
+    report.write(Path(run_dir), result)
+
+
+def plot_outcomes(cells: list[dict], config: LinguaMapConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = max(config.shots)
+    colours = {
+        "correct": "#2a9d8f",
+        "other_language": "#e9c46a",
+        "wrong_expected_language": "#e76f51",
+        "other": "#bbb",
+    }
+    fig, axes = plt.subplots(
+        len(config.modes),
+        len(config.scenarios),
+        figsize=(3.2 * len(config.scenarios), 3 * len(config.modes)),
+        squeeze=False,
+    )
+    for row, mode in enumerate(config.modes):
+        for col, scenario in enumerate(config.scenarios):
+            ax = axes[row][col]
+            mine = sorted(
+                (c for c in cells if c["mode"] == mode and c["scenario"] == scenario and c["shots"] == shots),
+                key=lambda c: c["lang"],
+            )
+            bottom = [0.0] * len(mine)
+            for outcome in lm.OUTCOMES:
+                values = [c[outcome] for c in mine]
+                ax.bar(
+                    [c["lang"] for c in mine], values, bottom=bottom, color=colours[outcome], label=outcome
+                )
+                bottom = [b + v for b, v in zip(bottom, values)]
+            demo, query, expected = lm.scenario_languages(scenario, "L")
+            ax.set_title(f"{mode}: ({scenario}) {demo} demos, {query} query → {expected}", fontsize=8)
+            ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

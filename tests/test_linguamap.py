@@ -1,0 +1,136 @@
+"""LinguaMap's protocol (analysis/linguamap.py) on hand-made pages, outputs and prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis import linguamap as lm
+from training.corpus.libreoffice import parse_help_page_marks
+
+EN = """<div id="DisplayArea">
+<p id="par_id1">To change the height, choose <span class="menuitem">Format - Row - Height</span> and enter
+<span class="emph">Row height</span>.</p>
+<p id="par_id2">Click <span class="emph">OK</span> to close the dialog window now.</p>
+</div>"""
+FR = """<div id="DisplayArea">
+<p id="par_id1">Pour changer la hauteur, choisissez <span class="menuitem">Format - Ligne - Hauteur</span> et
+saisissez <span class="emph">Hauteur de ligne</span>.</p>
+<p id="par_id2">Cliquez sur OK pour fermer la boîte de dialogue maintenant.</p>
+</div>"""
+
+
+def hand_items() -> list[lm.ClozeItem]:
+    en, fr = parse_help_page_marks(EN), parse_help_page_marks(FR)
+    items = []
+    for paragraph in ("par_id1", "par_id2"):
+        items += lm.align_marks(
+            {"en": en[paragraph], "fr": fr[paragraph]}, f"lo:p.html#{paragraph}", "p.html"
+        )
+    return items
+
+
+def test_marked_terms_align_across_languages_and_mismatches_are_dropped():
+    items = hand_items()
+    # par_id2: English marks "OK", French marks nothing → dropped, not guessed
+    assert [item.item_id for item in items] == ["lo:p.html#par_id1@0", "lo:p.html#par_id1@1"]
+    first, second = items
+    assert first.term == {"en": "Format - Row - Height", "fr": "Format - Ligne - Hauteur"}
+    assert first.prefix == {
+        "en": "To change the height, choose ",
+        "fr": "Pour changer la hauteur, choisissez ",
+    }
+    assert second.term == {"en": "Row height", "fr": "Hauteur de ligne"}
+    assert second.prefix["fr"].endswith("Hauteur et saisissez ")
+    # a paragraph whose languages mark different classes is dropped too
+    swapped = {
+        "en": ("a b c d e f g h i j k l m n", [(14, 15, "emph")]),
+        "fr": ("a b c d e f g h i j k l m n", [(14, 15, "menuitem")]),
+    }
+    assert lm.align_marks(swapped, "x", "p") == []
+    with_distractors = lm.with_distractors(
+        items, {"p.html": {"en": ["Row height", "OK", "Cancel"], "fr": []}}
+    )
+    assert with_distractors[0].distractors["en"] == ["Cancel", "OK", "Row height"]
+    assert with_distractors[1].distractors["en"] == ["Cancel", "OK"]
+
+
+def test_each_outcome_category_on_hand_made_outputs():
+    item = lm.ClozeItem(
+        "x@0",
+        "p",
+        {"en": "choose ", "fr": "choisissez ", "de": "wählen Sie "},
+        {"en": "Row height", "fr": "Hauteur de ligne", "de": "Zeilenhöhe"},
+    )
+    assert lm.classify(" Hauteur de ligne puis cliquez", item, "fr") == "correct"
+    assert lm.classify("hauteur DE LIGNE", item, "fr") == "correct"  # case-insensitive
+    assert lm.classify(" Row height and click OK", item, "fr") == "other_language"
+    assert lm.classify(" Zeilenhöhe", item, "fr") == "other_language"
+    wrong = " la largeur de la colonne dans la boîte de dialogue qui s'ouvre alors à l'écran"
+    assert lm.classify(wrong, item, "fr") == "wrong_expected_language"
+    assert lm.classify(" 1234 ###", item, "fr") == "other"
+    assert lm.likelihood_outcome([-1.0, -2.0, -3.0, -4.0, -5.0]) == "correct"
+    assert lm.likelihood_outcome([-2.0, -1.0, -3.0, -4.0, -5.0]) == "other_language"
+    assert lm.likelihood_outcome([-2.0, -3.0, -3.0, -1.0, -5.0]) == "wrong_expected_language"
+    assert lm.shares(["correct", "other", "correct", "other_language"]) == {
+        "correct": 0.5,
+        "other_language": 0.25,
+        "wrong_expected_language": 0.0,
+        "other": 0.25,
+        "n": 4,
+    }
+
+
+def test_scenario_prompts_are_built_exactly():
+    from analysis.linguamap_run import scenario_prompts
+
+    items = [
+        lm.ClozeItem(
+            f"p{i}#a@0",
+            f"page{i}",
+            {"en": f"en prefix {i} ", "fr": f"fr préfixe {i} "},
+            {"en": f"Term{i}", "fr": f"Terme{i}"},
+        )
+        for i in range(4)
+    ]
+    assert [lm.scenario_languages(s, "fr") for s in lm.SCENARIOS] == [
+        ("en", "en", "en"),
+        ("fr", "fr", "fr"),
+        ("en", "fr", "fr"),
+        ("fr", "en", "fr"),
+    ]
+    assert lm.build_prompt([("a ", "X"), ("b ", "Y")], "query ") == "a X\nb Y\nquery"
+    prompts = scenario_prompts(items, "4", "fr", shots=2, seed=0)
+    item, prompt, expected, query_lang = prompts[0]
+    lines = prompt.split("\n")
+    assert expected == "fr" and query_lang == "en" and lines[-1] == "en prefix 0"
+    assert len(lines) == 3 and all(line.startswith("fr préfixe ") and "Terme" in line for line in lines[:2])
+    assert "Terme0" not in prompt  # demonstrations come from other pages
+    assert scenario_prompts(items, "4", "fr", shots=2, seed=0) == prompts  # seeded
+    zero = scenario_prompts(items, "3", "fr", shots=0, seed=0)
+    assert zero[1][1] == "fr préfixe 1" and zero[1][2] == "fr"
+    assert (
+        lm.answer_text("choose ", "Row height") == " Row height" and lm.answer_text("选择", "行高") == "行高"
+    )
+    assert lm.contrast_language("fr", "en") == "en" and lm.contrast_language("fr", "fr") == "en"
+    assert lm.contrast_language("en", "en") == "fr"
+
+
+@torch.no_grad()
+def test_likelihood_ranking_is_the_mean_token_log_probability(slice_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from tests.helpers import tiny_gpt2
+
+    tokenizer = AutoTokenizer.from_pretrained(slice_tokenizer_dir)
+    model = tiny_gpt2(tokenizer, seed=5).eval()
+    prompt, candidates = "Choisissez", [" Format - Cellules", " Tools", " Hauteur de ligne"]
+    scores = lm.candidate_scores(model, tokenizer, prompt, candidates)
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for candidate, score in zip(candidates, scores):
+        ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        total = 0.0
+        for i, token in enumerate(ids):  # one token at a time, by hand
+            logits = model(input_ids=torch.tensor([prompt_ids + ids[:i]])).logits[0, -1]
+            total += float(torch.log_softmax(logits, -1)[token])
+        assert score == pytest.approx(total / len(ids), rel=1e-4, abs=1e-5)
