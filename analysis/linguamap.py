@@ -222,3 +222,75 @@ def held_out_items(corpus, langs: list[str], help_roots: dict[str, Path]) -> tup
         items += aligned
     counts["items"] = len(items)
     return with_distractors(items, page_terms), counts
+
+
+# --- fine-tuning data: the same format, from pages that hold no held-out paragraph -----------------------
+
+
+def training_items(
+    help_roots: dict[str, Path], langs: list[str], exclude_pages: set[str], subdirs: list[str] | None = None
+) -> list[ClozeItem]:
+    """Aligned items of every help page (under text/, or text/<subdir>) outside `exclude_pages` (the
+    pages holding held-out paragraphs)."""
+    from training.corpus.libreoffice import help_dir_name, parse_help_page_marks
+
+    reference = help_roots[langs[0]] / help_dir_name(langs[0])
+    roots = [reference / "text" / d for d in subdirs] if subdirs else [reference / "text"]
+    pages = sorted(p.relative_to(reference).as_posix() for root in roots for p in root.rglob("*.html"))
+    items, page_terms = [], {}
+    for page in pages:
+        if page in exclude_pages:
+            continue
+        parsed = {}
+        for lang in langs:
+            path = help_roots[lang] / help_dir_name(lang) / page
+            parsed[lang] = (
+                parse_help_page_marks(path.read_text(encoding="utf-8", errors="replace"))
+                if path.exists()
+                else {}
+            )
+        page_terms[page] = {
+            lang: [t[a:b] for t, spans in parsed[lang].values() for a, b, _ in spans] for lang in langs
+        }
+        for paragraph, (_, marks) in parsed[langs[0]].items():
+            if not marks or any(paragraph not in parsed[lang] for lang in langs):
+                continue
+            items += align_marks(
+                {lang: parsed[lang][paragraph] for lang in langs}, f"lo:{page}#{paragraph}", page
+            )
+    return with_distractors(items, page_terms)
+
+
+def split_by_page(
+    items: list[ClozeItem], validation_share: float = 0.3
+) -> tuple[list[ClozeItem], list[ClozeItem]]:
+    """(validation, test): whole pages go to one side (a stable hash of the page path decides)."""
+    import hashlib
+
+    def bucket(page: str) -> float:
+        return int(hashlib.sha256(page.encode()).hexdigest()[:8], 16) / 16**8
+
+    validation = [item for item in items if bucket(item.page) < validation_share]
+    test = [item for item in items if bucket(item.page) >= validation_share]
+    return validation, test
+
+
+def finetune_texts(items: list[ClozeItem], langs: list[str], shots: int, seed: int) -> list[dict]:
+    """Training texts in the protocol's format with the answer in the expected language: for every item
+    and non-English language L, the prompts of scenarios 2–4 followed by L's term."""
+    rng = random.Random(seed)
+    out = []
+    for item in items:
+        for lang in langs:
+            if lang == "en":
+                continue
+            for scenario in ("2", "3", "4"):
+                demo_lang, query_lang, expected = scenario_languages(scenario, lang)
+                demos = [
+                    (d.prefix[demo_lang], d.term[demo_lang]) for d in choose_demos(items, item, shots, rng)
+                ]
+                prompt = build_prompt(demos, item.prefix[query_lang])
+                out.append(
+                    {"text": prompt + answer_text(item.prefix[query_lang], item.term[expected]), "lang": lang}
+                )
+    return out

@@ -20,7 +20,7 @@ from training import paths
 from training.config import RunDir, atomic_write_text, config_to_dict
 from training.errors import UserError
 
-MAY_CHANGE = ("device", "scenarios", "shots", "modes")
+MAY_CHANGE = ("device", "scenarios", "shots", "modes", "finetune_data")
 KEY = ("scenario", "lang", "shots", "mode")
 MODES = ("generation", "likelihood")
 
@@ -41,6 +41,13 @@ class LinguaMapConfig:
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "generation, likelihood"})
     max_items: int = field(default=300, metadata={"help": "held-out items per (scenario, language, shots)"})
     new_tokens: int = field(default=16, metadata={"help": "generated tokens per item"})
+    finetune_data: str = field(
+        default="",
+        metadata={
+            "help": "write fine-tuning data here (train texts from non-held-out pages, validation / test "
+            "items) for finetune.py --scenario linguamap, instead of evaluating"
+        },
+    )
     run_dir: str = field(default="runs/linguamap", metadata={"help": "output run directory"})
     seed: int = field(default=0, metadata={"help": "item sampling and demonstration seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -66,6 +73,45 @@ def load_items(config: LinguaMapConfig, run: RunDir) -> tuple[list[lm.ClozeItem]
     atomic_write_text(path, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in items))
     atomic_write_text(counts_path, json.dumps(counts, indent=2))
     return items, counts
+
+
+def prepare_finetune_data(config: LinguaMapConfig) -> dict:
+    """Fine-tuning data for the linguamap scenario: the held-out items split by page into validation
+    (chooses the learning rate) and test, and training texts built from pages holding no held-out
+    paragraph at all."""
+    from training.corpus.build import default_corpus_dir, load_corpus
+
+    run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
+    items, counts = load_items(config, run)
+    validation, test = lm.split_by_page(items)
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    held_out_pages = {
+        lm.page_and_paragraph(pid)[0]
+        for pid in corpus["parallel"]["parallel_id"]
+        if lm.page_and_paragraph(pid)
+    }
+    train_items = lm.training_items(help_roots(config.langs), config.langs, held_out_pages)
+    texts = lm.finetune_texts(train_items, config.langs, shots=3, seed=config.seed)
+    out = Path(config.finetune_data)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (
+        ("train", texts),
+        ("validation", [i.to_json() for i in validation]),
+        ("test", [i.to_json() for i in test]),
+    ):
+        atomic_write_text(
+            out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
+    meta = {
+        "held_out_items": counts,
+        "validation_items": len(validation),
+        "test_items": len(test),
+        "train_items": len(train_items),
+        "train_texts": len(texts),
+        "held_out_pages_excluded": len(held_out_pages),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    return meta
 
 
 def help_roots(langs: list[str]) -> dict[str, Path]:

@@ -431,7 +431,45 @@ def test_comparison_table_by_hand():
     assert lines["lape"]["forgetting"][0] == pytest.approx(0.3) and lines["lape"]["train_time_min_s"] == 5.0
     assert lines["located"]["skipped"] == "no units"
     text = compare.markdown(list(lines.values()))
-    assert "not run: no units" in text and "| adapt-eu | lape | 6.000 | 5.250 ± 0.354 | 0.25 |" in text
+    assert (
+        "not run: no units" in text and "| adapt-eu | lape | default | 6.000 | 5.250 ± 0.354 | 0.25 |" in text
+    )
+
+
+def test_learning_rate_is_chosen_per_strategy_on_validation_not_test():
+    from training import compare
+
+    def row(variant, lr, seed, validation, test):
+        return {
+            "scenario": "linguamap",
+            "variant": variant,
+            "lr": lr,
+            "seed": seed,
+            "metric": "linguamap",
+            "target_before": 0.2,
+            "target_after": test,
+            "validation_after": validation,
+            "forgetting": 0.0,
+            "share": 0.1,
+            "trainable": 10,
+            "train_time_s": 1.0,
+        }
+
+    rows = [
+        row("full", 1e-3, 0, 0.5, 0.9),
+        row("full", 1e-3, 1, 0.5, 0.9),  # best on test, not on validation
+        row("full", 1e-2, 0, 0.8, 0.6),
+        row("full", 1e-2, 1, 0.7, 0.6),
+        row("last-k", 1e-3, 0, 0.9, 0.5),
+        row("last-k", 1e-2, 0, 0.3, 0.8),
+    ]
+    lines = compare.table(rows)
+    chosen = {(line["variant"], line["lr"]) for line in lines if line["chosen"]}
+    assert chosen == {("full", 1e-2), ("last-k", 1e-3)}
+    last_k = next(line for line in lines if line["variant"] == "last-k" and line["chosen"])
+    # gain relative to full fine-tuning at full's chosen rate: (0.5 − 0.2) / (0.6 − 0.2)
+    assert last_k["gain_vs_full"] == pytest.approx(0.75) and last_k["chosen_on"] == "validation"
+    assert len(lines) == 4 and "0.01 ✓" in compare.markdown(lines)
 
 
 def test_masked_finetuning_under_torchrun(tmp_path, tiny_model_dir, real_slice_corpus_dir):

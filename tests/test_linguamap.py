@@ -134,3 +134,70 @@ def test_likelihood_ranking_is_the_mean_token_log_probability(slice_tokenizer_di
             logits = model(input_ids=torch.tensor([prompt_ids + ids[:i]])).logits[0, -1]
             total += float(torch.log_softmax(logits, -1)[token])
         assert score == pytest.approx(total / len(ids), rel=1e-4, abs=1e-5)
+
+
+def test_finetuning_data_leaves_held_out_pages_out_and_the_scenario_runs(
+    real_slice_corpus_dir, tiny_model_dir, tmp_path
+):
+    """Training items come only from pages without held-out paragraphs; the linguamap fine-tuning scenario
+    trains on the protocol's texts and reports the protocol before and after."""
+    import dataclasses
+    import json
+
+    from analysis.linguamap_run import help_roots
+    from training.corpus.build import load_corpus
+    from training.finetune import FinetuneConfig, finetune
+
+    langs = ["en", "fr", "de"]
+    corpus = load_corpus(real_slice_corpus_dir)
+    roots = help_roots(langs)
+    held_out, counts = lm.held_out_items(corpus, langs, roots)
+    assert counts["paragraphs"] > 0 and counts["items"] == len(held_out)
+    for item in held_out:  # each item is the corpus paragraph cut at a marked term
+        assert all(item.prefix[l] and item.term[l] for l in langs)
+    held_out_pages = {
+        lm.page_and_paragraph(p)[0] for p in corpus["parallel"]["parallel_id"] if lm.page_and_paragraph(p)
+    }
+    train = lm.training_items(roots, langs, held_out_pages, subdirs=["shared/optionen"])
+    assert train and not {item.page for item in train} & held_out_pages
+    texts = lm.finetune_texts(train[:20], langs, shots=1, seed=0)
+    assert len(texts) == 20 * 2 * 3 and {t["lang"] for t in texts} == {"fr", "de"}
+    validation, test = lm.split_by_page(train[20:60])
+    assert validation and test and not {i.page for i in validation} & {i.page for i in test}
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    for name, rows in (("validation", validation), ("test", test)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(i.to_json()) + "\n" for i in rows))
+    config = dataclasses.replace(
+        FinetuneConfig(),
+        model_dir=str(tiny_model_dir),
+        corpus_dir=str(real_slice_corpus_dir),
+        run_dir=str(tmp_path / "ft"),
+        scenario="linguamap",
+        strategy="full",
+        mixture="fr=0.5,de=0.5",
+        target_langs=["fr", "de"],
+        linguamap_data=str(data),
+        linguamap_items=4,
+        token_budget=2000,
+        max_steps=2,
+        micro_batch=2,
+        warmup_steps=1,
+        eval_every=2,
+        ckpt_every=2,
+        eval_blocks=2,
+        gen_prompts=2,
+        gen_new_tokens=3,
+        device="cpu",
+    )
+    summary = finetune(config)
+    assert summary["metric"] == "linguamap"
+    for key in ("target_before", "target_after", "validation_before", "validation_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert set(summary["linguamap_after"]) == {"generation", "likelihood", "consistency"}
+    with pytest.raises(Exception, match="linguamap-data"):
+        finetune(
+            dataclasses.replace(config, linguamap_data=str(tmp_path / "none"), run_dir=str(tmp_path / "x"))
+        )

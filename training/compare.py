@@ -48,14 +48,22 @@ class CompareConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds"})
     max_steps: int = field(default=150, metadata={"help": "optimizer steps per run"})
-    lr: float | None = field(
-        default=None, metadata={"help": "peak learning rate for every run (default: FinetuneConfig's)"}
+    lrs: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "peak learning rates to sweep per strategy (default: FinetuneConfig's lr only); each "
+            "strategy's is chosen on validation data where the scenario has it (linguamap)"
+        },
     )
     run_dir: str = field(
         default=paths.FINETUNE_RUNS,
         metadata={"help": "run directory: one fine-tuning run per variant inside, and the comparison table"},
     )
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
+    linguamap_data: str = field(
+        default="",
+        metadata={"help": "linguamap scenario: directory from scripts/linguamap.py --finetune-data"},
+    )
 
 
 def n_layers(model_dir: str) -> int:
@@ -63,52 +71,64 @@ def n_layers(model_dir: str) -> int:
 
 
 def run_all(config: CompareConfig) -> list[dict]:
+    """Every (scenario, variant, learning rate, seed) fine-tuning run, one row each."""
     rows = []
-    lr_tag = "" if config.lr is None else f"-lr{config.lr:g}"
-    for scenario in config.scenarios:
-        for variant in config.variants:
-            for seed in config.seeds:
-                overrides = {
-                    "model_dir": config.model_dir,
-                    "located": config.located,
-                    "scenario": scenario,
-                    "seed": seed,
-                    "max_steps": config.max_steps,
-                    "eval_every": config.max_steps,
-                    "ckpt_every": config.max_steps,
-                    **VARIANTS[variant],
-                    "run_dir": str(Path(config.run_dir) / f"{scenario}-{variant}-{seed}{lr_tag}"),
-                }
-                if config.lr is not None:
-                    overrides["lr"] = config.lr
-                if overrides.get("last_k", 0) is None:
-                    overrides["last_k"] = n_layers(config.model_dir)
-                if config.corpus_dir:
-                    overrides["corpus_dir"] = config.corpus_dir
-                try:
-                    summary = finetune(dataclasses.replace(FinetuneConfig(), **overrides))
-                except ValueError as error:  # e.g. no located units for the target language
-                    rows.append(
-                        {"scenario": scenario, "variant": variant, "seed": seed, "skipped": str(error)}
-                    )
-                    print(f"{scenario} {variant} seed {seed}: skipped ({error})")
-                    continue
-                rows.append(
-                    {
-                        "scenario": scenario,
-                        "variant": variant,
-                        "seed": seed,
-                        "metric": summary["metric"],
-                        "target_before": summary["target_before"],
-                        "target_after": summary["target_after"],
-                        "forgetting": summary["forgetting"],
-                        "trainable": summary["parameters"]["trainable"],
-                        "share": summary["parameters"]["share"],
-                        "train_time_s": summary["train_time_s"],
-                        "run_dir": summary["run_dir"],
-                    }
-                )
+    for scenario, variant, lr, seed in [
+        (scenario, variant, lr, seed)
+        for scenario in config.scenarios
+        for variant in config.variants
+        for lr in (config.lrs or [None])
+        for seed in config.seeds
+    ]:
+        key = {"scenario": scenario, "variant": variant, "seed": seed, "lr": lr}
+        try:
+            summary = finetune(run_config(config, scenario, variant, lr, seed))
+        except ValueError as error:  # e.g. no located units for the target language
+            rows.append({**key, "skipped": str(error)})
+            print(f"{scenario} {variant} lr {lr} seed {seed}: skipped ({error})")
+            continue
+        rows.append(
+            {
+                **key,
+                "validation_after": summary.get("validation_after"),
+                "linguamap_after": summary.get("linguamap_after"),
+                "metric": summary["metric"],
+                "target_before": summary["target_before"],
+                "target_after": summary["target_after"],
+                "forgetting": summary["forgetting"],
+                "trainable": summary["parameters"]["trainable"],
+                "share": summary["parameters"]["share"],
+                "train_time_s": summary["train_time_s"],
+                "run_dir": summary["run_dir"],
+            }
+        )
     return rows
+
+
+def run_config(
+    config: CompareConfig, scenario: str, variant: str, lr: float | None, seed: int
+) -> FinetuneConfig:
+    lr_tag = "" if lr is None else f"-lr{lr:g}"
+    overrides = {
+        "model_dir": config.model_dir,
+        "located": config.located,
+        "scenario": scenario,
+        "seed": seed,
+        "max_steps": config.max_steps,
+        "eval_every": config.max_steps,
+        "ckpt_every": config.max_steps,
+        **VARIANTS[variant],
+        "run_dir": str(Path(config.run_dir) / f"{scenario}-{variant}-{seed}{lr_tag}"),
+    }
+    if lr is not None:
+        overrides["lr"] = lr
+    if overrides.get("last_k", 0) is None:
+        overrides["last_k"] = n_layers(config.model_dir)
+    if config.corpus_dir:
+        overrides["corpus_dir"] = config.corpus_dir
+    if config.linguamap_data:
+        overrides["linguamap_data"] = config.linguamap_data
+    return dataclasses.replace(FinetuneConfig(), **overrides)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -116,27 +136,53 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict]) -> list[dict]:
-    """One line per scenario × variant: mean ± sd over seeds, and the share of full FT's gain reached."""
+    """One line per scenario × variant × learning rate: mean ± sd over seeds, the share of full FT's
+    gain reached (at full FT's chosen rate), and `chosen` on the rate each variant would be run at —
+    the best mean validation metric (linguamap), else the best reported metric (said in the table)."""
     lines = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         done = [r for r in rows if r["scenario"] == scenario and "skipped" not in r]
+        groups: dict[tuple, list[dict]] = {}
+        for r in done:
+            groups.setdefault((r["variant"], r.get("lr")), []).append(r)
+        lower_is_better = bool(done) and done[0]["metric"] == "target_loss"
+
+        def selection_value(group: list[dict]) -> float:
+            values = [
+                r["validation_after"] if r.get("validation_after") is not None else r["target_after"]
+                for r in group
+            ]
+            return (-1 if lower_is_better else 1) * mean(values)
+
+        chosen = {}
+        for (variant, lr), group in groups.items():
+            if variant not in chosen or selection_value(group) > selection_value(
+                groups[(variant, chosen[variant])]
+            ):
+                chosen[variant] = lr
         full_gain = None
-        full_rows = [r for r in done if r["variant"] == "full"]
-        if full_rows:
+        if "full" in chosen:
+            full_rows = groups[("full", chosen["full"])]
             full_gain = mean(r["target_after"] - r["target_before"] for r in full_rows)
         for variant in dict.fromkeys(r["variant"] for r in rows if r["scenario"] == scenario):
-            group = [r for r in done if r["variant"] == variant]
-            if not group:
+            if variant not in chosen:
                 reason = next(
                     r["skipped"] for r in rows if r["scenario"] == scenario and r["variant"] == variant
                 )
                 lines.append({"scenario": scenario, "variant": variant, "skipped": reason})
                 continue
-            gain = mean(r["target_after"] - r["target_before"] for r in group)
-            lines.append(
-                {
+            for (name, lr), group in groups.items():
+                if name != variant:
+                    continue
+                gain = mean(r["target_after"] - r["target_before"] for r in group)
+                line = {
                     "scenario": scenario,
                     "variant": variant,
+                    "lr": lr,
+                    "chosen": lr == chosen[variant],
+                    "chosen_on": "validation"
+                    if group[0].get("validation_after") is not None
+                    else "reported metric",
                     "seeds": len(group),
                     "metric": group[0]["metric"],
                     "target_before": mean(r["target_before"] for r in group),
@@ -149,29 +195,56 @@ def table(rows: list[dict]) -> list[dict]:
                     # The machine is shared; the fastest seed is the least disturbed measurement.
                     "train_time_min_s": min(r["train_time_s"] for r in group),
                 }
-            )
+                if group[0].get("linguamap_after"):
+                    line["accuracy_likelihood"] = _mean_sd(
+                        [r["linguamap_after"]["likelihood"]["correct"] for r in group]
+                    )
+                    line["outcomes_generation"] = {
+                        o: mean(r["linguamap_after"]["generation"][o] for r in group)
+                        for o in r["linguamap_after"]["generation"]
+                    }
+                lines.append(line)
     return lines
 
 
 def markdown(lines: list[dict]) -> str:
     out = [
-        "| scenario | strategy | target metric before | after (mean ± sd) | gain / full FT's "
+        "| scenario | strategy | lr | target metric before | after (mean ± sd) | gain / full FT's "
         "| forgetting (Δ loss) "
         "| trainable % | train time s (fastest seed) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for line in lines:
         if "skipped" in line:
-            out.append(f"| {line['scenario']} | {line['variant']} | — | not run: {line['skipped']} | | | | |")
+            out.append(
+                f"| {line['scenario']} | {line['variant']} | | — | not run: {line['skipped']} | | | | |"
+            )
             continue
         after, forgetting, seconds = line["target_after"], line["forgetting"], line["train_time_s"]
         gain = "" if line["gain_vs_full"] is None else f"{line['gain_vs_full']:.2f}"
+        lr = "default" if line.get("lr") is None else f"{line['lr']:g}"
+        mark = (
+            " ✓"
+            if line.get("chosen") and len([x for x in lines if x.get("variant") == line["variant"]]) > 1
+            else ""
+        )
         out.append(
-            f"| {line['scenario']} | {line['variant']} | {line['target_before']:.3f} | {after[0]:.3f} ± "
-            f"{after[1]:.3f} "
+            f"| {line['scenario']} | {line['variant']} | {lr}{mark} | {line['target_before']:.3f} "
+            f"| {after[0]:.3f} ± {after[1]:.3f} "
             f"| {gain} | {forgetting[0]:+.3f} ± {forgetting[1]:.3f} | {100 * line['trainable_share']:.2f} "
             f"| {seconds[0]:.0f} ± {seconds[1]:.0f} ({line['train_time_min_s']:.0f}) |"
         )
+    if any(
+        line.get("chosen_on") == "reported metric" and len({x.get("lr") for x in lines}) > 1 for line in lines
+    ):
+        out.append("")
+        out.append(
+            "✓ = the learning rate chosen for each strategy; without a validation split it is chosen on "
+            "the reported metric itself."
+        )
+    elif any(line.get("chosen") for line in lines) and len({x.get("lr") for x in lines}) > 1:
+        out.append("")
+        out.append("✓ = the learning rate chosen for each strategy on the validation items.")
     return "\n".join(out) + "\n"
 
 
@@ -207,7 +280,7 @@ def plot(lines: list[dict], path: Path) -> None:
 
 def compare_finetuning(config: CompareConfig) -> list[dict]:
     """Run (or read back) every fine-tuning run and write the table; returns its lines."""
-    run = RunDir.open(config.run_dir, config, may_change=("scenarios", "variants", "seeds"))
+    run = RunDir.open(config.run_dir, config, may_change=("scenarios", "variants", "seeds", "lrs"))
     rows = run_all(config)
     lines = table(rows)
     atomic_write_json(

@@ -12,6 +12,12 @@ Scenarios (named configs, `--scenario NAME`; any field can still be overridden):
 - `consistency` (LinguaMap): train on the non-English languages so that continuations stay in the
   prompt's language instead of drifting to English. Target metric: share of greedy continuations that
   CLD2 assigns to the prompt's language; forgetting: loss increase on English.
+- `linguamap` (LinguaMap's protocol, analysis/linguamap.py): train on UI-term cloze prompts of the
+  protocol's scenarios 2–4 with the answer in the expected language, made from help pages that hold no
+  held-out paragraph (`--linguamap-data DIR`, written by `scripts/linguamap.py --finetune-data DIR`).
+  Target metric: language consistency of the greedy answers (correct or wrong but in the expected
+  language) over scenarios 2–4 at 3 shots on the test items; the validation items choose the learning
+  rate (training/compare.py); accuracy (likelihood ranking) is reported next to it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -46,6 +53,9 @@ SCENARIOS = {
     "adapt-eu": Scenario("eu=1.0", ("eu",), ("en", "fr", "de", "es", "ru", "zh"), "target_loss"),
     "consistency": Scenario(
         "fr=0.2,de=0.2,es=0.2,ru=0.2,zh=0.2", ("fr", "de", "es", "ru", "zh"), ("en",), "consistency"
+    ),
+    "linguamap": Scenario(
+        "fr=0.2,de=0.2,es=0.2,ru=0.2,zh=0.2", ("fr", "de", "es", "ru", "zh"), ("en",), "linguamap"
     ),
 }
 
@@ -93,6 +103,13 @@ class FinetuneConfig(OptimizerConfig):
         default=16.0, metadata={"help": "lora: scaling numerator (scale = alpha / rank)"}
     )
     mixture: str = field(default="", metadata={"help": "training mixture ('' = the scenario's)"})
+    linguamap_data: str = field(
+        default="",
+        metadata={"help": "linguamap scenario: directory from scripts/linguamap.py --finetune-data"},
+    )
+    linguamap_items: int = field(
+        default=100, metadata={"help": "linguamap scenario: validation / test items evaluated per cell"}
+    )
     target_langs: list[str] = field(
         default_factory=list, metadata={"help": "target languages ('' = the scenario's)"}
     )
@@ -124,6 +141,11 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
     if config.strategy == "random" and config.random_reference in ("random", "full", "lora"):
         raise UserError(f"random must match a layer or neuron strategy, not {config.random_reference!r}")
     scenario = SCENARIOS[config.scenario]
+    if scenario.metric == "linguamap" and not (Path(config.linguamap_data) / "train.jsonl").exists():
+        raise UserError(
+            "the linguamap scenario needs --linguamap-data DIR with train.jsonl (write it with "
+            "scripts/linguamap.py --finetune-data DIR)"
+        )
     return dataclasses.replace(
         config,
         mixture=config.mixture or scenario.mixture,
@@ -221,14 +243,60 @@ def evaluate_model(
         device=device,
         seed=config.seed,
     )
-    return {"loss": losses, "consistency": consistency, "generations": records}
+    result = {"loss": losses, "consistency": consistency, "generations": records}
+    if SCENARIOS[config.scenario].metric == "linguamap":
+        result["linguamap"] = linguamap_cells(model, tokenizer, config)
+    return result
+
+
+LINGUAMAP_SHOTS = 3
+
+
+def linguamap_cells(model, tokenizer, config: FinetuneConfig) -> dict:
+    """Scenarios 2–4 × target languages at 3 shots, both scorings, on the validation and test items."""
+    import random
+
+    from analysis import linguamap as lm
+    from analysis.linguamap_run import evaluate_cell, scenario_prompts
+
+    out = {}
+    for split in ("validation", "test"):
+        lines = (Path(config.linguamap_data) / f"{split}.jsonl").read_text().splitlines()
+        items = [lm.ClozeItem.from_json(json.loads(line)) for line in lines]
+        items = random.Random(0).sample(items, min(config.linguamap_items, len(items)))
+        cells = []
+        for scenario in ("2", "3", "4"):
+            for lang in config.target_langs:
+                prompts = scenario_prompts(items, scenario, lang, LINGUAMAP_SHOTS, seed=0)
+                for mode in ("generation", "likelihood"):
+                    result = evaluate_cell(model, tokenizer, prompts, mode, 16)
+                    result.pop("examples")
+                    cells.append({"scenario": scenario, "lang": lang, "mode": mode, **result})
+        out[split] = cells
+    return out
+
+
+def linguamap_summary(cells: list[dict]) -> dict:
+    """Means over cells: language consistency and accuracy (generation), accuracy (likelihood), and
+    the four outcome shares of each scoring."""
+    from analysis.linguamap import OUTCOMES
+
+    summary = {}
+    for mode in ("generation", "likelihood"):
+        mine = [c for c in cells if c["mode"] == mode and c["n"] > 0]
+        summary[mode] = {o: sum(c[o] for c in mine) / max(1, len(mine)) for o in OUTCOMES}
+    generation = summary["generation"]
+    summary["consistency"] = generation["correct"] + generation["wrong_expected_language"]
+    return summary
 
 
 def scores(before: dict, after: dict, config: FinetuneConfig) -> dict:
     """The comparison table's numbers: target metric before/after and forgetting."""
     scenario = SCENARIOS[config.scenario]
 
-    def target(result: dict) -> float:
+    def target(result: dict, split: str = "test") -> float:
+        if scenario.metric == "linguamap":
+            return linguamap_summary(result["linguamap"][split])["consistency"]
         if scenario.metric == "target_loss":
             return sum(result["loss"][lang] for lang in config.target_langs) / len(config.target_langs)
         return sum(result["consistency"][lang]["consistent"] for lang in config.target_langs) / len(
@@ -237,13 +305,21 @@ def scores(before: dict, after: dict, config: FinetuneConfig) -> dict:
 
     retained = [lang for lang in scenario.retain_langs if lang in after["loss"]]
     forgetting = sum(after["loss"][lang] - before["loss"][lang] for lang in retained) / len(retained)
-    return {
+    out = {
         "metric": scenario.metric,
         "target_before": target(before),
         "target_after": target(after),
         "forgetting": forgetting,
         "forgetting_langs": retained,
     }
+    if scenario.metric == "linguamap":
+        out["validation_before"], out["validation_after"] = (
+            target(before, "validation"),
+            target(after, "validation"),
+        )
+        out["linguamap_before"] = linguamap_summary(before["linguamap"]["test"])
+        out["linguamap_after"] = linguamap_summary(after["linguamap"]["test"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,6 +204,12 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
     if meta_path.exists():
         return json.loads(meta_path.read_text())
     texts, langs = list(corpus["train"]["text"]), list(corpus["train"]["lang"])
+    if getattr(config, "linguamap_data", ""):  # fine-tuning on the protocol's own training texts
+        rows = [
+            json.loads(line)
+            for line in (Path(config.linguamap_data) / "train.jsonl").read_text().splitlines()
+        ]
+        texts, langs = [r["text"] for r in rows], [r["lang"] for r in rows]
     mixture = parse_mixture(config.mixture)
     sample = sample_mixture(
         texts, langs, mixture, config.token_budget, count_tokens(tokenizer), seed=config.seed
