@@ -100,6 +100,16 @@ def scenario_languages(scenario: str, lang: str) -> tuple[str, str, str]:
     }[scenario]
 
 
+def truncate_prefix(prefix: str, max_chars: int) -> str:
+    """The last `max_chars` characters of a prefix, starting at a word if there is a space to cut at
+    (the cloze needs the words just before the term; a 128-token model cannot take whole paragraphs)."""
+    if len(prefix) <= max_chars:
+        return prefix
+    cut = prefix[-max_chars:]
+    space = cut.find(" ", 0, max_chars // 2)
+    return cut[space + 1 :] if space >= 0 else cut
+
+
 def build_prompt(demos: list[tuple[str, str]], query_prefix: str) -> str:
     """k demonstrations (prefix immediately followed by its term), one per line, then the query prefix
     without its trailing space (the answer's first token carries the space, as BPE sees it mid-text)."""

@@ -40,7 +40,13 @@ class LinguaMapConfig:
     )
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "generation, likelihood"})
     max_items: int = field(default=300, metadata={"help": "held-out items per (scenario, language, shots)"})
-    new_tokens: int = field(default=16, metadata={"help": "generated tokens per item"})
+    new_tokens: int = field(default=12, metadata={"help": "generated tokens per item"})
+    demo_prefix_chars: int = field(
+        default=40, metadata={"help": "demonstrations: the last this many characters before the term"}
+    )
+    query_prefix_chars: int = field(
+        default=80, metadata={"help": "query: the last this many characters before the term"}
+    )
     finetune_data: str = field(
         default="",
         metadata={
@@ -123,15 +129,26 @@ def help_roots(langs: list[str]) -> dict[str, Path]:
 
 
 def scenario_prompts(
-    items: list[lm.ClozeItem], scenario: str, lang: str, shots: int, seed: int
+    items: list[lm.ClozeItem],
+    scenario: str,
+    lang: str,
+    shots: int,
+    seed: int,
+    demo_chars: int = 40,
+    query_chars: int = 80,
 ) -> list[tuple[lm.ClozeItem, str, str, str]]:
-    """(item, prompt, expected language, query language) for every item, demonstrations seeded per item."""
+    """(item, prompt, expected language, query language) for every item, demonstrations seeded per item,
+    prefixes cut to their last `demo_chars` / `query_chars` characters."""
     demo_lang, query_lang, expected = lm.scenario_languages(scenario, lang)
     out = []
     for index, item in enumerate(items):
         rng = random.Random(f"{seed}:{scenario}:{lang}:{shots}:{index}")
-        demos = [(d.prefix[demo_lang], d.term[demo_lang]) for d in lm.choose_demos(items, item, shots, rng)]
-        out.append((item, lm.build_prompt(demos, item.prefix[query_lang]), expected, query_lang))
+        demos = [
+            (lm.truncate_prefix(d.prefix[demo_lang], demo_chars), d.term[demo_lang])
+            for d in lm.choose_demos(items, item, shots, rng)
+        ]
+        query = lm.truncate_prefix(item.prefix[query_lang], query_chars)
+        out.append((item, lm.build_prompt(demos, query), expected, query_lang))
     return out
 
 
@@ -208,7 +225,9 @@ def run_linguamap(config: LinguaMapConfig) -> dict:
     for scenario, lang, shots, mode in tqdm(
         [j for j in jobs if j not in done], desc="linguamap", unit="cell"
     ):
-        prompts = scenario_prompts(chosen, scenario, lang, shots, config.seed)
+        prompts = scenario_prompts(
+            chosen, scenario, lang, shots, config.seed, config.demo_prefix_chars, config.query_prefix_chars
+        )
         result = evaluate_cell(model, tokenizer, prompts, mode, config.new_tokens)
         run.log_metrics({"scenario": scenario, "lang": lang, "shots": shots, "mode": mode, **result})
     records = [r for key, r in run.keyed(KEY).items() if key in set(jobs)]

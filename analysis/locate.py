@@ -351,7 +351,7 @@ def linguamap_section(inputs: LocateInputs) -> dict:
         config.langs, lm.SCENARIOS, [0, 3], ["generation", "likelihood"]
     ):
         prompts = scenario_prompts(chosen, scenario, lang, shots, config.seed)
-        result = evaluate_cell(inputs.model, inputs.tokenizer, prompts, mode, 16)
+        result = evaluate_cell(inputs.model, inputs.tokenizer, prompts, mode, 12)
         cells.append({"scenario": scenario, "lang": lang, "shots": shots, "mode": mode, **result})
     return {"item_counts": counts, "n_items_used": len(chosen), "cells": cells}
 

@@ -114,6 +114,13 @@ def test_scenario_prompts_are_built_exactly():
     )
     assert lm.contrast_language("fr", "en") == "en" and lm.contrast_language("fr", "fr") == "en"
     assert lm.contrast_language("en", "en") == "fr"
+    # prefixes are cut to their last characters, at a word, keeping the space before the term
+    assert lm.truncate_prefix("To change the row height, choose ", 20) == "row height, choose "
+    assert lm.truncate_prefix("To change the row height, choose ", 17) == "height, choose "
+    assert (
+        lm.truncate_prefix("short ", 20) == "short "
+        and lm.truncate_prefix("要更改行高请选择", 4) == "高请选择"
+    )
 
 
 @torch.no_grad()

@@ -269,7 +269,7 @@ def linguamap_cells(model, tokenizer, config: FinetuneConfig) -> dict:
             for lang in config.target_langs:
                 prompts = scenario_prompts(items, scenario, lang, LINGUAMAP_SHOTS, seed=0)
                 for mode in ("generation", "likelihood"):
-                    result = evaluate_cell(model, tokenizer, prompts, mode, 16)
+                    result = evaluate_cell(model, tokenizer, prompts, mode, 12)
                     result.pop("examples")
                     cells.append({"scenario": scenario, "lang": lang, "mode": mode, **result})
         out[split] = cells
