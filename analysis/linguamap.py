@@ -68,6 +68,14 @@ def align_marks(
     classes = {lang: [c for _, _, c in marks[lang]] for lang in langs}
     if len({tuple(c) for c in classes.values()}) != 1 or not marks[langs[0]]:
         return []
+    terms = {lang: [paragraphs[lang][0][a:b].strip().casefold() for a, b, _ in marks[lang]] for lang in langs}
+    for lang in langs[1:]:  # a language whose k-th term is another position's term: the marks are permuted
+        if any(
+            t == other and j != k
+            for k, t in enumerate(terms[lang])
+            for j, other in enumerate(terms[langs[0]])
+        ):
+            return []
     items = []
     for k in range(len(marks[langs[0]])):
         prefix, term = {}, {}
@@ -88,6 +96,12 @@ def with_distractors(items: list[ClozeItem], page_terms: dict[str, dict[str, lis
             for lang in item.term
         }
     return items
+
+
+def tells_apart(item: ClozeItem, lang: str, reference: str = "en") -> bool:
+    """Whether the item's term differs between `lang` and `reference` (an untranslated term — "OK",
+    "Page", a formula command — cannot show which language the model answers in)."""
+    return lang == reference or item.term[lang].strip().casefold() != item.term[reference].strip().casefold()
 
 
 def scenario_languages(scenario: str, lang: str) -> tuple[str, str, str]:

@@ -137,11 +137,14 @@ def scenario_prompts(
     demo_chars: int = 40,
     query_chars: int = 80,
 ) -> list[tuple[lm.ClozeItem, str, str, str]]:
-    """(item, prompt, expected language, query language) for every item, demonstrations seeded per item,
-    prefixes cut to their last `demo_chars` / `query_chars` characters."""
+    """(item, prompt, expected language, query language) for every item whose term in the expected
+    language differs from English's, demonstrations seeded per item, prefixes cut to their last
+    `demo_chars` / `query_chars` characters."""
     demo_lang, query_lang, expected = lm.scenario_languages(scenario, lang)
     out = []
     for index, item in enumerate(items):
+        if not lm.tells_apart(item, expected):
+            continue  # an untranslated term cannot show the answer's language
         rng = random.Random(f"{seed}:{scenario}:{lang}:{shots}:{index}")
         demos = [
             (lm.truncate_prefix(d.prefix[demo_lang], demo_chars), d.term[demo_lang])

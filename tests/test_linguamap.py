@@ -48,6 +48,12 @@ def test_marked_terms_align_across_languages_and_mismatches_are_dropped():
         "fr": ("a b c d e f g h i j k l m n", [(14, 15, "menuitem")]),
     }
     assert lm.align_marks(swapped, "x", "p") == []
+    # marks in another order in one language (its k-th term is English's j-th): dropped
+    text = "Use the commands alpha and beta in this formula"
+    en = (text, [(17, 22, "emph"), (27, 31, "emph")])
+    permuted = {"en": en, "zh": (text, [(27, 31, "emph"), (17, 22, "emph")])}
+    assert lm.align_marks(permuted, "x", "p") == []
+    assert len(lm.align_marks({"en": en, "de": en}, "x", "p")) == 2
     with_distractors = lm.with_distractors(
         items, {"p.html": {"en": ["Row height", "OK", "Cancel"], "fr": []}}
     )
@@ -107,6 +113,13 @@ def test_scenario_prompts_are_built_exactly():
     assert len(lines) == 3 and all(line.startswith("fr préfixe ") and "Terme" in line for line in lines[:2])
     assert "Terme0" not in prompt  # demonstrations come from other pages
     assert scenario_prompts(items, "4", "fr", shots=2, seed=0) == prompts  # seeded
+    untranslated = lm.ClozeItem(
+        "u#a@0", "pageU", {"en": "click ", "fr": "cliquez sur "}, {"en": "OK", "fr": "OK"}
+    )
+    assert not lm.tells_apart(untranslated, "fr") and lm.tells_apart(untranslated, "en")
+    assert [p[0].item_id for p in scenario_prompts([*items, untranslated], "2", "fr", 0, 0)] == [
+        i.item_id for i in items
+    ]
     zero = scenario_prompts(items, "3", "fr", shots=0, seed=0)
     assert zero[1][1] == "fr préfixe 1" and zero[1][2] == "fr"
     assert (
