@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
@@ -73,6 +74,7 @@ def n_layers(model_dir: str) -> int:
 def run_all(config: CompareConfig) -> list[dict]:
     """Every (scenario, variant, learning rate, seed) fine-tuning run, one row each."""
     rows = []
+    before_of: dict[str, Path] = {}  # scenario → a finished run's before.json
     for scenario, variant, lr, seed in [
         (scenario, variant, lr, seed)
         for scenario in config.scenarios
@@ -81,8 +83,10 @@ def run_all(config: CompareConfig) -> list[dict]:
         for seed in config.seeds
     ]:
         key = {"scenario": scenario, "variant": variant, "seed": seed, "lr": lr}
+        run = run_config(config, scenario, variant, lr, seed)
+        reuse_before(run, before_of.get(scenario))
         try:
-            summary = finetune(run_config(config, scenario, variant, lr, seed))
+            summary = finetune(run)
         except ValueError as error:  # e.g. no located units for the target language
             rows.append({**key, "skipped": str(error)})
             print(f"{scenario} {variant} lr {lr} seed {seed}: skipped ({error})")
@@ -102,7 +106,18 @@ def run_all(config: CompareConfig) -> list[dict]:
                 "run_dir": summary["run_dir"],
             }
         )
+        before_of.setdefault(scenario, Path(summary["run_dir"]) / "before.json")
     return rows
+
+
+def reuse_before(run: FinetuneConfig, before: Path | None) -> None:
+    """The pretrained model's evaluation is the same for every run of a scenario (same model, validation
+    blocks, prompts and items; the learning rate, strategy and seed only act after it): copy it instead
+    of recomputing it for each of the sweep's runs."""
+    target = Path(run.run_dir) / "before.json"
+    if before is not None and before.exists() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(before, target)
 
 
 def run_config(
