@@ -53,6 +53,13 @@ class CLTTrainConfig:
         metadata={"prefix": "collect_", "help": "collection of a missing store (flags --collect-*)"},
     )
     clt: CLTOptions = field(default_factory=CLTOptions, metadata={"help": "the transcoder's options"})
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "warm start: continue training this CLT (native dir; its options and normalisation "
+            "scales are kept, so feature i stays feature i) on this model's activations — model diffing"
+        },
+    )
     batch_size: int = field(default=1024, metadata={"help": "tokens per step (per process)"})
     train_tokens: int = field(
         default=1_000_000, metadata={"help": "tokens to train on (epochs over the store)"}
@@ -131,6 +138,24 @@ def build_clt(config: CLTTrainConfig, n_layers: int, d_model: int) -> CrossLayer
     return clt
 
 
+def warm_start(config: CLTTrainConfig, clt: CrossLayerTranscoder) -> bool:
+    """Load `config.init_from` into `clt` (weights and scales) when starting fresh; its options must
+    equal the run's, so the loaded features are the ones trained on."""
+    from clt.export import load_native
+
+    base, _ = load_native(config.init_from)
+    if base.config != clt.config:
+        raise UserError(
+            f"--init-from {config.init_from} is a {base.config.n_features}-feature {base.config.activation} "
+            f"transcoder for {base.config.n_layers} × {base.config.d_model}; this run asks for "
+            f"{clt.config.n_features}-feature {clt.config.activation} for {clt.config.n_layers} × "
+            f"{clt.config.d_model}: give the same --n-features / --activation / ..."
+        )
+    with torch.no_grad():
+        clt.load_state_dict(base.state_dict())
+    return True
+
+
 def evaluation_blocks(
     corpus_dir: str | None, tokenizer, langs: list[str], n_ctx: int, per_lang: int
 ) -> tuple[torch.Tensor, list[str]]:
@@ -201,6 +226,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
         langs = store.langs
     clt.input_scale.copy_(torch.tensor(scales[0]))
     clt.output_scale.copy_(torch.tensor(scales[1]))
+    warm = warm_start(config, clt) if config.init_from else False
 
     total_steps = config.max_steps or max(1, config.train_tokens // (config.batch_size * world.world_size))
     optimizer = torch.optim.Adam(
@@ -214,7 +240,7 @@ def train_clt(config: CLTTrainConfig) -> dict:
         world,
         initial={"epoch": 0, "batch_in_epoch": 0, "stopped_early": False, "tokens_since_fired": None},
     )
-    if fresh:
+    if fresh and not warm:
         # Under DDP every rank starts from rank 0's initialisation (the wrapper broadcasts it).
         first = loader.loaders[0] if isinstance(loader, RankUnionLoader) else loader
         x0, y0 = next(iter(first.epoch(0)))

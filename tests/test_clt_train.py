@@ -346,3 +346,33 @@ def test_eval_and_export_scripts(trained, tmp_path, tiny_model_dir, tiny_store, 
         "W_dec_1.safetensors",
         "W_enc_0.safetensors",
     ]
+
+
+def test_warm_start_keeps_every_feature_and_refuses_other_options(
+    trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir
+):
+    """--init-from continues a trained CLT: at lr 0 the result is the base CLT exactly (weights and
+    scales), so feature i of the warm CLT is feature i of the base; other options are refused."""
+    from training.errors import UserError
+
+    reference_dir, _ = trained
+    args = train_args(
+        tmp_path / "warm", tiny_model_dir, tiny_store, real_slice_corpus_dir, max_steps=3, lr=0.0
+    )
+    config = config_from_dict(CLTTrainConfig, {**args, "init_from": str(reference_dir / "clt")})
+    train_clt(config)
+    base = load_file(str(reference_dir / "clt" / "clt.safetensors"))
+    warm = load_file(str(tmp_path / "warm" / "clt" / "clt.safetensors"))
+    for name in base:
+        assert torch.equal(base[name], warm[name]), name
+    other = config_from_dict(
+        CLTTrainConfig,
+        {
+            **args,
+            "run_dir": str(tmp_path / "other"),
+            "n_features": 32,
+            "init_from": str(reference_dir / "clt"),
+        },
+    )
+    with pytest.raises(UserError, match="init-from"):
+        train_clt(other)
