@@ -320,3 +320,38 @@ def lens_kl(
             count += kl.shape[1] * kl.shape[2]
         out[lang] = (total / count).tolist()
     return out
+
+
+@torch.no_grad()
+def feature_drift(base: CrossLayerTranscoder, warm: CrossLayerTranscoder, identity: dict) -> dict:
+    """Feature by feature, base CLT vs its continuation on the other model (same feature indices): per
+    layer, the mean cosine of each feature's decoder (all its target layers) and encoder, the share of
+    features whose decoder turned by more than cos 0.9; and the decoder cosine of each language's
+    identity features."""
+
+    def flat_decoders(clt):
+        return [rearrange(w.detach().cpu(), "f t d -> f (t d)") for w in clt.W_dec]
+
+    dec_a, dec_b = flat_decoders(base), flat_decoders(warm)
+    per_layer = []
+    for layer in range(base.config.n_layers):
+        dec = F.cosine_similarity(dec_a[layer], dec_b[layer], dim=1)
+        enc = F.cosine_similarity(
+            base.W_enc[layer].detach().cpu().T, warm.W_enc[layer].detach().cpu().T, dim=1
+        )
+        per_layer.append(
+            {
+                "decoder_cosine": float(dec.mean()),
+                "encoder_cosine": float(enc.mean()),
+                "turned_share": float((dec < 0.9).float().mean()),
+            }
+        )
+    by_lang = {}
+    for lang, layers in identity.items():
+        cosines = [
+            float(F.cosine_similarity(dec_a[int(layer)][f], dec_b[int(layer)][f], dim=0))
+            for layer, features in layers.items()
+            for f in features
+        ]
+        by_lang[lang] = sum(cosines) / len(cosines) if cosines else None
+    return {"per_layer": per_layer, "identity_decoder_cosine": by_lang}

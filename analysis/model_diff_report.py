@@ -43,6 +43,16 @@ class ModelDiffConfig:
     allow_clt_mismatch: bool = field(
         default=False, metadata={"help": "accept a CLT trained on neither model"}
     )
+    method: str = field(
+        default="clt",
+        metadata={
+            "help": "clt: one CLT (trained on --before) on both models; warm-clt: --clt on before, "
+            "--warm-clt (train_clt.py --init-from --clt on --after) on after, feature by feature; "
+            "crosscoder: one dictionary trained on both (--crosscoder)"
+        },
+    )
+    warm_clt: str = field(default="", metadata={"help": "warm-clt: the CLT continued on --after"})
+    crosscoder: str = field(default="", metadata={"help": "crosscoder: directory from train_crosscoder.py"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 
 
@@ -72,6 +82,141 @@ def load_pair(config: ModelDiffConfig):
     return before, after, tokenizer, clt, trained_on
 
 
+METHODS = ("clt", "warm-clt", "crosscoder")
+
+
+def load_warm_clt(config: ModelDiffConfig, clt):
+    """The CLT continued on --after from --clt: same shape, so feature i means the same in both."""
+    from clt.export import load_native
+
+    if not config.warm_clt:
+        raise UserError(
+            "--method warm-clt needs --warm-clt DIR (train_clt.py --model-dir AFTER --init-from CLT)"
+        )
+    warm, _ = load_native(config.warm_clt, device=clt.b_dec.device)
+    if warm.config != clt.config:
+        raise ModelMismatch(f"{config.warm_clt} is not a continuation of {config.clt}: their configs differ")
+    return warm
+
+
+def run_crosscoder_diff(config: ModelDiffConfig, run: RunDir, started: float) -> dict:
+    from analysis.crosscoder_diff import crosscoder_diff
+    from clt.crosscoder_train import load_crosscoder
+    from training.corpus.build import default_corpus_dir, load_corpus
+    from training.models import load_model
+
+    if not config.crosscoder:
+        raise UserError("--method crosscoder needs --crosscoder DIR (scripts/train_crosscoder.py)")
+    crosscoder = load_crosscoder(config.crosscoder)
+    meta = json.loads((Path(config.crosscoder) / "config.json").read_text())
+    before, tokenizer = load_model(config.before, config.device)
+    after, _ = load_model(config.after, before.device)
+    crosscoder = crosscoder.to(before.device)
+    corpus = load_corpus(config.corpus_dir or default_corpus_dir())
+    blocks = blocks_by_lang(
+        tokenizer, texts_by_lang(corpus["validation"], config.langs), config.n_ctx, config.blocks_per_lang
+    )
+    result = {
+        "before": config.before,
+        "after": config.after,
+        "method": "crosscoder",
+        "crosscoder": config.crosscoder,
+        "site": meta["site"],
+        "layers": meta["layers"],
+        **crosscoder_diff(
+            before, after, tokenizer, crosscoder, meta["site"], meta["layers"], blocks, config.focus_lang
+        ),
+    }
+    result["time_s"] = time.perf_counter() - started
+    write_crosscoder_report(run.path, result)
+    return {**result, "findings": crosscoder_findings(result)}
+
+
+def crosscoder_findings(result: dict) -> list[dict]:
+    counts = result["latent_counts"]
+    focus = result["focus_lang"]
+    by_lang = result["after_only_frequency_by_lang"]
+    top = max(by_lang, key=by_lang.get) if by_lang else None
+    out = [
+        {
+            "claim": "fine-tuning adds model-specific latents",
+            "measure": "latents by relative decoder norm (after-only r > 0.9, before-only r < 0.1)",
+            "verdict": f"{counts['b_only']} after-only, {counts['a_only']} before-only, "
+            f"{counts['shared']} shared, {counts['dead']} dead",
+        },
+        {
+            "claim": f"the after-only latents are about {focus}",
+            "measure": "summed firing frequency of after-only latents per language",
+            "verdict": f"highest on {top}"
+            + (f" ({by_lang[top]:.3f}; {focus}: {by_lang.get(focus, 0):.3f})" if top else ""),
+        },
+    ]
+    for check in result["causal"]:
+        own, control = check["delta_loss_latent"], check.get("delta_loss_control", {})
+        out.append(
+            {
+                "claim": f"after-only latent {check['latent']} carries what fine-tuning added",
+                "measure": f"Δ loss of the before model on {focus} when its decoder is added "
+                "(control: a shared latent's, same norm)",
+                "verdict": f"{own.get(focus, float('nan')):+.3f} nats/token"
+                + (f" (control {control.get(focus, float('nan')):+.3f})" if control else ""),
+            }
+        )
+    return out
+
+
+def write_crosscoder_report(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    findings_rows = crosscoder_findings(result)
+    report = Report(f"Crosscoder diff: {result['before']} → {result['after']}")
+    report.text(f"Crosscoder `{result['crosscoder']}` at {result['site']} of layers {result['layers']}.")
+    report.table(
+        "Findings",
+        ["claim", "measure", "result"],
+        [[f["claim"], f["measure"], f["verdict"]] for f in findings_rows],
+    )
+    for kind in ("after_only", "before_only"):
+        report.table(
+            f"{kind.replace('_', '-')} latents most specific to {result['focus_lang']}",
+            [
+                "latent",
+                "relative norm",
+                "frequency by language",
+                "top tokens",
+                "promotes",
+                "ν (reconstruction / error)",
+            ],
+            [
+                [
+                    d["latent"],
+                    f"{d['relative_norm']:.2f}",
+                    " ".join(f"{l}:{v:.3f}" for l, v in d["frequency_by_lang"].items()),
+                    " ".join(d["top_tokens"]),
+                    " ".join(d["promotes"][:5]).replace("\n", "⏎"),
+                    _nu(d.get("latent_scaling")),
+                ]
+                for d in result[kind]
+            ],
+        )
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([(i + 0.5) / 20 for i in range(20)], result["relative_norm_histogram"], width=0.05)
+    ax.set_xlabel("relative decoder norm ‖W_after‖ / (‖W_before‖ + ‖W_after‖)")
+    ax.set_ylabel("live latents")
+    fig.tight_layout()
+    fig.savefig(out / "relative_norms.png", dpi=110)
+    plt.close(fig)
+    report.image("Relative decoder norms", out / "relative_norms.png")
+    report.write(out, {**result, "findings": findings_rows})
+
+
+def _nu(scaling: dict | None) -> str:
+    return "" if not scaling else f"{scaling['nu_reconstruction']:.2f} / {scaling['nu_error']:.2f}"
+
+
 def run_model_diff(config: ModelDiffConfig) -> dict:
     from attribution.pipeline import build_graph
     from attribution.query import to_networkx
@@ -79,17 +224,24 @@ def run_model_diff(config: ModelDiffConfig) -> dict:
     from training.tokenizer import fertility
 
     started = time.perf_counter()
+    if config.method not in METHODS:
+        raise UserError(f"unknown --method {config.method!r}; choose from {METHODS}")
     run = RunDir.open(config.run_dir, config)
     if (run.path / "report.json").exists():  # finished with this very config: nothing to redo
         return json.loads((run.path / "report.json").read_text())
+    if config.method == "crosscoder":
+        return run_crosscoder_diff(config, run, started)
     before, after, tokenizer, clt, trained_on = load_pair(config)
+    after_clt = load_warm_clt(config, clt) if config.method == "warm-clt" else clt
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
     validation = texts_by_lang(corpus["validation"], config.langs)
     blocks = blocks_by_lang(tokenizer, validation, config.n_ctx, config.blocks_per_lang)
 
     stats = {
-        name: diff.clt_statistics(model, clt, blocks)
-        for name, model in tqdm((("before", before), ("after", after)), desc="CLT statistics", total=2)
+        name: diff.clt_statistics(model, dictionary, blocks)
+        for name, model, dictionary in tqdm(
+            (("before", before, clt), ("after", after, after_clt)), desc="CLT statistics", total=2
+        )
     }
     identity = diff.identity_features(stats["before"]["frequency"], config.langs, config.identity_per_layer)
     result = {
@@ -114,15 +266,18 @@ def run_model_diff(config: ModelDiffConfig) -> dict:
             stats,
         ),
         "lens_kl": diff.lens_kl(before, after, blocks),
+        "method": config.method,
     }
+    if config.method == "warm-clt":
+        result["feature_drift"] = diff.feature_drift(clt, after_clt, identity)
     if config.graph_prompts > 0:
         sets = list(parallel_sets(corpus, config.langs).values())[: config.graph_prompts]
         graphs = {"before": {lang: [] for lang in config.langs}, "after": {lang: [] for lang in config.langs}}
         for texts in tqdm(sets, desc="attribution graphs"):
             for lang in config.langs:
-                for name, model in (("before", before), ("after", after)):
+                for name, model, dictionary in (("before", before, clt), ("after", after, after_clt)):
                     graph, pruned = build_graph(
-                        model, tokenizer, clt, texts[lang], lang=lang, max_tokens=config.graph_tokens
+                        model, tokenizer, dictionary, texts[lang], lang=lang, max_tokens=config.graph_tokens
                     )
                     graphs[name][lang].append(to_networkx(graph, pruned))
         result["graphs"] = diff.graph_differences(graphs, clt.config.n_layers)

@@ -232,3 +232,110 @@ def test_model_diff_script_end_to_end(tmp_path, tiny, tiny_model_dir, real_slice
         timeout=300,
     )
     assert refused.returncode != 0 and "trained on neither model" in refused.stderr
+
+
+def test_feature_drift_by_hand(tiny):
+    """A CLT against itself: every cosine 1, nothing turned; one feature's decoder negated: its layer's
+    turned share is 1 / F and the identity feature's cosine −1."""
+    from analysis.model_diff import feature_drift
+
+    _, _, clt, _ = tiny
+    same = feature_drift(clt, clt, {"fr": {0: [3]}})
+    assert all(
+        layer["decoder_cosine"] == pytest.approx(1.0) and layer["turned_share"] == 0
+        for layer in same["per_layer"]
+    )
+    warm = random_clt(clt.config.n_layers, clt.config.d_model, n_features=24, seed=3)
+    with torch.no_grad():
+        warm.load_state_dict(clt.state_dict())
+        warm.W_dec[0][3].neg_()
+    drift = feature_drift(clt, warm, {"fr": {0: [3]}})
+    assert drift["per_layer"][0]["turned_share"] == pytest.approx(1 / 24)
+    assert drift["identity_decoder_cosine"]["fr"] == pytest.approx(-1.0)
+
+
+def test_model_diff_with_warm_clt_and_crosscoder(tmp_path, tiny, tiny_model_dir, real_slice_corpus_dir):
+    """The two field methods through model_diff.py: --method warm-clt (a CLT continued on the after model,
+    here a copy with one decoder turned) and --method crosscoder (a hand-made crosscoder on the last MLP
+    output whose latent 0 exists only in the after model)."""
+    from clt.crosscoder import Crosscoder, CrosscoderConfig
+    from clt.crosscoder_train import save_crosscoder
+
+    model, tokenizer, clt, _ = tiny
+    meta = {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)}
+    clt_dir = save_native(clt, tmp_path / "clt", meta)
+    warm = random_clt(clt.config.n_layers, clt.config.d_model, n_features=24, seed=3)
+    with torch.no_grad():
+        warm.load_state_dict(clt.state_dict())
+        warm.W_dec[1][5].mul_(-1)
+    warm_dir = save_native(warm, tmp_path / "warm", meta)
+    base = [
+        PYTHON,
+        str(REPO / "scripts" / "model_diff.py"),
+        "--before",
+        str(tiny_model_dir),
+        "--after",
+        str(tiny_model_dir),
+        "--clt",
+        str(clt_dir),
+        "--corpus-dir",
+        str(real_slice_corpus_dir),
+        "--langs",
+        "en,fr,de",
+        "--focus-lang",
+        "fr",
+        "--n-ctx",
+        "16",
+        "--blocks-per-lang",
+        "4",
+        "--graph-prompts",
+        "0",
+    ]
+    result = subprocess.run(
+        base + ["--method", "warm-clt", "--warm-clt", str(warm_dir), "--run-dir", str(tmp_path / "w")],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["feature_drift"]["per_layer"][1]["turned_share"] == pytest.approx(1 / 24)
+    assert report["feature_drift"]["per_layer"][0]["turned_share"] == 0
+
+    d = model.config.n_embd
+    crosscoder = Crosscoder(
+        CrosscoderConfig(n_features=4, activation="relu", n_models=2, n_sites=1, d_model=d)
+    )
+    with torch.no_grad():
+        crosscoder.W_enc.zero_()
+        crosscoder.W_enc[1, :, 0] = torch.ones(d) / d  # latent 0 reads the after model only
+        crosscoder.W_enc[:, :, 1] = torch.ones(d) / d  # latent 1 reads both
+        crosscoder.b_enc.fill_(1.0)
+        crosscoder.W_dec.zero_()
+        crosscoder.W_dec[0, 1] = torch.ones(d)  # latent 0 decodes into the after model only
+        crosscoder.W_dec[1, 0] = crosscoder.W_dec[1, 1] = torch.ones(d)
+    save_crosscoder(
+        crosscoder, tmp_path / "cc", {"model_a": "a", "model_b": "b", "site": "mlp_out", "layers": [1]}
+    )
+    result = subprocess.run(
+        base
+        + ["--method", "crosscoder", "--crosscoder", str(tmp_path / "cc"), "--run-dir", str(tmp_path / "c")],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["latent_counts"]["b_only"] == 1 and report["latent_counts"]["shared"] == 1
+    assert [d["latent"] for d in report["after_only"]] == [0]
+    causal = report["causal"][0]
+    assert (
+        causal["latent"] == 0
+        and causal["control_latent"] == 1
+        and set(causal["delta_loss_latent"]) == {"en", "fr", "de"}
+    )
+    assert "relative_norms.png" in (tmp_path / "c" / "report.md").read_text()

@@ -1,0 +1,183 @@
+"""Model diffing with a crosscoder trained on both models (clt/crosscoder.py; issue #15).
+
+On the same held-out token blocks of every language, both models' activations at the crosscoder's sites
+are encoded together; per latent: its relative decoder norm (≈ 0 before-only, ≈ 0.5 shared, ≈ 1
+after-only), its firing frequency per language, and for the after-only latents that fire most on the
+focus language: top contexts, the tokens its after-model decoder promotes directly (through ln_f and
+W_U), latent scaling (is it really absent from the before model?), and one causal check — add the
+latent's after-model decoder (× its mean activation) to the *before* model's residual at its site, on
+the focus language's text, and measure the change in loss per language against a shared latent's
+decoder scaled to the same norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from clt.crosscoder import Crosscoder, classify_latents, latent_scaling
+from clt.recorder import MLPActivationRecorder
+
+
+@torch.no_grad()
+def site_activations(model, blocks: Int[Tensor, "n pos"], site: str, layers: list[int], batch_size: int = 16):
+    """[tokens, sites, d] at `site` (mlp_out / mlp_in) of `layers`, BOS positions dropped."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(blocks), batch_size):
+        with MLPActivationRecorder(model) as recorder:
+            model.transformer(input_ids=blocks[start : start + batch_size].to(device))
+        source = recorder.outputs if site == "mlp_out" else recorder.inputs
+        out.append(torch.stack([source[l][:, 1:] for l in layers], dim=2).flatten(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def crosscoder_diff(
+    before,
+    after,
+    tokenizer,
+    crosscoder: Crosscoder,
+    site: str,
+    layers: list[int],
+    blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
+    focus_lang: str,
+    top: int = 8,
+) -> dict:
+    langs = list(blocks_by_lang)
+    scale = crosscoder.input_scale[None, :, None]
+    paired, token_langs, token_ids = [], [], []
+    for k, lang in enumerate(langs):
+        blocks = blocks_by_lang[lang]
+        x = torch.cat([site_activations(m, blocks, site, layers) for m in (before, after)], dim=1)
+        paired.append(x.cpu().float())
+        token_langs += [k] * len(x)
+        token_ids.append(blocks[:, 1:].flatten())
+    x = torch.cat(paired).to(crosscoder.b_dec.device) * scale
+    ids = torch.cat(token_ids)
+    lang_index = torch.tensor(token_langs)
+    _, acts, _ = crosscoder(x)
+    on = (acts[:, 0] > 0).float().cpu()
+    frequency = torch.stack([on[lang_index == k].mean(0) for k in range(len(langs))])  # [lang, F]
+    relative = crosscoder.relative_norms().cpu()
+    ever = on.sum(0) > 0
+    k_focus = langs.index(focus_lang)
+    others = torch.cat([frequency[:k_focus], frequency[k_focus + 1 :]]).mean(0)
+    specificity = frequency[k_focus] - others
+    after_only = [
+        int(j) for j in torch.argsort(specificity, descending=True) if relative[j] > 0.9 and ever[j]
+    ][:top]
+    before_only = [
+        int(j) for j in torch.argsort(specificity, descending=True) if relative[j] < 0.1 and ever[j]
+    ][:top]
+    shared = [
+        int(j) for j in torch.argsort(frequency[k_focus], descending=True) if 0.4 <= relative[j] <= 0.6
+    ][:1]
+    scaling = latent_scaling(crosscoder, x, after_only)
+    blocks_focus = blocks_by_lang[focus_lang]
+    focus_acts = acts[lang_index == k_focus, 0].cpu()
+
+    def describe(j: int) -> dict:
+        values = acts[:, 0, j].cpu()
+        best = torch.argsort(values, descending=True)[:3]
+        return {
+            "latent": j,
+            "relative_norm": float(relative[j]),
+            "frequency_by_lang": dict(zip(langs, frequency[:, j].tolist())),
+            "top_tokens": [tokenizer.decode([int(ids[i])]) for i in best if values[i] > 0],
+            "promotes": promoted_tokens(after, tokenizer, crosscoder, j, model_index=1),
+            "latent_scaling": scaling.get(j),
+        }
+
+    causal = []
+    for j in after_only[:3]:
+        mean_activation = (
+            float(focus_acts[:, j][focus_acts[:, j] > 0].mean()) if (focus_acts[:, j] > 0).any() else 0.0
+        )
+        causal.append(
+            causal_check(
+                before, crosscoder, j, shared[0] if shared else None, mean_activation, layers, blocks_by_lang
+            )
+        )
+    return {
+        "langs": langs,
+        "focus_lang": focus_lang,
+        "latent_counts": classify_latents(relative, ever),
+        "relative_norm_histogram": torch.histc(relative[ever], bins=20, min=0, max=1).tolist(),
+        "after_only": [describe(j) for j in after_only],
+        "before_only": [describe(j) for j in before_only],
+        "after_only_frequency_by_lang": {
+            lang: float(frequency[k][relative > 0.9].sum()) for k, lang in enumerate(langs)
+        },
+        "causal": causal,
+        "tokens": len(x),
+        "focus_blocks": len(blocks_focus),
+    }
+
+
+def promoted_tokens(
+    model, tokenizer, crosscoder: Crosscoder, j: int, model_index: int, k: int = 8
+) -> list[str]:
+    """Tokens the latent's decoder (at its last site, in the model's units) raises most directly."""
+    from analysis.output_features import logit_directions
+
+    S = crosscoder.config.n_sites
+    site = model_index * S + S - 1
+    direction = crosscoder.W_dec[j, site].detach().cpu() / crosscoder.output_scale[site].cpu()
+    W_U = model.lm_head.weight.detach().cpu().float()
+    top = (W_U @ logit_directions(model, direction)).topk(k).indices.tolist()
+    return [tokenizer.decode([t]) for t in top]
+
+
+@torch.no_grad()
+def causal_check(
+    before,
+    crosscoder: Crosscoder,
+    latent: int,
+    control: int | None,
+    mean_activation: float,
+    layers: list[int],
+    blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
+) -> dict:
+    """Δ loss per language (nats/token) of the before model when the latent's after-model decoder rows,
+    × its mean activation on the focus language, are added to its residual after each site's layer at
+    every position; and the same for a shared latent's rows scaled to the same norms."""
+    from interventions.hooks import ResidualAdd, Where
+
+    S = crosscoder.config.n_sites
+
+    def vectors(j: int) -> list[Float[Tensor, " d"]]:
+        return [
+            crosscoder.W_dec[j, S + s].detach().cpu() / crosscoder.output_scale[S + s].cpu() for s in range(S)
+        ]
+
+    added = [mean_activation * v for v in vectors(latent)]
+    result = {"latent": latent, "mean_activation": mean_activation, "norms": [float(v.norm()) for v in added]}
+    for name, vecs in (("latent", added), ("control", None)):
+        if name == "control":
+            if control is None:
+                continue
+            vecs = [v / v.norm().clamp(min=1e-12) * a.norm() for v, a in zip(vectors(control), added)]
+            result["control_latent"] = control
+        edits = [ResidualAdd(layer, v, 1.0, Where(start=1)) for layer, v in zip(layers, vecs)]
+        result[f"delta_loss_{name}"] = {
+            lang: _loss(before, blocks, edits) - _loss(before, blocks, [])
+            for lang, blocks in blocks_by_lang.items()
+        }
+    return result
+
+
+def _loss(model, blocks: Tensor, edits: list, batch_size: int = 16) -> float:
+    from interventions.hooks import Intervener
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with Intervener(model, None, edits):
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start : start + batch_size].to(device).long()
+            logits = model(input_ids=ids).logits[:, :-1]
+            loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum")
+            total, count = total + float(loss), count + ids[:, 1:].numel()
+    return total / count
