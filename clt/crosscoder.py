@@ -31,7 +31,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from clt.model import JumpReLU, batch_topk_activation, topk_activation
+from clt.model import CrossLayerTranscoder
 
 CROSSCODER_ACTIVATIONS = ("batchtopk", "topk", "jumprelu", "relu")
 
@@ -93,22 +93,8 @@ class Crosscoder(nn.Module):
         self._check_input(x)
         return (einsum(x, self.W_enc, "b n d, n d f -> b f") + self.b_enc[0])[:, None]
 
-    def activate(self, pre: Float[Tensor, "batch 1 feature"]) -> Float[Tensor, "batch 1 feature"]:
-        activation = self.config.activation
-        if activation == "jumprelu":
-            return JumpReLU.apply(pre, self.threshold, self.config.bandwidth)
-        if activation == "relu":
-            return torch.relu(pre)
-        if activation == "topk":
-            return topk_activation(pre, self.config.k)
-        if self.training:
-            acts = batch_topk_activation(pre, self.config.k)
-            with torch.no_grad():
-                smallest = torch.where(acts > 0, acts, torch.inf).amin()
-                if torch.isfinite(smallest):
-                    self.batchtopk_threshold.lerp_(smallest.reshape(1), 0.01)
-            return acts
-        return pre * (pre > self.batchtopk_threshold)
+    # The latents are the transcoder's activation with one "layer": the same code, thresholds included.
+    activate = CrossLayerTranscoder.activate
 
     def decode(self, acts: Float[Tensor, "batch 1 feature"]) -> Float[Tensor, "batch input d"]:
         return einsum(acts[:, 0], self.W_dec, "b f, f n d -> b n d") + self.b_dec
