@@ -180,7 +180,7 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
             for p, c, o in list(zip(fits, continuations, outcomes))[:3]
         ]
     else:
-        outcomes = []
+        outcomes, chance = [], []
         for item, prompt, expected, query_lang in fits:
             distractors = item.distractors.get(expected, [])[:5]
             contrast = item.term[lm.contrast_language(expected, query_lang)]
@@ -190,6 +190,8 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
             space = item.prefix[query_lang]
             candidates = [lm.answer_text(space, t) for t in [item.term[expected], contrast, *distractors]]
             outcomes.append(lm.likelihood_outcome(lm.candidate_scores(model, tokenizer, prompt, candidates)))
+            chance.append(1 / len(candidates))
+        examples = [{"chance_correct": sum(chance) / max(1, len(chance))}]  # a uniform ranker's share
     return {**lm.shares(outcomes), "skipped": skipped, "examples": examples}
 
 
