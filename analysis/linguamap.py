@@ -165,19 +165,29 @@ def contrast_language(expected_lang: str, query_lang: str) -> str:
 
 @torch.no_grad()
 def candidate_scores(model, tokenizer, prompt: str, candidates: list[str]) -> list[float]:
-    """Mean log-probability per token of each candidate continuation of `prompt` (BOS + prompt)."""
+    """Mean log-probability per token of each candidate continuation of `prompt` (BOS + prompt).
+
+    All candidates go through one forward pass, right-padded: in a causal model padding after a
+    sequence cannot change the logits before it, so each score is what a pass of its own gives."""
     device = next(model.parameters()).device
     prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    scores = []
-    for candidate in candidates:
-        ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
-        if not ids:
-            scores.append(float("-inf"))
-            continue
-        full = torch.tensor([prompt_ids + ids], device=device)[:, -model.config.n_positions :]
-        logits = model(input_ids=full).logits[0, -len(ids) - 1 : -1]
-        logprobs = F.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids, device=device)[:, None])
-        scores.append(float(logprobs.mean()))
+    encoded = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    usable = [i for i, ids in enumerate(encoded) if ids]
+    scores = [float("-inf")] * len(candidates)
+    if not usable:
+        return scores
+    limit = model.config.n_positions
+    rows = [(prompt_ids + encoded[i])[-limit:] for i in usable]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    logprobs = F.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), -1)
+    for row, i in enumerate(usable):
+        ids, end = encoded[i], len(rows[row])
+        positions = torch.arange(end - len(ids) - 1, end - 1, device=device)
+        targets = torch.tensor(ids, device=device)
+        scores[i] = float(logprobs[row, positions, targets].mean())
     return scores
 
 
