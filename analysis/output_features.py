@@ -22,6 +22,7 @@ from torch import Tensor
 from analysis.token_language import language_table, token_counts
 from clt.export import folded_weights
 from clt.model import CrossLayerTranscoder
+from training.errors import UserError
 
 
 def written_directions(clt: CrossLayerTranscoder) -> Float[Tensor, "layer feature d_model"]:
@@ -44,7 +45,10 @@ def language_token_weights(
     specific = (table >= min_share) & (counts >= min_count)
     empty = [lang for k, lang in enumerate(texts_by_lang) if not specific[:, k].any()]
     if empty:
-        raise ValueError(f"no token is specific to {empty}: lower min_share/min_count or give more text")
+        raise UserError(
+            f"no token is specific to {empty} in the translated text (p(lang | token) ≥ {min_share}, "
+            f"≥ {min_count} occurrences): give more text, or lower --token-min-share / --token-min-count"
+        )
     weights = specific.float()
     return weights / weights.sum(0, keepdim=True)
 

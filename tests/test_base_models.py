@@ -54,6 +54,10 @@ def test_base_models_end_to_end_and_resumed(tmp_path, real_slice_corpus_dir, mon
         "locate_new_tokens": 4,
         "locate_min_frequency": 0.0,
         "locate_max_entropy_bits": 1.6,
+        "locate_token_min_count": 1,
+        "locate_token_min_share": 0.6,
+        "locate_attribution_prompts": 4,
+        "locate_linguamap_items": 10,
         "locate_device": "cpu",
     }
     config = config_from_dict(BaseModelsConfig, values)
