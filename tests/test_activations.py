@@ -160,8 +160,19 @@ def test_two_torchrun_writers_fill_disjoint_shards_identically(
     run_torchrun("collect_activations.py", args)
     store = ActivationStore(store_path)
     assert store.is_complete()
-    for name in ("mlp_in", "mlp_out", "token_id", "lang", "position"):
+    # Every token lands in the same row as with one writer: the bookkeeping is exact.
+    for name in ("token_id", "lang", "position"):
         np.testing.assert_array_equal(store.group[name][:], tiny_store.group[name][:])
+    # The activations agree to the stored precision. Not bit for bit: the two ranks (torchrun gives each
+    # one thread) and the one-process reference compute float32 GEMMs with different reduction orders,
+    # which moves the last float32 bits, and about 0.1% of values then round to the neighbouring fp16
+    # number (measured in 1 of 8 soak rounds: 232 of 199,680 values, all one fp16 step apart).
+    for name in ("mlp_in", "mlp_out"):
+        ours, reference = store.group[name][:], tiny_store.group[name][:]
+        step = np.spacing(np.maximum(np.abs(ours), np.abs(reference)))  # one fp16 step at each value
+        gap = np.abs(ours.astype(np.float32) - reference.astype(np.float32))
+        assert (gap <= step.astype(np.float32)).all(), f"{name}: a value differs by more than one fp16 step"
+        assert (gap > 0).mean() < 0.01, f"{name}: {(gap > 0).mean():.2%} of values differ"
 
 
 def test_store_at_an_fsspec_url(tiny_model_dir, real_slice_corpus_dir):
