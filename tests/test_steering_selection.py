@@ -22,16 +22,7 @@ from interventions.frontier import bootstrap_mean, success_at_budget
 from interventions.hooks import FeatureEdit, Intervener, Where
 from interventions.steering import RECIPES, LanguageUnits, Recipe, parse_method, plan
 from tests.helpers import random_clt, tiny_gpt2
-
-LANGS = ["en", "fr", "de"]
-TOKENS = {"en": [10, 11, 12], "fr": [20, 21], "de": [30, 31, 32, 33]}
-
-
-def hand_weights(vocab: int) -> torch.Tensor:
-    weights = torch.zeros(vocab, len(LANGS))
-    for k, lang in enumerate(LANGS):
-        weights[TOKENS[lang], k] = 1 / len(TOKENS[lang])
-    return weights
+from tests.test_output_features import LANGS, TOKENS, hand_weights  # the same hand-made token sets
 
 
 def plant_write(clt, layer: int, feature: int, direction: torch.Tensor) -> None:
