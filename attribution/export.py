@@ -139,21 +139,37 @@ def write_graphml(g: nx.DiGraph, path: str | Path) -> Path:
 # --- layout shared by the HTML and PNG views ------------------------------------------------------
 
 
-def _layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
-    """x: position (features of one site spread side by side), y: layer (tokens at the bottom = −1,
+def _shown_positions(g: nx.DiGraph) -> list[int]:
+    """Prompt positions worth a column: those holding a kept feature, error or target node, or a token
+    with an edge. A long prompt's graph keeps nodes at a few positions; the others would only be blank."""
+    return sorted(
+        {
+            data["position"]
+            for node, data in g.nodes(data=True)
+            if data["kind"] != "token" or g.degree(node) > 0
+        }
+    )
+
+
+def _layout(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[int]]:
+    """(x, y) of every node at a shown position, and the shown positions (x = their column index).
+    x: column (features of one site spread side by side), y: layer (tokens at the bottom = −1,
     targets at the top = n_layers)."""
+    shown = _shown_positions(g)
+    column = {pos: i for i, pos in enumerate(shown)}
     sites: dict[tuple[int, int], list[str]] = {}
     for node, data in sorted(
         g.nodes(data=True), key=lambda item: -item[1]["influence"] if item[1]["kind"] != "target" else 0
     ):
-        sites.setdefault((data["layer"], data["position"]), []).append(node)
+        if data["position"] in column:
+            sites.setdefault((data["layer"], data["position"]), []).append(node)
     positions = {}
     for (layer, pos), members in sites.items():
         width = 0.8
         for i, node in enumerate(members):
             offset = 0.0 if len(members) == 1 else (i / (len(members) - 1) - 0.5) * width
-            positions[node] = (pos + offset, layer)
-    return positions
+            positions[node] = (column[pos] + offset, layer)
+    return positions, shown
 
 
 def _radius(data: dict, max_influence: float) -> float:
@@ -178,10 +194,10 @@ def _node_title(node: str, data: dict) -> str:
 
 
 def html_view(graph: AttributionGraph, g: nx.DiGraph, title: str = "Attribution graph") -> str:
-    layout = _layout(g)
-    n_pos, n_layers = graph.n_pos, graph.n_layers
+    layout, shown = _layout(g)
+    n_layers = graph.n_layers
     col, row, margin = 90.0, 90.0, 70.0
-    width, height = margin * 2 + col * n_pos, margin * 2 + row * (n_layers + 1)
+    width, height = margin * 2 + col * len(shown), margin * 2 + row * (n_layers + 1)
 
     def xy(node: str) -> tuple[float, float]:
         x, layer = layout[node]
@@ -196,10 +212,10 @@ def html_view(graph: AttributionGraph, g: nx.DiGraph, title: str = "Attribution 
         y = height - margin - row * (layer + 1)
         label = "tokens" if layer == -1 else ("targets" if layer == n_layers else f"layer {layer}")
         parts.append(f'<text x="8" y="{y + 4:.1f}" class="axis">{label}</text>')
-    for pos, token in enumerate(graph.token_strings):
+    for i, pos in enumerate(shown):
         parts.append(
-            f'<text x="{margin + col * (pos + 0.5):.1f}" y="{height - 20:.1f}" class="tok">'
-            f"{html.escape(_display(token))}</text>"
+            f'<text x="{margin + col * (i + 0.5):.1f}" y="{height - 20:.1f}" class="tok">'
+            f"{html.escape(_display(graph.token_strings[pos]))}<title>position {pos}</title></text>"
         )
     for u, v, d in sorted(g.edges(data=True), key=lambda e: abs(e[2]["weight"])):
         (x1, y1), (x2, y2) = xy(u), xy(v)
@@ -211,6 +227,8 @@ def html_view(graph: AttributionGraph, g: nx.DiGraph, title: str = "Attribution 
             f"<title>{html.escape(u)} → {html.escape(v)}: {d['weight']:.4g}</title></line>"
         )
     for node, data in g.nodes(data=True):
+        if node not in layout:
+            continue  # a token without edges at a position that keeps nothing
         x, y = xy(node)
         parts.append(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{_radius(data, max_influence):.1f}" '
@@ -225,7 +243,7 @@ def html_view(graph: AttributionGraph, g: nx.DiGraph, title: str = "Attribution 
     meta = graph.metadata
     summary = (
         f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges kept of {graph.n_features} active "
-        "features; "
+        f"features; {len(shown)} of {graph.n_pos} positions keep nodes (the others are not drawn); "
         f"replacement score {meta.get('scores', {}).get('replacement', float('nan')):.3f}, "
         f"completeness {meta.get('scores', {}).get('completeness', float('nan')):.3f}"
     )
@@ -265,12 +283,12 @@ def write_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layout = _layout(g)
+    layout, shown = _layout(g)
     max_influence = max(
         (d["influence"] for _, d in g.nodes(data=True) if d["kind"] in ("feature", "error")), default=0.0
     )
     max_weight = max((abs(d["weight"]) for _, _, d in g.edges(data=True)), default=1.0) or 1.0
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * graph.n_pos + 2), 1.2 * (graph.n_layers + 2) + 1))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown) + 2), 1.2 * (graph.n_layers + 2) + 1))
     for u, v, d in sorted(g.edges(data=True), key=lambda e: abs(e[2]["weight"])):
         strength = abs(d["weight"]) / max_weight
         ax.plot(
@@ -282,6 +300,8 @@ def write_png(
             zorder=1,
         )
     for node, data in g.nodes(data=True):
+        if node not in layout:
+            continue
         x, y = layout[node]
         ax.scatter(
             [x],
@@ -301,7 +321,9 @@ def write_png(
                 ha="center",
                 fontsize=7,
             )
-    ax.set_xticks(range(graph.n_pos), [_display(t) for t in graph.token_strings], rotation=60, fontsize=7)
+    ax.set_xticks(
+        range(len(shown)), [_display(graph.token_strings[p]) for p in shown], rotation=60, fontsize=7
+    )
     ax.set_yticks(
         range(-1, graph.n_layers + 1), ["tokens"] + [f"L{l}" for l in range(graph.n_layers)] + ["targets"]
     )
@@ -316,14 +338,20 @@ def write_png(
 
 
 def export_all(
-    graph: AttributionGraph, out_dir: str | Path, slug: str, pruned: PruneResult, node_threshold: float = 0.8
+    graph: AttributionGraph,
+    out_dir: str | Path,
+    slug: str,
+    pruned: PruneResult,
+    node_threshold: float = 0.8,
+    save_adjacency: str = "pruned",
 ) -> dict[str, Path]:
-    """Every export of one graph into `out_dir`: the saved graph itself plus JSON, GraphML, HTML, PNG."""
+    """Every export of one graph into `out_dir`: the saved graph itself (its adjacency as
+    `save_adjacency`, see AttributionGraph.save) plus JSON, GraphML, HTML, PNG."""
     out_dir = Path(out_dir)
     g = to_networkx(graph, pruned)
     title = f"{slug}: {graph.metadata.get('prompt', '')[:80]}"
     return {
-        "graph": graph.save(out_dir / "graph"),
+        "graph": graph.save(out_dir / "graph", pruned, save_adjacency),
         "circuit_tracer_json": write_circuit_tracer_json(
             graph, g, out_dir / "circuit_tracer", slug, node_threshold
         ),

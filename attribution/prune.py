@@ -67,6 +67,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    graph.require_full_adjacency("pruning")
     w = target_weights_vector(graph)
     scores = influence(normalized_abs(graph.adjacency), w)
     node_mask = scores >= _cumulative_threshold(scores, node_threshold)
@@ -102,6 +103,7 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     """replacement: share of the tokens' end-to-end influence on the targets that does not pass through
     error nodes, token influence / (token + error influence); completeness: influence-weighted share of
     every node's inputs that come from features or tokens rather than error nodes."""
+    graph.require_full_adjacency("scoring")
     w = target_weights_vector(graph)
     normalized = normalized_abs(graph.adjacency)
     scores = influence(normalized, w)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import networkx as nx
 
 from attribution.graph import AttributionGraph
-from attribution.prune import PruneResult, normalized_abs, prune
+from attribution.prune import PruneResult, prune
 
 
 def node_id(graph: AttributionGraph, index: int) -> str:
@@ -81,8 +81,9 @@ def to_networkx(
         ids[index] = node_id(graph, index)
         g.add_node(ids[index], **info)
     targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
-    weights = graph.adjacency[targets, sources].tolist()
-    shares = normalized_abs(graph.adjacency)[targets, sources].tolist()
+    weights = graph.adjacency[targets, sources]
+    shares = (weights.abs() / graph.input_totals()[targets].clamp(min=1e-10)).tolist()
+    weights = weights.tolist()
     for t, s, w, share in zip(targets.tolist(), sources.tolist(), weights, shares):
         g.add_edge(ids[s], ids[t], weight=float(w), share=float(share))
     return g

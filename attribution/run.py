@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from attribution.export import export_all
+from attribution.graph import ADJACENCY_FORMATS
 from attribution.pipeline import build_graph
 from training import paths
 from training.config import RunDir
 from training.errors import UserError
 
-MAY_CHANGE = ("device", "prompt", "prompts", "lang")
+MAY_CHANGE = ("device", "prompt", "prompts", "lang", "save_adjacency")
 
 
 @dataclass
@@ -54,6 +55,13 @@ class AttributeConfig:
     )
     batch_size: int = field(
         default=64, metadata={"help": "targets per backward pass (64 was fastest on 2 CPU cores)"}
+    )
+    save_adjacency: str = field(
+        default="pruned",
+        metadata={
+            "help": "what of the adjacency to keep on disk: pruned (the kept edges; a few MB), or the full "
+            "matrix as sparse | float16 | float32 (hundreds of MB for a 128-token prompt)"
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -88,6 +96,8 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
 
     if config.dtype not in ("float32", "float64"):
         raise UserError("--dtype must be float32 or float64")
+    if config.save_adjacency not in ADJACENCY_FORMATS:
+        raise UserError(f"--save-adjacency must be one of {', '.join(ADJACENCY_FORMATS)}")
     prompts = read_prompts(config)
     run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
     model, tokenizer, clt = load_model_and_clt(
@@ -118,7 +128,7 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
             dtype=getattr(torch, config.dtype),
         )
         graph.metadata.update(model=config.model_dir, clt=config.clt)
-        exported = export_all(graph, out, item["slug"], pruned, config.node_threshold)
+        exported = export_all(graph, out, item["slug"], pruned, config.node_threshold, config.save_adjacency)
         record = {
             "slug": item["slug"],
             "text": item["text"],

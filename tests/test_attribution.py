@@ -303,22 +303,58 @@ def test_bad_inputs_fail_early(setup):
         attribute(model, clt, torch.tensor([], dtype=torch.long), tokenizer=tokenizer)
 
 
+def edges_of(g: nx.DiGraph) -> dict:
+    return {(u, v): (d["weight"], d["share"]) for u, v, d in g.edges(data=True)}
+
+
 def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
     from circuit_tracer.frontend.graph_models import Model
 
-    from attribution.export import export_all
+    from attribution.export import _shown_positions, export_all
 
     graph = graph64
     graph.metadata["prompt"] = PROMPT
     pruned = prune(graph)
     paths = export_all(graph, tmp_path, "g", pruned)
-    loaded = AttributionGraph.load(paths["graph"])
-    assert torch.equal(loaded.adjacency, graph.adjacency) and torch.equal(
-        loaded.active_features, graph.active_features
-    )
-    assert loaded.target_labels == graph.target_labels and loaded.metadata["prompt"] == PROMPT
-
     g = to_networkx(graph, pruned)
+
+    # The default save keeps the pruned graph: the same networkx graph (weights and shares) comes back,
+    # and the adjacency holds exactly the kept edges.
+    loaded, loaded_pruned = AttributionGraph.load_with_pruning(paths["graph"])
+    assert loaded.adjacency_kept == "pruned"
+    assert torch.equal(loaded.active_features, graph.active_features)
+    assert torch.equal(loaded.adjacency, torch.where(pruned.edge_mask, graph.adjacency, 0.0))
+    for name in ("node_mask", "edge_mask", "influence", "cumulative_influence"):
+        assert torch.equal(getattr(loaded_pruned, name), getattr(pruned, name)), name
+    back_g = to_networkx(loaded, loaded_pruned)
+    assert dict(back_g.nodes(data=True)) == dict(g.nodes(data=True))
+    assert edges_of(back_g) == edges_of(g)
+    assert loaded.target_labels == graph.target_labels and loaded.metadata["prompt"] == PROMPT
+    with pytest.raises(ValueError, match="pruned edges"):
+        prune(loaded)
+    with pytest.raises(ValueError, match="pruned edges"):
+        loaded.save(tmp_path / "again", loaded_pruned, "float32")
+
+    # The full adjacency on request, in each format; a graph saved without a pruning loads without one.
+    for form in ("sparse", "float16", "float32"):
+        graph.save(tmp_path / form, pruned if form != "float32" else None, form)
+        full, full_pruned = AttributionGraph.load_with_pruning(tmp_path / form)
+        assert full.adjacency_kept == "full"
+        if form == "float16":
+            torch.testing.assert_close(
+                full.adjacency.double(),
+                graph.adjacency,
+                rtol=1e-3,
+                atol=1e-3 * float(graph.adjacency.abs().max()),
+            )
+        else:
+            assert torch.equal(full.adjacency, graph.adjacency)
+        assert (full_pruned is None) == (form == "float32")
+    pruned_bytes = (paths["graph"] / "graph.safetensors").stat().st_size
+    assert pruned_bytes < (tmp_path / "float32" / "graph.safetensors").stat().st_size / 3
+    with pytest.raises(ValueError, match="needs the PruneResult"):
+        graph.save(tmp_path / "x", None, "pruned")
+
     back = nx.read_graphml(paths["graphml"])
     assert set(back.nodes) == set(g.nodes) and back.number_of_edges() == g.number_of_edges()
     for u, v, data in g.edges(data=True):
@@ -332,8 +368,13 @@ def test_save_load_and_every_export_round_trip(setup, graph64, tmp_path):
     index = json.loads((paths["circuit_tracer_json"].parent / "graph-metadata.json").read_text())
     assert [entry["slug"] for entry in index["graphs"]] == ["g"]
 
+    # The pictures draw only positions that keep nodes: every node there, and every edge.
+    shown = set(_shown_positions(g))
+    drawn = [n for n, d in g.nodes(data=True) if d["position"] in shown]
+    assert all(d["kind"] == "token" and g.degree(n) == 0 for n, d in g.nodes(data=True) if n not in drawn)
     page = paths["html"].read_text()
-    assert page.count("<circle") == g.number_of_nodes() and page.count("<line") == g.number_of_edges()
+    assert page.count("<circle") == len(drawn) and page.count("<line") == g.number_of_edges()
+    assert f"{len(shown)} of {graph.n_pos} positions keep nodes" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert paths["png"].stat().st_size > 10_000
     assert pruned.node_mask[graph.token_start :].all()  # tokens and targets are always kept
