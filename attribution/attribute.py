@@ -32,6 +32,8 @@ from tqdm import tqdm
 
 from attribution.frozen import FrozenGPT2
 from attribution.graph import AttributionGraph
+from attribution.memory import AttributionSize, MemoryBudgetError, current_rss_bytes
+from attribution.prune import influence, row_blocks
 from attribution.targets import Target, salient_logit_targets
 from clt.export import folded_weights
 from clt.model import CrossLayerTranscoder
@@ -136,13 +138,23 @@ def attribute(
     progress: bool = False,
     metadata: dict | None = None,
     targets_only: bool = False,
+    max_feature_nodes: int | None = None,
+    update_interval: int = 4,
+    max_memory: int | None = None,
+    report=None,
 ) -> AttributionGraph:
     """The full (unpruned) attribution graph of `tokens` (which should start with BOS).
 
     targets: read-out directions at the last position; None = salient logits (cumulative probability
     `desired_logit_prob`, at most `max_n_logits`). targets_only: compute only the targets' rows (every
     node's direct effect on the read-outs) and leave the feature rows zero — one backward pass instead
-    of one per batch of active features, for rankings that need only direct effects."""
+    of one per batch of active features, for rankings that need only direct effects.
+
+    max_feature_nodes: a feature budget, as circuit-tracer's: only the most influential features get
+    rows (influence on the targets through the rows computed so far, re-ranked every `update_interval`
+    batches) and the graph holds only them — what bounds the memory of long prompts. max_memory: bytes
+    the run may use; the estimate (attribution.memory) is reported through `report` once the forward
+    pass has counted the active features, and a run that would not fit is refused before any edge."""
     timings = {}
     start = time.perf_counter()
     frozen = FrozenGPT2.capture(model, tokens, dtype=dtype)
@@ -159,51 +171,52 @@ def attribute(
     L, n = frozen.n_layers, frozen.n_pos
     active = state.activations.nonzero()  # (layer, pos, feature), lexicographic like circuit-tracer
     values = state.activations[active[:, 0], active[:, 1], active[:, 2]]
-    n_feat = len(active)
-    error_start, token_start = n_feat, n_feat + L * n
+    n_active, n_targets = len(active), len(targets)
+    budget = n_active if max_feature_nodes is None else max(0, min(max_feature_nodes, n_active))
+    if targets_only:
+        budget = 0
+    error_start, token_start = n_active, n_active + L * n
     n_sources = token_start + n
     blocks = _source_blocks(frozen, state, active, values, error_start, token_start)
+    size = AttributionSize.of(frozen, clt, state, blocks, n_targets, budget, batch_size, dtype)
+    estimate = size.peak_bytes(current_rss_bytes())
+    if report is not None:
+        report(size.describe(estimate))
+    if max_memory is not None and estimate > max_memory:
+        raise MemoryBudgetError(size.refusal(estimate, max_memory, current_rss_bytes()))
     timings["setup_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    # Rows are written straight into the adjacency (features first, targets last; sources are columns).
-    adjacency = torch.zeros(
-        n_sources + len(targets), n_sources + len(targets), dtype=dtype, device=frozen.W_U.device
-    )
-    feature_rows, target_rows = adjacency[:n_feat, :n_sources], adjacency[n_sources:, :n_sources]
+    feature_encoders = state.W_enc[active[:, 0], :, active[:, 2]]  # [n_active, d]
     target_vectors = torch.stack([t.vector.to(frozen.W_U) for t in targets])
-    # Logit rows first: one batch (there are at most a handful).
-    _attribute_batch(
-        frozen,
-        blocks,
-        target_rows,
-        [(L, torch.arange(len(targets)), torch.full((len(targets),), n - 1), target_vectors)],
-        n_pos=n,
-        top_layer=L,
-        timings=timings,
-    )
-    feature_encoders = state.W_enc[active[:, 0], :, active[:, 2]]  # [n_feat, d]
-    for begin in tqdm(
-        range(0, 0 if targets_only else n_feat, batch_size),
-        desc="attribution",
-        disable=not progress,
-        unit="batch",
-    ):
-        batch = slice(begin, min(begin + batch_size, n_feat))
-        layers, positions = active[batch, 0], active[batch, 1]
-        reads = []
-        for layer in layers.unique().tolist():
-            mask = layers == layer
-            reads.append((layer, mask.nonzero()[:, 0], positions[mask], feature_encoders[batch][mask]))
-        _attribute_batch(
+    target_reads = [(L, torch.arange(n_targets), torch.full((n_targets,), n - 1), target_vectors)]
+    device = frozen.W_U.device
+    if budget == n_active or targets_only:
+        # Every feature gets its row, written straight into the adjacency (features first, targets last;
+        # sources are columns), in (layer, position) order so each batch's backward is truncated.
+        adjacency = torch.zeros(n_sources + n_targets, n_sources + n_targets, dtype=dtype, device=device)
+        _attribute_batch(frozen, blocks, adjacency[n_sources:, :n_sources], target_reads, n, L, timings)
+        order = torch.arange(budget, device=device)
+        for batch in tqdm(order.split(batch_size), desc="attribution", disable=not progress, unit="batch"):
+            rows = adjacency[batch[0] : batch[-1] + 1, :n_sources]
+            _feature_rows(frozen, blocks, rows, active[batch], feature_encoders[batch], timings)
+    else:
+        adjacency, selected = _budgeted_rows(
             frozen,
             blocks,
-            feature_rows[batch],
-            reads,
-            n_pos=int(positions.max()) + 1,
-            top_layer=int(layers.max()),
-            timings=timings,
+            active,
+            feature_encoders,
+            target_reads,
+            targets,
+            budget,
+            batch_size,
+            update_interval,
+            n_sources,
+            dtype,
+            progress,
+            timings,
         )
+        active, values = active[selected], values[selected]
     timings["edges_s"] = time.perf_counter() - start
 
     token_strings = (
@@ -226,10 +239,87 @@ def attribute(
             "timings": timings,
             "vocab_size": frozen.W_U.shape[1],
             "dtype": str(dtype).removeprefix("torch."),
-            "n_active_features": n_feat,
+            "n_active_features": n_active,
+            "feature_nodes": len(active),
+            "memory_estimate_bytes": estimate,
             "targets_only": targets_only,
         },
     )
+
+
+def _feature_rows(
+    frozen: FrozenGPT2,
+    blocks: list[SourceBlock],
+    out: Float[Tensor, "batch sources"],
+    active: Int[Tensor, "batch 3"],
+    encoders: Float[Tensor, "batch d"],
+    timings: dict,
+) -> None:
+    """The rows of a batch of features, read by their encoders at their layer's MLP input."""
+    layers, positions = active[:, 0], active[:, 1]
+    reads = []
+    for layer in layers.unique().tolist():
+        mask = layers == layer
+        reads.append((layer, mask.nonzero()[:, 0], positions[mask], encoders[mask]))
+    _attribute_batch(frozen, blocks, out, reads, int(positions.max()) + 1, int(layers.max()), timings)
+
+
+def _budgeted_rows(
+    frozen,
+    blocks,
+    active,
+    feature_encoders,
+    target_reads,
+    targets,
+    budget,
+    batch_size,
+    update_interval,
+    n_sources,
+    dtype,
+    progress,
+    timings,
+) -> tuple[Float[Tensor, "nodes nodes"], Int[Tensor, " budget"]]:
+    """Rows for the `budget` most influential features (circuit-tracer's procedure): the target rows
+    first, then, until the budget is spent, rank the features not yet expanded by their influence
+    through the rows known so far and expand the next `update_interval` batches of them. Returns the
+    adjacency over (selected features, errors, tokens, targets) and the selected features' indices."""
+    n_active, n_targets = len(active), len(targets)
+    n_columns = n_sources + n_targets  # node space: every active feature, errors, tokens, targets
+    device = feature_encoders.device
+    rows = torch.zeros(n_targets + budget, n_columns, dtype=dtype, device=device)
+    row_nodes = torch.zeros(n_targets + budget, dtype=torch.long, device=device)
+    _attribute_batch(
+        frozen, blocks, rows[:n_targets, :n_sources], target_reads, frozen.n_pos, frozen.n_layers, timings
+    )
+    row_nodes[:n_targets] = n_sources + torch.arange(n_targets, device=device)
+    weights = torch.zeros(n_columns, dtype=dtype, device=device)
+    weights[n_sources:] = torch.tensor([t.weight for t in targets], dtype=dtype, device=device)
+    visited = torch.zeros(n_active, dtype=torch.bool, device=device)
+    filled = n_targets
+    with tqdm(total=budget, desc="attribution", disable=not progress, unit="feature") as bar:
+        while filled - n_targets < budget:
+            scores = influence(rows[:filled], weights, row_nodes[:filled])[:n_active]
+            ranked = torch.argsort(scores, descending=True, stable=True)
+            queue = ranked[~visited[ranked]][
+                : min(update_interval * batch_size, budget - (filled - n_targets))
+            ]
+            # (layer, position) order within the queue: each batch's backward stops at its top layer.
+            for batch in queue.sort().values.split(batch_size):
+                out = rows[filled : filled + len(batch), :n_sources]
+                _feature_rows(frozen, blocks, out, active[batch], feature_encoders[batch], timings)
+                row_nodes[filled : filled + len(batch)] = batch
+                visited[batch] = True
+                filled += len(batch)
+                bar.update(len(batch))
+    selected = visited.nonzero()[:, 0]
+    # Columns of the selected features, then errors, tokens and targets; rows placed in node order.
+    columns = torch.cat([selected, torch.arange(n_active, n_columns, device=device)])
+    new_index = torch.full((n_columns,), -1, dtype=torch.long, device=device)
+    new_index[columns] = torch.arange(len(columns), device=device)
+    adjacency = torch.zeros(len(columns), len(columns), dtype=dtype, device=device)
+    for block in row_blocks(*rows.shape):
+        adjacency[new_index[row_nodes[block]]] = rows[block][:, columns]
+    return adjacency, selected
 
 
 def _source_blocks(
@@ -274,6 +364,7 @@ def _attribute_batch(
     top_layer: int,
     timings: dict,
 ) -> None:
+    """out[:, source] = the direct effect of every source on each read in `reads` (one transpose pass)."""
     start = time.perf_counter()
     grad_mlp_out, grad_embed = frozen.backward(reads, batch=out.shape[0], n_pos=n_pos, top_layer=top_layer)
     middle = time.perf_counter()

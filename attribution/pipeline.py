@@ -103,6 +103,9 @@ def build_graph(
     batch_size: int = 64,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    max_feature_nodes: int | None = None,
+    max_memory: int | None = None,
+    report=None,
 ) -> tuple[AttributionGraph, PruneResult]:
     tokens = (
         prompt
@@ -126,6 +129,9 @@ def build_graph(
         dtype=dtype,
         progress=progress,
         metadata={"prompt": text, "lang": lang, "target": target},
+        max_feature_nodes=max_feature_nodes,
+        max_memory=max_memory,
+        report=report,
     )
     pruned = prune(graph, node_threshold, edge_threshold)
     graph.metadata["scores"] = graph_scores(graph)

@@ -10,26 +10,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attribution.graph import AttributionGraph
 
+# Rows per block when a pass streams over the adjacency: ≈ 64 MB of float32 temporaries at a time, so the
+# passes below never hold a second copy of the (n × n) matrix — what runs long prompts out of memory.
+BLOCK_BYTES = 64 * 2**20
+
+
+def row_blocks(n_rows: int, n_columns: int) -> list[slice]:
+    step = max(1, BLOCK_BYTES // (4 * max(n_columns, 1)))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
 
 def normalized_abs(adjacency: Float[Tensor, "n n"]) -> Float[Tensor, "n n"]:
+    """Â: |A| with each row scaled to sum 1 (a copy; the streaming passes below avoid it)."""
     a = adjacency.abs()
     return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
 
 
-def influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """Σ_{k≥1} w Âᵏ by repeated vector-matrix products."""
+def abs_row_sums(rows: Float[Tensor, "r n"], column_mask: Bool[Tensor, " n"] | None = None) -> Tensor:
+    """Σ_s |rows[t, s]| (over the columns in `column_mask`), one block of rows at a time."""
+    out = rows.new_empty(rows.shape[0])
+    for block in row_blocks(*rows.shape):
+        a = rows[block].abs()
+        out[block] = (a[:, column_mask] if column_mask is not None else a).sum(dim=1)
+    return out
+
+
+def influence(
+    rows: Float[Tensor, "r n"],
+    weights: Float[Tensor, " n"],
+    row_nodes: Int[Tensor, " r"] | None = None,
+    node_mask: Bool[Tensor, " n"] | None = None,
+) -> Float[Tensor, " n"]:
+    """Σ_{k≥1} w Âᵏ, Â = |A| row-normalised, by repeated vector-matrix products streamed over row blocks.
+
+    rows: the adjacency's rows (all of them, or only those of `row_nodes` — the nodes whose inputs are
+    known so far, as while attribution is still choosing which features to expand); node_mask: the
+    graph restricted to these nodes (edges into or out of other nodes dropped, as after node pruning).
+    w Â = (w / row sums) |A|: the row normalisation is applied to the vector, never to a matrix copy."""
+    if row_nodes is None:
+        row_nodes = torch.arange(rows.shape[0], device=rows.device)
+    totals = abs_row_sums(rows, node_mask)
+    scale = 1.0 / totals.clamp(min=1e-10)
+    if node_mask is not None:
+        scale = scale * node_mask[row_nodes]
+    blocks = row_blocks(*rows.shape)
     total = torch.zeros_like(weights)
-    current = weights @ normalized
-    for _ in range(normalized.shape[0] + 1):
-        if not current.any():
+    current = weights
+    for _ in range(rows.shape[1] + 1):  # a DAG's longest path is shorter than its number of nodes
+        x = current[row_nodes] * scale
+        step = torch.zeros_like(weights)
+        for block in blocks:
+            if x[block].any():
+                step += x[block] @ rows[block].abs()
+        if node_mask is not None:
+            step = step * node_mask
+        if not step.any():
             return total
-        total = total + current
-        current = current @ normalized
+        total += step
+        current = step
     raise RuntimeError("influence did not converge: the adjacency matrix has a cycle (it must be a DAG)")
 
 
@@ -63,35 +106,39 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     """Keep the most influential nodes (to `node_threshold` of total influence; tokens and targets
     always), then the highest-scoring edges among them (score Â ⊙ (influence + w), to `edge_threshold`),
     then drop feature and error nodes left without outgoing edges, and features without incoming ones,
-    until nothing changes."""
+    until nothing changes. Only the kept nodes' sub-matrix is ever copied."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     graph.require_full_adjacency("pruning")
     w = target_weights_vector(graph)
-    scores = influence(normalized_abs(graph.adjacency), w)
+    scores = influence(graph.adjacency, w)
     node_mask = scores >= _cumulative_threshold(scores, node_threshold)
     node_mask[graph.token_start :] = True
 
-    pruned = graph.adjacency.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    normalized = normalized_abs(pruned)
-    edge_scores = normalized * (influence(normalized, w) + w)[:, None]
-    edge_mask = edge_scores >= _cumulative_threshold(edge_scores.flatten(), edge_threshold)
+    # Edges among kept nodes only: the sub-matrix of the pruned graph (rows re-normalised over kept inputs).
+    kept = node_mask.nonzero()[:, 0]
+    sub = graph.adjacency[kept[:, None], kept[None, :]]
+    sub_w = w[kept]
+    normalized = normalized_abs(sub)
+    edge_scores = normalized * (influence(sub, sub_w) + sub_w)[:, None]
+    sub_edges = edge_scores >= _cumulative_threshold(edge_scores.flatten(), edge_threshold)
 
-    internal = slice(0, graph.token_start)  # features and errors
-    features = slice(0, graph.n_features)
+    sub_nodes = torch.ones(len(kept), dtype=torch.bool)
+    internal = kept < graph.token_start  # features and errors
+    features = kept < graph.n_features
     while True:
-        before = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[internal] &= edge_mask[:, internal].any(0)
-        node_mask[features] &= edge_mask[features].any(1)
-        if torch.equal(before, node_mask):
+        before = sub_nodes.clone()
+        sub_edges &= sub_nodes[:, None] & sub_nodes[None, :]
+        sub_nodes[internal] &= sub_edges[:, internal].any(0)
+        sub_nodes[features] &= sub_edges[features].any(1)
+        if torch.equal(before, sub_nodes):
             break
-    edge_mask[~node_mask] = False
-    edge_mask[:, ~node_mask] = False
+    sub_edges &= sub_nodes[:, None] & sub_nodes[None, :]
+    node_mask[kept] = sub_nodes
+    edge_mask = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=torch.bool)
+    rows, columns = sub_edges.nonzero(as_tuple=True)
+    edge_mask[kept[rows], kept[columns]] = True
 
     order = scores.sort(descending=True)
     cumulative = torch.zeros_like(scores)
@@ -105,12 +152,12 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     every node's inputs that come from features or tokens rather than error nodes."""
     graph.require_full_adjacency("scoring")
     w = target_weights_vector(graph)
-    normalized = normalized_abs(graph.adjacency)
-    scores = influence(normalized, w)
+    scores = influence(graph.adjacency, w)
     errors = slice(graph.error_start, graph.token_start)
     token_influence = scores[graph.token_start : graph.target_start].sum()
     error_influence = scores[errors].sum()
-    non_error_share = 1 - normalized[:, errors].sum(dim=1)
+    error_inputs = abs_row_sums(graph.adjacency[:, errors])
+    non_error_share = 1 - error_inputs / abs_row_sums(graph.adjacency).clamp(min=1e-10)
     weight = scores + w
     return {
         "replacement": float(token_influence / (token_influence + error_influence)),

@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from attribution.export import export_all
 from attribution.graph import ADJACENCY_FORMATS
+from attribution.memory import available_bytes, parse_bytes
 from attribution.pipeline import build_graph
 from training import paths
 from training.config import RunDir
 from training.errors import UserError
 
-MAY_CHANGE = ("device", "prompt", "prompts", "lang", "save_adjacency")
+MAY_CHANGE = ("device", "prompt", "prompts", "lang", "save_adjacency", "max_memory")
 
 
 @dataclass
@@ -55,6 +56,20 @@ class AttributeConfig:
     )
     batch_size: int = field(
         default=64, metadata={"help": "targets per backward pass (64 was fastest on 2 CPU cores)"}
+    )
+    max_feature_nodes: int | None = field(
+        default=None,
+        metadata={
+            "help": "feature budget: rows only for this many most influential features (circuit-tracer's "
+            "max_feature_nodes); bounds the memory of long prompts. Default: every active feature"
+        },
+    )
+    max_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "memory the run may use, e.g. 24GB (auto: what the machine has available); a prompt "
+            "whose estimate is over it is refused up front with the flags that would make it fit"
+        },
     )
     save_adjacency: str = field(
         default="pruned",
@@ -98,12 +113,16 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
         raise UserError("--dtype must be float32 or float64")
     if config.save_adjacency not in ADJACENCY_FORMATS:
         raise UserError(f"--save-adjacency must be one of {', '.join(ADJACENCY_FORMATS)}")
+    if config.max_feature_nodes is not None and config.max_feature_nodes < 1:
+        raise UserError("--max-feature-nodes must be at least 1")
     prompts = read_prompts(config)
     run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
     model, tokenizer, clt = load_model_and_clt(
         config.model_dir, config.clt, config.device, config.allow_model_mismatch
     )
     translations = json.loads(config.translations) if config.translations else None
+    device = next(model.parameters()).device
+    max_memory = available_bytes(device) if config.max_memory == "auto" else parse_bytes(config.max_memory)
     done = run.keyed(("slug", "text"))
     records = []
     for item in tqdm(prompts, desc="graphs", unit="prompt"):
@@ -126,6 +145,9 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
             edge_threshold=config.edge_threshold,
             batch_size=config.batch_size,
             dtype=getattr(torch, config.dtype),
+            max_feature_nodes=config.max_feature_nodes,
+            max_memory=max_memory,
+            report=tqdm.write,
         )
         graph.metadata.update(model=config.model_dir, clt=config.clt)
         exported = export_all(graph, out, item["slug"], pruned, config.node_threshold, config.save_adjacency)
@@ -134,7 +156,9 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
             "text": item["text"],
             "lang": item.get("lang"),
             "n_tokens": graph.n_pos,
-            "n_active_features": graph.n_features,
+            "n_active_features": graph.metadata["n_active_features"],
+            "feature_nodes": graph.n_features,
+            "memory_estimate_gb": round(graph.metadata["memory_estimate_bytes"] / 2**30, 3),
             **graph.metadata["pruning"],
             **graph.metadata["scores"],
             **graph.metadata["timings"],

@@ -164,14 +164,20 @@ def test_two_torchrun_writers_fill_disjoint_shards_identically(
     for name in ("token_id", "lang", "position"):
         np.testing.assert_array_equal(store.group[name][:], tiny_store.group[name][:])
     # The activations agree to the stored precision. Not bit for bit: the two ranks (torchrun gives each
-    # one thread) and the one-process reference compute float32 GEMMs with different reduction orders,
-    # which moves the last float32 bits, and about 0.1% of values then round to the neighbouring fp16
-    # number (measured in 1 of 8 soak rounds: 232 of 199,680 values, all one fp16 step apart).
+    # one thread) and the one-process reference compute float32 GEMMs with different reduction orders.
+    # That moves a value by a few float32 ulps *of its row's scale* (a dot product's rounding error is
+    # relative to the sum of its terms, not to the result), so after rounding to fp16 a value differs by
+    # at most one fp16 step at its own magnitude plus one at its row's largest magnitude — the second term
+    # matters for values near zero, where fp16 steps are tiny (seen in 1 of 8 soak rounds). A misplaced
+    # token or a wrong layer would differ by the row's scale itself.
     for name in ("mlp_in", "mlp_out"):
         ours, reference = store.group[name][:], tiny_store.group[name][:]
-        step = np.spacing(np.maximum(np.abs(ours), np.abs(reference)))  # one fp16 step at each value
+        value_step = np.spacing(np.maximum(np.abs(ours), np.abs(reference)))
+        row_step = np.spacing(np.abs(reference).max(axis=-1, keepdims=True))
         gap = np.abs(ours.astype(np.float32) - reference.astype(np.float32))
-        assert (gap <= step.astype(np.float32)).all(), f"{name}: a value differs by more than one fp16 step"
+        allowed = value_step.astype(np.float32) + row_step.astype(np.float32)
+        worst = float((gap / allowed).max())
+        assert worst <= 1.0, f"{name}: a value differs by {worst:.2f}× one fp16 step at its value + its row's"
         assert (gap > 0).mean() < 0.01, f"{name}: {(gap > 0).mean():.2%} of values differ"
 
 

@@ -13,7 +13,7 @@ import torch
 from attribution.attribute import attribute, replacement_state
 from attribution.frozen import FrozenGPT2
 from attribution.graph import AttributionGraph
-from attribution.prune import graph_scores, influence, normalized_abs, prune
+from attribution.prune import graph_scores, influence, prune
 from attribution.query import (
     features_by_layer,
     strongest_paths,
@@ -158,21 +158,30 @@ def test_batching_and_truncation_do_not_change_edges(setup, graph64):
     torch.testing.assert_close(other.adjacency, graph64.adjacency, rtol=1e-12, atol=1e-12)
 
 
-def test_matches_circuit_tracer(setup, graph64, tmp_path):
-    """Same model and CLT loaded into circuit-tracer (TransformerLens backend): same active features,
-    same adjacency, same pruning and scores, and our graph JSON has its frontend's nodes and links."""
+@pytest.fixture(scope="module")
+def ct_replacement(setup, tmp_path_factory):
+    """The same model and CLT loaded into circuit-tracer (TransformerLens backend), float64."""
+    from attribution.circuit_tracer_bridge import circuit_tracer_model
+    from clt.export import export_circuit_tracer
+
+    model, tokenizer, clt, _ = setup
+    directory = tmp_path_factory.mktemp("ct") / "clt"
+    export_circuit_tracer(clt, directory)
+    return circuit_tracer_model(model.double(), tokenizer, directory, dtype=torch.float64)
+
+
+def test_matches_circuit_tracer(setup, graph64, ct_replacement, tmp_path):
+    """circuit-tracer on the same model and CLT: same active features, same adjacency, same pruning and
+    scores, and our graph JSON has its frontend's nodes and links."""
     from circuit_tracer.attribution.attribute import attribute as ct_attribute
     from circuit_tracer.frontend.graph_models import Model
     from circuit_tracer.graph import compute_graph_scores, prune_graph
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
-    from attribution.circuit_tracer_bridge import circuit_tracer_model
     from attribution.export import circuit_tracer_json
-    from clt.export import export_circuit_tracer
 
     model, tokenizer, clt, tokens = setup
-    export_circuit_tracer(clt, tmp_path / "clt")
-    replacement = circuit_tracer_model(model.double(), tokenizer, tmp_path / "clt", dtype=torch.float64)
+    replacement = ct_replacement
     with torch.no_grad():
         torch.testing.assert_close(
             replacement(tokens[None])[0], model(tokens[None]).logits[0], rtol=1e-9, atol=1e-9
@@ -207,6 +216,94 @@ def test_matches_circuit_tracer(setup, graph64, tmp_path):
     assert max(abs(ours_links[k] - their_links[k]) for k in ours_links) <= 1e-6 * float(scale)
 
 
+def test_feature_budget_matches_circuit_tracer_and_the_full_graph(setup, graph64, ct_replacement):
+    """With max_feature_nodes, the same features are expanded as circuit-tracer's (rank by influence
+    through the rows known so far, every update_interval batches), with the same edges; each kept row is
+    the full graph's row restricted to the kept nodes; and the influence of a partial set of rows is
+    circuit-tracer's partial influence."""
+    from circuit_tracer.attribution.attribute import attribute as ct_attribute
+    from circuit_tracer.graph import compute_partial_influences
+
+    model, tokenizer, clt, tokens = setup
+    budget = graph64.n_features // 4
+    ours = attribute(
+        model.double(),
+        clt,
+        tokens,
+        tokenizer=tokenizer,
+        dtype=torch.float64,
+        batch_size=8,
+        max_feature_nodes=budget,
+        update_interval=2,
+    )
+    theirs = ct_attribute(tokens, ct_replacement, batch_size=8, max_feature_nodes=budget, update_interval=2)
+    assert ours.n_features == budget and ours.metadata["n_active_features"] == graph64.n_features
+    assert torch.equal(theirs.active_features[theirs.selected_features], ours.active_features)
+    scale = theirs.adjacency_matrix.abs().max()
+    assert (theirs.adjacency_matrix - ours.adjacency).abs().max() / scale < 1e-6
+
+    kept = torch.cat(
+        [
+            torch.cat([(graph64.active_features == f).all(1).nonzero()[0] for f in ours.active_features]),
+            torch.arange(graph64.n_features, graph64.n_nodes),
+        ]
+    )
+    full_rows = graph64.adjacency[kept[:, None], kept[None, :]]
+    expanded = torch.cat([torch.arange(budget), torch.arange(ours.target_start, ours.n_nodes)])
+    torch.testing.assert_close(ours.adjacency[expanded], full_rows[expanded], rtol=1e-12, atol=1e-12)
+    assert not ours.adjacency[budget : ours.target_start].any()  # errors and tokens have no inputs
+
+    rows = graph64.adjacency[graph64.target_start :].float()  # (circuit-tracer's buffers are float32)
+    row_nodes = torch.arange(graph64.target_start, graph64.n_nodes)
+    weights = torch.zeros(graph64.n_nodes)
+    weights[graph64.target_start :] = graph64.target_weights.float()
+    torch.testing.assert_close(
+        influence(rows, weights, row_nodes),
+        compute_partial_influences(rows, graph64.target_weights.float(), row_nodes, device="cpu"),
+    )
+
+
+def test_memory_estimate_refuses_what_will_not_fit_and_says_what_would(setup):
+    from attribution.memory import GB, AttributionSize, MemoryBudgetError, parse_bytes
+
+    model, tokenizer, clt, tokens = setup
+    reports = []
+    graph = attribute(model, clt, tokens, tokenizer=tokenizer, report=reports.append)
+    assert len(reports) == 1 and "memory estimate" in reports[0] and f"{len(tokens)} tokens" in reports[0]
+    assert graph.metadata["memory_estimate_bytes"] > 0
+    # Nothing fits in 1 MB, not even a graph without features: a shorter prompt is the advice.
+    with pytest.raises(MemoryBudgetError, match="--max-tokens"):
+        attribute(model, clt, tokens, tokenizer=tokenizer, max_memory=2**20)
+
+    # A 1,024-token prompt of a 6-layer model: 100k active features do not fit in 8 GB; the advised
+    # budget is the largest that does, and the adjacency term is what a budget shrinks.
+    size = AttributionSize(
+        n_pos=1024,
+        n_layers=6,
+        d_model=256,
+        n_heads=8,
+        n_active=100_000,
+        n_targets=10,
+        budget=100_000,
+        batch_size=64,
+        max_block_width=300,
+        itemsize=4,
+    )
+    now = 1 * GB
+    assert size.phases()["adjacency"] == (100_000 + 7 * 1024 + 10) ** 2 * 4
+    estimate = size.peak_bytes(now)
+    assert estimate > 8 * GB
+    fits = size.largest_budget_within(8 * GB, now)
+    assert 0 < fits < 100_000
+    assert size.peak_bytes(now, fits) <= 8 * GB < size.peak_bytes(now, fits + 1)
+    message = size.refusal(estimate, 8 * GB, now)
+    assert f"--max-feature-nodes {fits}" in message and f"{estimate / GB:.2f} GB" in message
+    assert size.largest_budget_within(estimate, now) == 100_000
+    assert parse_bytes("1.5GB") == int(1.5 * GB) and parse_bytes("512MB") == 512 * 2**20
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("lots")
+
+
 def test_influence_on_a_hand_made_graph():
     """token → feature → logit (weights 2 and 3) plus token → logit (1): Â rows: logit gets 3/4 from the
     feature and 1/4 from the token; the feature gets all from the token. Influence with w(logit)=1:
@@ -216,7 +313,7 @@ def test_influence_on_a_hand_made_graph():
     A[0, 2] = 2.0
     A[3, 0], A[3, 2] = 3.0, -1.0
     w = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    scores = influence(normalized_abs(A), w)
+    scores = influence(A, w)
     torch.testing.assert_close(scores, torch.tensor([0.75, 0.0, 1.0, 0.0]))
     graph = AttributionGraph(
         tokens=torch.tensor([5]),
@@ -247,7 +344,7 @@ def test_influence_on_a_hand_made_graph():
 def test_cycles_are_rejected():
     A = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     with pytest.raises(RuntimeError, match="cycle"):
-        influence(normalized_abs(A), torch.tensor([1.0, 0.0]))
+        influence(A, torch.tensor([1.0, 0.0]))
 
 
 def test_targets():
