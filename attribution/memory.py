@@ -119,7 +119,9 @@ class AttributionSize:
             * self.n_pos
             * (self.d_model * (self.n_layers + 6) + 2 * self.max_block_width)
         )
-        pruning = nodes * nodes + 2 * BLOCK_BYTES + nodes * self.n_layers * self.n_pos * s
+        # the boolean edge mask, a streamed block's |A| and product (at most the matrix itself), the
+        # error columns' |A| when scoring
+        pruning = nodes * nodes + min(2 * BLOCK_BYTES, 2 * adjacency) + nodes * self.n_layers * self.n_pos * s
         return {
             "attribution": adjacency + rows + backward,
             "pruning": adjacency + pruning,

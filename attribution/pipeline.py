@@ -139,7 +139,7 @@ def build_graph(
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "nodes_kept": int(pruned.node_mask.sum()),
-        "edges_kept": int(pruned.edge_mask.sum()),
+        "edges_kept": int(pruned.edge_mask.count_nonzero()),  # (.sum() would make an int64 copy)
     }
     return graph, pruned
 

@@ -11,6 +11,11 @@ next to it. Time is the best of --repeats after one warm-up. Prompts are held-ou
 exactly N tokens (BOS included) in en, fr and de. circuit-tracer runs at several batch sizes (its
 forward pass is batched over `batch_size` copies of the prompt) and its best is compared. Every pair of
 graphs is checked for identical active features and edges (max |Δ| / max |A|).
+
+A third kind of worker, `ours-memory`, builds one graph the way `scripts/attribute.py` does (attribution
++ pruning, with --max-feature-nodes if given) and reports the memory estimate printed before the edges
+next to the measured peak, and the size on disk of the saved graph: the default (pruned edges + active-
+feature table) and the full float32 adjacency.
 """
 
 import json
@@ -48,6 +53,17 @@ class BenchAttributionConfig:
         default_factory=lambda: [64, 256, 512],
         metadata={"help": "circuit-tracer batch sizes (its default is 512)"},
     )
+    max_feature_nodes: int | None = field(
+        default=None, metadata={"help": "feature budget for every graph (ours and circuit-tracer's)"}
+    )
+    memory_lengths: list[int] = field(
+        default_factory=list,
+        metadata={"help": "prompt lengths for the memory-estimate and disk-size check (default: --lengths)"},
+    )
+    skip_circuit_tracer: bool = field(
+        default=False,
+        metadata={"help": "only the memory/disk check (e.g. lengths circuit-tracer cannot fit)"},
+    )
     run_dir: str = field(default="runs/bench-attribution", metadata={"help": "run directory (results.json)"})
     # One measurement in this process (set by the parent for its workers):
     worker: bool = field(default=False, metadata={"help": "internal: run one measurement and print JSON"})
@@ -77,16 +93,62 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def directory_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def memory_worker(args, model, tokenizer, clt, tokens) -> None:
+    """One graph as scripts/attribute.py builds it: estimate vs measured peak, size on disk."""
+    from attribution.export import export_all
+    from attribution.pipeline import build_graph
+
+    baseline_mb = peak_rss_mb()
+    graph, pruned = build_graph(
+        model, tokenizer, clt, tokens, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes
+    )
+    peak_mb = peak_rss_mb()
+    out = Path(tempfile.mkdtemp())
+    export_all(graph, out / "default", "g", pruned)
+    graph.save(out / "full-float32", pruned, "float32")
+    print(
+        json.dumps(
+            {
+                "length": args.length,
+                "n_active_features": graph.metadata["n_active_features"],
+                "feature_nodes": graph.n_features,
+                "baseline_rss_mb": baseline_mb,
+                "peak_rss_mb": peak_mb,
+                "estimate_mb": graph.metadata["memory_estimate_bytes"] / 2**20,
+                "estimate_over_peak": graph.metadata["memory_estimate_bytes"] / 2**20 / peak_mb,
+                "graph_dir_mb": directory_mb(out / "default"),
+                "saved_graph_mb": directory_mb(out / "default" / "graph"),
+                "full_float32_graph_mb": directory_mb(out / "full-float32"),
+                "nodes_kept": int(pruned.node_mask.sum()),
+                "time_s": sum(graph.metadata["timings"].values()),
+            }
+        )
+    )
+
+
 def worker(args) -> None:
     """One measurement in this process: prints a JSON line."""
     torch.set_num_threads(args.threads)
     model, tokenizer, clt = load(args.model_dir, args.clt)
     tokens = prompts_of_length(tokenizer, args.length, args.langs)[args.prompt_index]
+    if args.impl == "ours-memory":
+        return memory_worker(args, model, tokenizer, clt, tokens)
     if args.impl == "ours":
         from attribution.attribute import attribute
 
         def run():
-            graph = attribute(model, clt, tokens, tokenizer=tokenizer, batch_size=args.batch_size)
+            graph = attribute(
+                model,
+                clt,
+                tokens,
+                tokenizer=tokenizer,
+                batch_size=args.batch_size,
+                max_feature_nodes=args.max_feature_nodes,
+            )
             return graph.active_features, graph.adjacency, graph.metadata["timings"]
     else:
         import logging
@@ -109,13 +171,20 @@ def worker(args) -> None:
 
         def run():
             phases.clear()
-            graph = ct_attribute(tokens, replacement, batch_size=args.batch_size, verbose=True)
+            graph = ct_attribute(
+                tokens,
+                replacement,
+                batch_size=args.batch_size,
+                verbose=True,
+                max_feature_nodes=args.max_feature_nodes,
+            )
             return graph.active_features, graph.adjacency_matrix, [p for p in phases if "completed in" in p]
 
     baseline_mb = peak_rss_mb()
     run()  # warm-up
     times = []
     for _ in range(args.repeats):
+        active = adjacency = detail = None  # the last graph is freed first: peaks are one run's own
         start = time.perf_counter()
         active, adjacency, detail = run()
         times.append(time.perf_counter() - start)
@@ -168,6 +237,8 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
         "--save",
         save,
     ]
+    if args.max_feature_nodes is not None:
+        command += ["--max-feature-nodes", str(args.max_feature_nodes)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{result.stderr[-3000:]}")
@@ -183,7 +254,7 @@ def main(argv: list[str]) -> None:
 
     results = []
     tmp = Path(tempfile.mkdtemp())
-    for length in args.lengths:
+    for length in [] if args.skip_circuit_tracer else args.lengths:
         for prompt_index in range(len(args.langs)):
             ours = measure(args, "ours", length, prompt_index, args.batch_size, str(tmp / "ours.safetensors"))
             theirs = []
@@ -232,7 +303,21 @@ def main(argv: list[str]) -> None:
                 f"| same features {same_features}, max rel edge diff {edge_error:.1e}",
                 flush=True,
             )
-    atomic_write_json(run.path / "results.json", {"torch_threads": args.threads, "results": results})
+    memory = []
+    for length in args.memory_lengths or args.lengths:
+        row = measure(args, "ours-memory", length, 0, args.batch_size, "")
+        memory.append(row)
+        print(
+            f"{length:4d} tokens: {row['feature_nodes']:,} of {row['n_active_features']:,} features | "
+            f"estimate {row['estimate_mb']:.0f} MB vs peak {row['peak_rss_mb']:.0f} MB "
+            f"(×{row['estimate_over_peak']:.2f}) | "
+            f"on disk {row['graph_dir_mb']:.2f} MB with every export (graph {row['saved_graph_mb']:.2f} MB; "
+            f"full float32 adjacency {row['full_float32_graph_mb']:.0f} MB)",
+            flush=True,
+        )
+    atomic_write_json(
+        run.path / "results.json", {"torch_threads": args.threads, "results": results, "memory": memory}
+    )
     print(f"written to {run.path / 'results.json'}")
 
 
