@@ -128,7 +128,7 @@ def create_store(config, model, tokenizer, n_blocks: int, langs: list[str], fing
             "n_tokens": total,
         }
     )
-    chunk_tokens = config.blocks_per_chunk * tokens_per_block
+    chunk_tokens = (config.blocks_per_chunk or config.blocks_per_shard) * tokens_per_block
     for name in ("mlp_in", "mlp_out"):
         group.create_array(
             name,
@@ -156,8 +156,12 @@ def create_store(config, model, tokenizer, n_blocks: int, langs: list[str], fing
 
 def write_shard(store: ActivationStore, shard: int, arrays: dict[str, np.ndarray]) -> None:
     rows = slice(shard * store.tokens_per_shard, (shard + 1) * store.tokens_per_shard)
-    for name, values in arrays.items():
-        store.group[name][rows] = values
+    # Zarr by default compares every chunk with the fill value before writing it, to skip empty chunks: a
+    # full extra pass over the data (writes were 2.5-4× slower), and activations are never all zero. The
+    # setting is read when an array is opened, so the arrays are opened inside it.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for name, values in arrays.items():
+            store.group[name][rows] = values
     store.group["shard_done"][shard] = 1  # last: the shard becomes visible only once complete
 
 
