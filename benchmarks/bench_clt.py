@@ -1,13 +1,16 @@
-"""CLT throughput: training tokens/s with dense vs sparse decoding, and activation collection vs the
-model's forward pass alone.
+"""CLT throughput: training tokens/s with dense vs sparse decoding (as a fraction of this machine's
+measured matmul peak), activation collection vs the model's forward pass alone, and two torchrun
+writers vs one.
 
     python benchmarks/bench_clt.py --model-dir runs/pretrain-tiny-en-heavy/model --steps 60 --run-dir
     runs/bench-clt
 
 Both decoders train the same transcoder from the same initial weights on the same batches; the sparse
-one gathers only the active features' decoder rows. Collection writes a fresh Zarr store of `--tokens`
-tokens and is compared with a bare forward pass over exactly the same blocks.
-Prints a JSON record and writes it to <run-dir>/results.json; docs/clt.md holds the measured numbers.
+one gathers only the active features' decoder rows; each is run at every `--widths` (features per layer)
+so the crossover that `--sparse-decode auto` should follow is measured. Collection writes a fresh Zarr
+store of `--tokens` tokens and is compared with a bare forward pass over exactly the same blocks; the
+torchrun comparison collects the same tokens with one and with two single-threaded ranks.
+Prints a JSON record and writes it to <run-dir>/results.json; docs/performance.md holds the numbers.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ class BenchCLTConfig:
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus (default: the built corpus)"})
     tokens: int = field(default=200_000, metadata={"help": "tokens to collect"})
     steps: int = field(default=60, metadata={"help": "CLT training steps per decoder"})
-    n_features: int = field(default=512, metadata={"help": "features per layer"})
+    widths: list[int] = field(
+        default_factory=lambda: [512, 2048], metadata={"help": "features per layer to compare decoders at"}
+    )
     activations: list[str] = field(
         default_factory=lambda: ["topk", "jumprelu"],
         metadata={"help": "sparse decoding is exact for topk, approximate for jumprelu"},
     )
     k: int = field(default=16, metadata={"help": "k for topk"})
+    torchrun: bool = field(default=True, metadata={"help": "also time one vs two torchrun writers"})
     run_dir: str = field(default="runs/bench-clt", metadata={"help": "run directory (results.json)"})
 
 
@@ -59,10 +65,68 @@ def forward_only_throughput(
     return blocks[:, 1:].numel() / (time.perf_counter() - start)
 
 
+def matmul_peak_gflops(repeats: int = 5) -> dict:
+    """This machine's dense float32 matmul rate: the best of square and CLT-like shapes."""
+    shapes = {
+        "1024^3": (1024, 1024, 1024),
+        "2048x256x2048": (2048, 256, 2048),
+        "2048x2048x256": (2048, 2048, 256),
+    }
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * m * k * n / best / 1e9
+    return {"by_shape": rates, "peak": max(rates.values()), "threads": torch.get_num_threads()}
+
+
+def clt_flops_per_token(n_layers: int, d_model: int, n_features: int) -> float:
+    """Dense multiply-adds ×2 of one training token: encoders (L·d·F), cross-layer decoders
+    (F·d per (source ≤ target) pair), backward ≈ twice the forward."""
+    forward = 2 * n_layers * d_model * n_features + 2 * n_features * d_model * n_layers * (n_layers + 1) // 2
+    return 3 * forward
+
+
+def torchrun_collection(args, tmp: str, n_ranks: int) -> float:
+    """Collection tokens/s with `n_ranks` single-threaded torchrun ranks writing one store."""
+    import os
+    import subprocess
+    import sys
+
+    store = str(Path(tmp) / f"torchrun-{n_ranks}.zarr")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n_ranks}",
+        str(Path(__file__).resolve().parents[1] / "scripts" / "collect_activations.py"),
+        "--model-dir",
+        args.model_dir,
+        "--store",
+        store,
+        "--n-tokens",
+        str(args.tokens),
+    ]
+    if args.corpus_dir:
+        command += ["--corpus-dir", args.corpus_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    from clt.store import ActivationStore
+
+    loop = ActivationStore(store).attrs["last_collection_rank0"]
+    return n_ranks * loop["tokens"] / loop["seconds"]  # ranks hold equal shares of the shards
+
+
 def main(argv: list[str]) -> None:
     args = parse_config(BenchCLTConfig, argv)
     run = RunDir.open(args.run_dir, args, may_change=())
-    result: dict = {"threads": torch.get_num_threads()}
+    result: dict = {"threads": torch.get_num_threads(), "matmul": matmul_peak_gflops()}
     with tempfile.TemporaryDirectory() as tmp:
         collect = CollectConfig(
             model_dir=args.model_dir,
@@ -102,17 +166,30 @@ def main(argv: list[str]) -> None:
             "forward_with_lm_head_tokens_per_s": forward_with_head_tps,
             "zarr_overhead": forward_tps / collect_tps - 1,
         }
+        if args.torchrun:
+            one, two = torchrun_collection(args, tmp, 1), torchrun_collection(args, tmp, 2)
+            result["torchrun_collection"] = {
+                "one_rank_tokens_per_s": one,
+                "two_ranks_tokens_per_s": two,
+                "speedup": two / one,
+            }
+        from transformers import AutoConfig
 
-        for activation in args.activations:
+        model_config = AutoConfig.from_pretrained(args.model_dir)
+
+        training = []
+        for activation, width in ((a, w) for a in args.activations for w in args.widths):
+            row = {"activation": activation, "n_features": width}
+            flops = clt_flops_per_token(model_config.n_layer, model_config.n_embd, width)
             for sparse in ("false", "true"):
                 config = config_from_dict(
                     CLTTrainConfig,
                     {
-                        "run_dir": str(Path(tmp) / f"clt-{activation}-{sparse}"),
+                        "run_dir": str(Path(tmp) / f"clt-{activation}-{width}-{sparse}"),
                         "model_dir": args.model_dir,
                         "store": store.url,
                         "corpus_dir": args.corpus_dir,
-                        "n_features": args.n_features,
+                        "n_features": width,
                         "activation": activation,
                         "k": args.k,
                         "max_steps": args.steps,
@@ -123,15 +200,25 @@ def main(argv: list[str]) -> None:
                     },
                 )
                 report = train_clt(config)
-                result[f"{activation}_sparse_{sparse}"] = {
+                decoder = "sparse" if sparse == "true" else "dense"
+                row[decoder] = {
                     "tokens_per_s": report["train_tokens_per_s"],
+                    "fraction_of_matmul_peak": report["train_tokens_per_s"]
+                    * flops
+                    / 1e9
+                    / result["matmul"]["peak"],
                     "heldout_mean_l0": report["heldout"]["all"]["mean_l0"],
                     "heldout_mean_fvu": report["heldout"]["all"]["mean_fvu"],
                 }
-            result[f"{activation}_sparse_speedup"] = (
-                result[f"{activation}_sparse_true"]["tokens_per_s"]
-                / result[f"{activation}_sparse_false"]["tokens_per_s"]
+            row["sparse_speedup"] = row["sparse"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+            training.append(row)
+            print(
+                f"{activation} {width} features: dense {row['dense']['tokens_per_s']:,.0f} tok/s "
+                f"({row['dense']['fraction_of_matmul_peak']:.0%} of peak), sparse "
+                f"{row['sparse']['tokens_per_s']:,.0f} (×{row['sparse_speedup']:.2f})",
+                flush=True,
             )
+        result["training"] = training
     atomic_write_json(run.path / "results.json", result)
     print(json.dumps(result, indent=1))
 
