@@ -113,6 +113,15 @@ def test_sweep_reads_every_shape_at_every_budget(tmp_path, real_slice_corpus_dir
     assert run_sweep(config)["reads"] == results["reads"]
 
 
+def test_a_shape_can_be_capped_below_the_longest_budget():
+    config = SweepConfig(shapes=["4x128", "6x384"], minutes=[15, 30, 60], max_minutes=["6x384=30"])
+    assert scaling.shape_minutes(config, "4x128") == [15, 30, 60]
+    assert scaling.shape_minutes(config, "6x384") == [15, 30]  # its main run ends at 30 min
+    for bad in (["6x384"], ["8x512=30"], ["6x384=10"]):
+        with pytest.raises(ValueError, match="max-minutes"):
+            scaling.shape_minutes(dataclasses.replace(config, max_minutes=bad), "6x384")
+
+
 def test_learning_rate_scales_with_width_when_asked():
     config = SweepConfig(lr=4e-3)
     assert scaling.pretrain_config(config, "6x256", 15, 10).lr == 4e-3  # default: one lr for every shape

@@ -36,7 +36,7 @@ from training.pretrain import (
 
 # Shape and budget fields fix what a read means; the rest may not change under a resumed sweep either,
 # except adding shapes or budgets (new runs) and the device.
-MAY_CHANGE = ("device", "shapes", "minutes")
+MAY_CHANGE = ("device", "shapes", "minutes", "max_minutes")
 
 
 @dataclass
@@ -53,6 +53,13 @@ class SweepConfig:
     )
     minutes: list[float] = field(
         default_factory=lambda: [15, 30, 60], metadata={"help": "budgets in minutes of the idle machine"}
+    )
+    max_minutes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "per-shape caps SHAPE=MINUTES (e.g. 6x384=30): that shape is read only at budgets up to "
+            "the cap, its main run ending there — keeps a large shape within the sweep's CPU budget"
+        },
     )
     head_dim: int = field(default=64, metadata={"help": "attention head width (heads = width / head_dim)"})
     mixture: str = field(default="balanced", metadata={"help": "language mixture"})
@@ -84,6 +91,20 @@ def parse_shape(shape: str) -> tuple[int, int]:
     if not sep or not layers.isdigit() or not width.isdigit():
         raise UserError(f"shape {shape!r} is not LAYERSxWIDTH (e.g. 6x256)")
     return int(layers), int(width)
+
+
+def shape_minutes(config: SweepConfig, shape: str) -> list[float]:
+    """The budgets `shape` is read at: every --minutes up to its --max-minutes cap."""
+    caps = {}
+    for item in config.max_minutes:
+        name, sep, cap = item.partition("=")
+        if not sep or name not in config.shapes:
+            raise UserError(f"--max-minutes {item!r} is not SHAPE=MINUTES for one of {config.shapes}")
+        caps[name] = float(cap)
+    budgets = sorted(m for m in config.minutes if m <= caps.get(shape, float("inf")))
+    if not budgets:
+        raise UserError(f"--max-minutes leaves no budget for {shape}")
+    return budgets
 
 
 def pretrain_config(config: SweepConfig, shape: str, minutes: float, steps: int) -> PretrainConfig:
@@ -148,7 +169,6 @@ def read(summary: dict, mixture: dict[str, float]) -> dict:
 def run_sweep(config: SweepConfig) -> dict:
     run = RunDir.open(config.run_dir, config, may_change=MAY_CHANGE)
     mixture = parse_mixture(config.mixture)
-    minutes = sorted(config.minutes)
     corpus = load_corpus(config.corpus_dir)
     tokenizer_dir = saved_mixture_tokenizer(
         Path(config.run_dir) / "tokenizer", corpus, config.mixture, config.tokenizer_chars,
@@ -172,6 +192,7 @@ def run_sweep(config: SweepConfig) -> dict:
     reads = run.keyed(("shape", "minutes"))
     shared_data = None
     for shape in config.shapes:
+        minutes = shape_minutes(config, shape)
         steps_per_s = calibrations[(shape,)]["steps_per_s"]
         steps = {m: max(1, round(m * 60 * steps_per_s)) for m in minutes}
         main = pretrain_config(config, shape, minutes[-1], steps[minutes[-1]])
@@ -206,7 +227,7 @@ def log_read(run: RunDir, shape: str, minutes: float, summary: dict, mixture: di
 
 
 def summarize(config: SweepConfig, calibrations: dict, reads: dict) -> dict:
-    rows = [reads[(s, m)] for s in config.shapes for m in sorted(config.minutes) if (s, m) in reads]
+    rows = [reads[(s, m)] for s in config.shapes for m in shape_minutes(config, s) if (s, m) in reads]
     best = {}
     for m in sorted(config.minutes):
         at_budget = [r for r in rows if r["minutes"] == m]
@@ -217,7 +238,7 @@ def summarize(config: SweepConfig, calibrations: dict, reads: dict) -> dict:
     cost_min = 0.0
     for shape in config.shapes:
         steps_per_s = calibrations[(shape,)]["steps_per_s"]
-        minutes = sorted(config.minutes)
+        minutes = shape_minutes(config, shape)
         total = round(minutes[-1] * 60 * steps_per_s)
         branches = sum(round(m * 60 * steps_per_s) * config.decay_fraction for m in minutes[:-1])
         cost_min += (total + branches) / steps_per_s / 60
