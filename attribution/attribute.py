@@ -35,20 +35,46 @@ from attribution.graph import AttributionGraph
 from attribution.memory import AttributionSize, MemoryBudgetError, current_rss_bytes
 from attribution.prune import influence, row_blocks
 from attribution.targets import Target, salient_logit_targets
-from clt.export import folded_weights
 from clt.model import CrossLayerTranscoder
 
 
 @dataclass
 class ReplacementState:
-    """The CLT side of the local replacement model on one prompt (raw activation scale)."""
+    """The CLT side of the local replacement model on one prompt (raw activation scale).
+
+    The CLT's weights are held as they are (no copy); the normalisation scales are folded in only for
+    the vectors attribution reads (`encoder_vectors`, `decoder_vectors`) — folding whole matrices per
+    prompt was two copies of the CLT, most of a short prompt's time on a large transcoder."""
 
     activations: Float[Tensor, "layer pos feature"]  # zero at position 0
     reconstruction: Float[Tensor, "layer pos d"]  # Σ features' decoder vectors + b_dec
     errors: Float[Tensor, "layer pos d"]  # mlp_out − reconstruction, zero at position 0
-    W_enc: Float[Tensor, "layer d feature"]
-    W_dec: list[Float[Tensor, "feature target d"]]
     b_enc: Float[Tensor, "layer feature"]
+    raw_W_enc: Float[Tensor, "layer d feature"]  # acts on normalised inputs: × input_scale folds it
+    raw_W_dec: list[Float[Tensor, "feature target d"]]  # writes normalised outputs: ÷ output_scale
+    input_scale: Float[Tensor, " layer"]
+    output_scale: Float[Tensor, " layer"]
+
+    def encoder_vectors(self, layers: Int[Tensor, " n"], features: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+        """What each feature reads from its layer's (raw) MLP input."""
+        return self.raw_W_enc[layers, :, features] * self.input_scale[layers, None]
+
+    def decoder_vectors(self, source: int, features: Int[Tensor, " n"], target: int) -> Float[Tensor, "n d"]:
+        """What features of layer `source` write to layer `target`'s (raw) MLP output."""
+        return self.raw_W_dec[source][features, target - source] / self.output_scale[target]
+
+    @property
+    def W_enc(self) -> Float[Tensor, "layer d feature"]:
+        """Every encoder, folded (a copy: for tests and small analyses)."""
+        return self.raw_W_enc * self.input_scale[:, None, None]
+
+    @property
+    def W_dec(self) -> list[Float[Tensor, "feature target d"]]:
+        """Every decoder, folded (a copy)."""
+        return [
+            w / self.output_scale[layer : layer + w.shape[1]][None, :, None]
+            for layer, w in enumerate(self.raw_W_dec)
+        ]
 
 
 @torch.no_grad()
@@ -66,7 +92,8 @@ def replacement_state(
             "use a transcoder trained without --skip"
         )
     dtype, device = frozen.W_U.dtype, frozen.W_U.device
-    clt = copy.deepcopy(clt).to(device=device, dtype=dtype).eval()
+    if (clt.W_enc.dtype, clt.W_enc.device) != (dtype, device):
+        clt = copy.deepcopy(clt).to(device=device, dtype=dtype)  # (the caller's transcoder is left as is)
     acts = []
     for layer in range(frozen.n_layers):
         a = clt.encode_layer(frozen.mlp_in[layer] * clt.input_scale[layer], layer)
@@ -77,14 +104,15 @@ def replacement_state(
     )
     errors = frozen.mlp_out - reconstruction
     errors[:, :zero_positions] = 0
-    folded = folded_weights(clt)
     return ReplacementState(
         activations=torch.stack(acts),
         reconstruction=reconstruction,
         errors=errors,
-        W_enc=folded["W_enc"].to(device, dtype),
-        b_enc=folded["b_enc"].to(device, dtype),
-        W_dec=[w.to(device, dtype) for w in folded["W_dec"]],
+        b_enc=clt.b_enc.detach(),
+        raw_W_enc=clt.W_enc.detach(),
+        raw_W_dec=[w.detach() for w in clt.W_dec],
+        input_scale=clt.input_scale.detach(),
+        output_scale=clt.output_scale.detach(),
     )
 
 
@@ -187,7 +215,7 @@ def attribute(
     timings["setup_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    feature_encoders = state.W_enc[active[:, 0], :, active[:, 2]]  # [n_active, d]
+    feature_encoders = state.encoder_vectors(active[:, 0], active[:, 2])  # [n_active, d]
     target_vectors = torch.stack([t.vector.to(frozen.W_U) for t in targets])
     target_reads = [(L, torch.arange(n_targets), torch.full((n_targets,), n - 1), target_vectors)]
     device = frozen.W_U.device
@@ -343,7 +371,7 @@ def _source_blocks(
             index = mask.nonzero()[:, 0]
             if len(index) == 0:
                 continue
-            decoders = state.W_dec[source_layer][active[index, 2], k - source_layer] * values[index, None]
+            decoders = state.decoder_vectors(source_layer, active[index, 2], k) * values[index, None]
             vectors.append(decoders)
             positions.append(active[index, 1])
             columns.append(index)

@@ -197,11 +197,16 @@ class FrozenGPT2:
     def _attention_transpose(
         self, grad: Float[Tensor, "batch pos d"], layer: int, n_pos: int
     ) -> Float[Tensor, "batch pos d"]:
-        """Gradient reaching r_l through LN1 and attention (patterns and scale frozen)."""
-        grad_z = rearrange(grad @ self.W_O[layer].T, "b p (h e) -> b h p e", h=self.n_heads)
+        """Gradient reaching r_l through LN1 and attention (patterns and scale frozen).
+
+        Per head, the pattern's transpose multiplies the whole batch at once: the batch is folded into
+        the matmul's columns ([j, i] @ [i, batch·head_dim]), one large product per head instead of
+        batch × heads small ones."""
+        batch = grad.shape[0]
+        grad_z = rearrange(grad @ self.W_O[layer].T, "b p (h e) -> h p (b e)", h=self.n_heads)
         pattern = self.patterns[layer, :, :n_pos, :n_pos]
-        grad_v = einsum(pattern, grad_z, "h i j, b h i e -> b h j e")
-        grad_x = rearrange(grad_v, "b h p e -> b p (h e)") @ self.W_V[layer].T
+        grad_v = torch.bmm(pattern.transpose(1, 2), grad_z)  # [head, j, batch·e]
+        grad_x = rearrange(grad_v, "h p (b e) -> b p (h e)", b=batch) @ self.W_V[layer].T
         return _layer_norm_transpose(grad_x, self.ln1_scale[layer, :n_pos], self.ln1_w[layer])
 
 
@@ -236,5 +241,5 @@ def _layer_norm_transpose(
     grad: Float[Tensor, "... pos d"], scale: Float[Tensor, " pos"], weight: Float[Tensor, " d"]
 ) -> Float[Tensor, "... pos d"]:
     """Transpose of the frozen LayerNorm's linear part: C diag(w) / s, C the (symmetric) centring."""
-    g = grad * weight / scale[..., None]
-    return g - g.mean(-1, keepdim=True)
+    g = grad * (weight / scale[..., None])  # the [pos, d] factor first: one pass over the batch, not two
+    return g.sub_(g.mean(-1, keepdim=True))
