@@ -533,6 +533,19 @@ def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_p
     )
     assert refused.returncode != 0 and "weights differ" in refused.stderr
 
+    # a prompt over the memory allowed is refused in one line naming the estimate and what would fit
+    too_big = subprocess.run(
+        command[:-4] + ["--run-dir", str(tmp_path / "r3"), "--max-tokens", "20", "--max-memory", "1MB"],
+        env=script_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = too_big.stderr.strip().splitlines()[-1]
+    assert too_big.returncode == 2 and "--max-memory" in last and "GB" in last and "--max-tokens" in last
+    assert "Traceback" not in too_big.stderr
+
 
 def test_overlap_measures_and_null():
     from attribution.overlap import derangement, overlap_by_layer, set_overlap
