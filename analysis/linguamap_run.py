@@ -172,7 +172,7 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
     elif mode == "generation":
         device = next(model.parameters()).device
         _, continuations, _ = generate_continuations(
-            model, tokenizer, [p[1] for p in fits], None, new_tokens, greedy=True, device=device
+            model, tokenizer, [p[1] for p in fits], None, new_tokens, greedy=True, device=device, pad=True
         )
         outcomes = [lm.classify(c, item, expected) for (item, _, expected, _), c in zip(fits, continuations)]
         examples = [

@@ -32,6 +32,13 @@ def test_prompts_of_mixed_lengths_batch_like_single_prompts(slice_tokenizer_dir)
     for text, continuation, row in zip(texts, together, ids):
         _, alone, _ = evaluate.generate_continuations(model, tokenizer, [text], None, 6, True, device)
         assert alone == [continuation] and len(row) == 6
+    # Left-padded batches of mixed lengths (positions counted from each prompt's first token) continue
+    # every prompt exactly as it continues alone; prompts come back unpadded, in the callers' order.
+    prompts, padded, padded_ids = evaluate.generate_continuations(
+        model, tokenizer, texts, None, 6, True, device, batch_size=3, pad=True
+    )
+    assert padded == together and padded_ids == ids
+    assert prompts == evaluate.generate_continuations(model, tokenizer, texts, None, 6, True, device)[0]
     with pytest.raises(UserError, match="exceed the model.s context of 32"):
         evaluate.generate_continuations(model, tokenizer, texts, None, 30, True, device)
 

@@ -93,12 +93,16 @@ def generate_continuations(
     device: torch.device,
     seed: int = 0,
     batch_size: int = 32,
+    pad: bool = False,
 ) -> tuple[list[str], list[str], list[list[int]]]:
     """Continue each text (after a BOS) — its first `prompt_tokens` tokens, or all of it if None — greedily
     or with `SAMPLING`; return (prompts, continuations, continuation token ids), in the order of `texts`.
 
     Prompts of equal token length are batched together, so batches need no padding. Texts shorter than
-    `prompt_tokens` are skipped by the caller (`usable_prompts`).
+    `prompt_tokens` are skipped by the caller (`usable_prompts`). With `pad`, prompts of any lengths share
+    batches, left-padded and masked (GPT-2 then counts positions from each prompt's first token): for
+    prompts that all differ in length, as LinguaMap's, that is batch_size× fewer passes, and greedy
+    continuations are the same as unpadded ones (tested).
     """
     bos = tokenizer.bos_token_id
     encoded = [
@@ -117,24 +121,29 @@ def generate_continuations(
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)
+    if pad:  # one group, sorted by length so that each batch pads little
+        by_length = {0: sorted(range(len(encoded)), key=lambda i: len(encoded[i]))}
     prompts, continuations, generated = [""] * len(texts), [""] * len(texts), [[] for _ in texts]
     sampling = {"do_sample": False} if greedy else SAMPLING
-    for length, indices in sorted(by_length.items()):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for _, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            input_ids = torch.tensor([encoded[i] for i in chunk], device=device)
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
             output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=new_tokens,
                 **sampling,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
                 eos_token_id=None,  # always `new_tokens`: equal-length continuations are judged alike
             )
             for i, row in zip(chunk, output.tolist()):
-                prompts[i] = tokenizer.decode(row[1:length])
-                continuations[i] = tokenizer.decode(row[length:], skip_special_tokens=True)
-                generated[i] = row[length:]
+                prompts[i] = tokenizer.decode(encoded[i][1:])
+                continuations[i] = tokenizer.decode(row[width:], skip_special_tokens=True)
+                generated[i] = row[width:]
     torch.set_rng_state(generator_state)
     model.train(was_training)
     return prompts, continuations, generated
