@@ -224,9 +224,10 @@ def attribute(
         # sources are columns), in (layer, position) order so each batch's backward is truncated.
         adjacency = torch.zeros(n_sources + n_targets, n_sources + n_targets, dtype=dtype, device=device)
         _attribute_batch(frozen, blocks, adjacency[n_sources:, :n_sources], target_reads, n, L, timings)
-        order = torch.arange(budget, device=device)
-        for batch in tqdm(order.split(batch_size), desc="attribution", disable=not progress, unit="batch"):
-            rows = adjacency[batch[0] : batch[-1] + 1, :n_sources]
+        starts = range(0, budget, batch_size)
+        for begin in tqdm(starts, desc="attribution", disable=not progress, unit="batch"):
+            batch = slice(begin, min(begin + batch_size, budget))
+            rows = adjacency[batch, :n_sources]
             _feature_rows(frozen, blocks, rows, active[batch], feature_encoders[batch], timings)
     else:
         adjacency, selected = _budgeted_rows(

@@ -64,3 +64,48 @@ MICRO_PRETRAIN = {
     "n_head": 2,
     "n_ctx": 32,
 }
+
+
+def micro_base_models(corpus_dir, mixture: str) -> dict:
+    """BaseModelsConfig settings (flat flag names) that run every stage in seconds on the corpus slice:
+    0.005 minutes of pretraining (30 steps once `calibrate` is pinned to 100 steps/s), a 16-feature CLT,
+    location on en, fr, de."""
+    from tests.conftest import collect_args
+
+    micro = {key: value for key, value in MICRO_PRETRAIN.items() if key not in ("mixture", "max_steps")}
+    collect = collect_args("unused", "unused", corpus_dir)
+    return {
+        "minutes": 0.005,
+        **{f"pretrain_{key}": value for key, value in micro.items()},
+        "pretrain_n_ctx": 64,
+        "pretrain_vocab_size": 400,
+        "pretrain_tokenizer_mixture": mixture,
+        "pretrain_tokenizer_chars": 50_000,
+        "pretrain_token_budget": 12_000,
+        "pretrain_warmup_steps": 4,
+        "pretrain_device": "cpu",
+        **{
+            f"clt_collect_{key}": collect[key]
+            for key in ("n_tokens", "n_ctx", "blocks_per_shard", "blocks_per_chunk")
+        },
+        "clt_collect_mixture": mixture,
+        "clt_n_features": 16,
+        "clt_max_steps": 20,
+        "clt_eval_blocks": 4,
+        "clt_device": "cpu",
+        "locate_langs": ["en", "fr", "de"],
+        "locate_n_ctx": 16,
+        "locate_blocks_per_lang": 6,
+        "locate_train_texts_per_lang": 60,
+        "locate_n_parallel": 8,
+        "locate_prompts_per_lang": 3,
+        "locate_prompt_tokens": 6,
+        "locate_new_tokens": 4,
+        "locate_min_frequency": 0.0,
+        "locate_max_entropy_bits": 1.6,
+        "locate_token_min_count": 1,
+        "locate_token_min_share": 0.6,
+        "locate_attribution_prompts": 4,
+        "locate_linguamap_items": 10,
+        "locate_device": "cpu",
+    }

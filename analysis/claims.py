@@ -1,0 +1,211 @@
+"""The seed papers' claims as measured numbers, each with its uncertainty and a verdict by a written rule.
+
+Every function takes stage output files (JSON) and returns a `ClaimResult` whose numbers are
+`analysis.provenance` numbers — read from those files or derived from them — so the report built from
+them holds no literals. The verdict rules are stated in `RULES` and printed in the report.
+
+Uncertainty: ± is two standard errors (over languages, or the standard error a stage wrote) or a 95%
+Wilson interval for accuracies; "reproduced" needs the effect beyond that band, "not reproduced" needs the
+band to exclude it, and anything between is "inconclusive".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.provenance import Number, derive, read
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+RULES = {
+    "a": "reproduced if, in some middle layer (not the first or last), parallel paragraphs share more "
+    "pruned-graph features across languages than the shuffled null by more than 2 standard errors, and the "
+    "largest such excess is in a middle layer; not reproduced if no layer exceeds the null by 2 standard "
+    "errors; inconclusive otherwise (the excess peaks at an edge layer)",
+    "b": "reproduced if the logit lens's probability of the prompt's own language rises from the middle "
+    "layer to the last by more than 2 standard errors (over prompt languages); not reproduced if it falls "
+    "by more than 2; inconclusive otherwise",
+    "c": "reproduced if the lower 95% Wilson bound of the layer-0 residual probe's held-out accuracy is "
+    "above 0.5 and above the majority baseline; not reproduced if its upper bound is below 0.5; inconclusive "
+    "otherwise",
+    "e": "the rule of (a), applied to the model trained without English",
+}
+
+
+@dataclass
+class ClaimResult:
+    key: str
+    claim: str
+    measure: str
+    number: Number
+    uncertainty: Number | None  # the ± band (see the module docstring)
+    verdict: str
+    rule: str
+    command: str
+    sources: list[str]
+    details: dict[str, Number] = field(default_factory=dict)
+    plot: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "claim": self.claim,
+            "measure": self.measure,
+            "number": self.number.to_json(),
+            "uncertainty": self.uncertainty.to_json() if self.uncertainty is not None else None,
+            "verdict": self.verdict,
+            "rule": self.rule,
+            "command": self.command,
+            "sources": self.sources,
+            "details": {name: value.to_json() for name, value in self.details.items()},
+            "plot": self.plot,
+        }
+
+
+def _undefined(*numbers: Number) -> bool:
+    return any(math.isnan(n.value) for n in numbers)  # too few samples for a number or its band
+
+
+def _band_verdict(effect: Number, band: Number) -> str:
+    if _undefined(effect, band):
+        return INCONCLUSIVE
+    if effect.value > band.value:
+        return REPRODUCED
+    if effect.value < -band.value:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def shared_middle_layers(overlap_json: Path, model: str, key: str = "a", command: str = "") -> ClaimResult:
+    """(a)/(e): per layer, Jaccard overlap of parallel paragraphs' pruned-graph features minus the
+    shuffled null (different paragraphs), with the standard errors the overlap stage wrote."""
+    n_layers = int(read(overlap_json, "/n_layers").value)
+    excess, band = [], []
+    for layer in range(n_layers):
+        parallel = read(overlap_json, f"/all/jaccard/{layer}")
+        null = read(overlap_json, f"/all/null_jaccard/{layer}")
+        se = derive(
+            "quadrature",
+            read(overlap_json, f"/all_sem/jaccard/{layer}"),
+            read(overlap_json, f"/all_sem/null_jaccard/{layer}"),
+        )
+        excess.append(derive("difference", parallel, null))
+        band.append(derive("twice", se))
+    middle = range(1, n_layers - 1)
+    best = max(middle, key=lambda layer: excess[layer].value) if n_layers > 2 else 0
+    peak = max(range(n_layers), key=lambda layer: excess[layer].value)
+    significant = [layer for layer in range(n_layers) if excess[layer].value > band[layer].value]
+    if _undefined(excess[best], band[best]):
+        verdict = INCONCLUSIVE
+    elif best in significant and peak == best:
+        verdict = REPRODUCED
+    elif not significant:
+        verdict = NOT_REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    return ClaimResult(
+        key=key,
+        claim=f"middle layers share features across languages ({model})",
+        measure=f"largest middle-layer excess of cross-language feature overlap (Jaccard) over the shuffled "
+        f"null, layer {best} of {n_layers}",
+        number=excess[best],
+        uncertainty=band[best],
+        verdict=verdict,
+        rule=RULES[key],
+        command=command,
+        sources=[str(overlap_json)],
+        details={f"excess, layer {layer}": excess[layer] for layer in range(n_layers)},
+    )
+
+
+def late_language_decoding(locate_report: Path, model: str, command: str = "") -> ClaimResult:
+    """(b): the logit lens's own-language probability, last layer minus middle layer, per prompt language."""
+    langs = [str(lang) for lang in _list(locate_report, "/sections/lens/langs")]
+    n_layers = int(read(locate_report, "/sections/lens/n_layers").value)
+    middle, last = (n_layers - 1) // 2, n_layers - 1
+    rises = {}
+    for lang in langs:
+        base = f"/sections/lens/by_prompt_lang/{lang}/soft/{lang}"
+        rises[lang] = derive(
+            "difference", read(locate_report, f"{base}/{last}"), read(locate_report, f"{base}/{middle}")
+        )
+    mean = derive("mean", *rises.values())
+    band = derive("twice", derive("sem", *rises.values()))
+    return ClaimResult(
+        key="b",
+        claim=f"language-specific decoding happens in the late layers ({model})",
+        measure=f"own-language probability of the soft logit lens, layer {last} minus layer {middle}, mean "
+        f"over {len(langs)} prompt languages",
+        number=mean,
+        uncertainty=band,
+        verdict=_band_verdict(mean, band),
+        rule=RULES["b"],
+        command=command,
+        sources=[str(locate_report)],
+        details={f"rise, {lang}": value for lang, value in rises.items()},
+    )
+
+
+def early_language_identity(locate_report: Path, model: str, command: str = "") -> ClaimResult:
+    """(c): held-out accuracy of a linear language probe on the layer-0 residual stream."""
+    probe = "/sections/probes/probes/residual_0"
+    accuracy = read(locate_report, f"{probe}/test_accuracy")
+    n = read(locate_report, "/sections/probes/n_test_blocks")
+    low, high = derive("wilson_low", accuracy, n), derive("wilson_high", accuracy, n)
+    majority = read(locate_report, f"{probe}/majority_baseline")
+    if _undefined(low, high):
+        verdict = INCONCLUSIVE
+    elif low.value > 0.5 and low.value > majority.value:
+        verdict = REPRODUCED
+    elif high.value < 0.5:
+        verdict = NOT_REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    return ClaimResult(
+        key="c",
+        claim=f"language identity is linearly decodable from the early layers ({model})",
+        measure="held-out accuracy of a linear probe on the layer-0 residual (95% Wilson bounds over test "
+        "blocks)",
+        number=accuracy,
+        uncertainty=derive("difference", accuracy, low),
+        verdict=verdict,
+        rule=RULES["c"],
+        command=command,
+        sources=[str(locate_report)],
+        details={
+            "95% lower bound": low,
+            "95% upper bound": high,
+            "majority baseline": majority,
+            "embedding-only probe": read(locate_report, "/sections/probes/probes/embedding/test_accuracy"),
+        },
+    )
+
+
+def model_quality(pretrain_summary: Path, clt_summary: Path) -> dict[str, Number]:
+    """A model's and its CLT's own quality: held-out nats/char per language, FVU, L0, never-active
+    share, replacement KL."""
+    import json
+
+    langs = sorted(json.loads(Path(pretrain_summary).read_text())["validation_nats_per_char"])
+    quality = {
+        f"nats/char {lang}": read(pretrain_summary, f"/validation_nats_per_char/{lang}") for lang in langs
+    }
+    quality["CLT mean FVU"] = read(clt_summary, "/heldout/all/mean_fvu")
+    quality["CLT mean L0"] = read(clt_summary, "/heldout/all/mean_l0")
+    never = json.loads(Path(clt_summary).read_text())["heldout"]["all"]["never_active_fraction"]
+    quality["CLT never-active, worst layer"] = derive(
+        "max", *(read(clt_summary, f"/heldout/all/never_active_fraction/{i}") for i in range(len(never)))
+    )
+    quality["replacement KL"] = read(clt_summary, "/replacement/all/kl")
+    return quality
+
+
+def _list(source: Path, pointer: str) -> list:
+    """A list of labels (not numbers) from a stage's output."""
+    import json
+
+    from analysis.provenance import _resolve
+
+    return list(_resolve(json.loads(Path(source).read_text()), pointer))

@@ -1,0 +1,330 @@
+"""One command re-measures the study's claims: stages in resumable run directories, one report.
+
+    python scripts/reproduce.py --scale tiny   # → docs/RESULTS-tiny.md, results-tiny.html, .json
+    python scripts/reproduce.py --scale base   # → docs/RESULTS.md (the base models of issue #12)
+
+Stages, each the project's ordinary entry point in its own run directory under `<run-dir>/` (a finished
+stage is reused, a changed config is refused by the stage's RunDir):
+
+1. models — `training.base_models.run_base_models`: per mixture, pretraining at a wall-clock budget, its
+   CLT and `locate_language` (lens, probes, similarity, LAPE, features). At `--scale base` the run
+   directory is `runs/base`, the one `scripts/train_base_models.py` fills, so trained base models are
+   reused as they are.
+2. overlap — `attribution.overlap.run_overlap` per mixture: cross-language overlap of pruned-graph
+   features against a shuffled null.
+
+Claims wired so far (analysis/claims.py): (a) shared middle-layer features, (b) late language-specific
+decoding, (c) early linear decodability of language, (e) (a) on the model trained without English; plus
+each model's and CLT's own quality. The report states which mixtures the scale trains. `--overrides FILE`
+(JSON: {"mixtures": [...], "roles": {"main": ..., "no_english": ...}, "models": {...}, "overlap": {...}},
+flat flag names of each stage's config) adjusts a scale, e.g. the micro settings of the end-to-end test.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from analysis import claims
+from analysis.provenance import Number, leaves, verify
+from training.config import RunDir, atomic_write_json, atomic_write_text, config_from_dict
+from training.corpus.build import default_corpus_dir
+from training.errors import UserError
+
+# What each scale trains and how hard; anything here can be overridden with --overrides.
+SCALES = {
+    "tiny": {
+        "mixtures": ["en-heavy", "no-en"],
+        "roles": {"main": "en-heavy", "no_english": "no-en"},
+        "models": {
+            "pretrain_preset": "tiny",
+            "pretrain_n_ctx": 128,
+            "pretrain_vocab_size": 8192,
+            "minutes": 8.0,
+            "clt_train_tokens": 1_000_000,
+            "clt_n_features": 512,
+            "clt_collect_n_tokens": 400_000,
+            "clt_collect_n_ctx": 64,
+        },
+        "overlap": {"n_paragraphs": 20},
+    },
+    "base": {
+        "mixtures": ["en-heavy", "balanced", "no-en", "en-heavy+eu"],
+        "roles": {"main": "en-heavy", "no_english": "no-en"},
+        "models": {},  # scripts/train_base_models.py's defaults: the released base models
+        "overlap": {"n_paragraphs": 20},
+    },
+}
+MODELS_DIR = {"base": "runs/base"}  # where each scale's models live (default: <run-dir>/models)
+
+
+@dataclass
+class ReproduceConfig:
+    """Re-run every stage of the study (reusing finished ones) and write the results report."""
+
+    scale: str = field(default="tiny", metadata={"help": "tiny (≤ 90 min on 2 cores) or base"})
+    run_dir: str = field(default="", metadata={"help": "stage directories (default runs/reproduce-<scale>)"})
+    corpus_dir: str = field(
+        default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus (all sources)"}
+    )
+    report_dir: str = field(default="docs", metadata={"help": "where RESULTS*.md/.html/.json go"})
+    overrides: str = field(default="", metadata={"help": "JSON file of per-stage settings over the scale's"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    outputs: dict
+
+
+def report_name(scale: str) -> str:
+    return "RESULTS" if scale == "base" else f"RESULTS-{scale}"
+
+
+def scale_settings(config: ReproduceConfig) -> dict:
+    if config.scale not in SCALES:
+        raise UserError(f"unknown --scale {config.scale!r}; choose from {', '.join(SCALES)}")
+    settings = json.loads(json.dumps(SCALES[config.scale]))
+    if config.overrides:
+        path = Path(config.overrides)
+        if not path.exists():
+            raise UserError(f"--overrides {path} not found")
+        for stage, values in json.loads(path.read_text()).items():
+            if stage in ("mixtures", "roles"):
+                settings[stage] = values
+            elif stage not in settings:
+                raise UserError(f"--overrides names an unknown stage {stage!r}; stages: models, overlap")
+            else:
+                settings[stage].update(values)
+    return settings
+
+
+def run_stage(run: RunDir, name: str, work) -> Stage:
+    """Run (or reuse) one stage; its wall time is the one measured when it did its work."""
+    done = run.keyed(("stage",))
+    start = time.perf_counter()
+    outputs = work()
+    if (name,) not in done:
+        done[(name,)] = {"stage": name, "seconds": time.perf_counter() - start}
+        run.log_metrics(done[(name,)])
+    return Stage(name, done[(name,)]["seconds"], outputs)
+
+
+def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
+    from training.base_models import BaseModelsConfig, run_base_models
+
+    runs_dir = MODELS_DIR.get(config.scale, str(root / "models"))
+    values = {
+        "runs_dir": runs_dir,
+        "corpus_dir": config.corpus_dir,
+        "mixtures": settings["mixtures"],
+        "stages": ["pretrain", "clt", "locate"],
+        **{f"{stage}_device": config.device for stage in ("pretrain", "clt", "locate")},
+        **settings["models"],
+    }
+    run_base_models(config_from_dict(BaseModelsConfig, values))
+    outputs = {}
+    for mixture in settings["mixtures"]:
+        base = Path(runs_dir) / mixture
+        outputs[mixture] = {
+            "model_dir": str(base / "pretrain" / "model"),
+            "clt_dir": str(base / "clt" / "clt"),
+            "pretrain_summary": str(base / "pretrain" / "summary.json"),
+            "clt_summary": str(base / "clt" / "summary.json"),
+            "locate_report": str(base / "locate" / "report.json"),
+            "locate_dir": str(base / "locate"),
+        }
+    return outputs
+
+
+def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+    from attribution.overlap import OverlapConfig, run_overlap
+
+    outputs = {}
+    for mixture, paths in models.items():
+        run_dir = root / "overlap" / mixture
+        values = {
+            "model_dir": paths["model_dir"],
+            "clt": paths["clt_dir"],
+            "corpus_dir": config.corpus_dir,
+            "run_dir": str(run_dir),
+            "device": config.device,
+            **settings["overlap"],
+        }
+        run_overlap(config_from_dict(OverlapConfig, values))
+        outputs[mixture] = {"overlap": str(run_dir / "overlap.json"), "plot": str(run_dir / "overlap.png")}
+    return outputs
+
+
+def reproduce(config: ReproduceConfig) -> dict:
+    settings = scale_settings(config)
+    root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
+    run = RunDir.open(root, config, may_change=("device", "report_dir"))
+    started = time.time()
+    models = run_stage(run, "models", lambda: models_stage(config, settings, root))
+    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
+    results = collect_claims(config, settings, models.outputs, overlap.outputs)
+    results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in (models, overlap)]
+    results["machine"] = machine()
+    results["wall_time_this_call_s"] = time.time() - started
+    write_reports(config, results)
+    return results
+
+
+def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overlap: dict) -> dict:
+    scale_flag = f"--scale {config.scale}"
+    command = f"python scripts/reproduce.py {scale_flag}"
+    mixtures, roles = settings["mixtures"], settings["roles"]
+    main = roles["main"]
+    found = [
+        claims.shared_middle_layers(Path(overlap[main]["overlap"]), main, "a", command),
+        claims.late_language_decoding(Path(models[main]["locate_report"]), main, command),
+        claims.early_language_identity(Path(models[main]["locate_report"]), main, command),
+    ]
+    found[0].plot = overlap[main]["plot"]
+    found[1].plot = str(Path(models[main]["locate_dir"]) / "lens.png")
+    found[2].plot = str(Path(models[main]["locate_dir"]) / "probes.png")
+    no_english = roles.get("no_english")
+    if no_english in mixtures:
+        no_en = claims.shared_middle_layers(Path(overlap[no_english]["overlap"]), no_english, "e", command)
+        no_en.claim = f"a model trained without English shares middle-layer features too ({no_english})"
+        no_en.plot = overlap[no_english]["plot"]
+        found.append(no_en)
+    quality = {
+        mixture: claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))
+        for mixture, paths in models.items()
+    }
+    return {
+        "scale": config.scale,
+        "mixtures": mixtures,
+        "claims": [c.to_json() for c in found],
+        "quality": {m: {name: n.to_json() for name, n in q.items()} for m, q in quality.items()},
+        "_objects": {"claims": found, "quality": quality},  # (dropped before writing JSON)
+    }
+
+
+def machine() -> dict:
+    import os
+
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def fmt(number: Number | None, digits: int = 3) -> str:
+    return "—" if number is None else f"{number.value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    found, quality = results["_objects"]["claims"], results["_objects"]["quality"]
+    lines = [
+        f"# Results ({results['scale']} scale)",
+        "",
+        f"Regenerate: `python scripts/reproduce.py --scale {results['scale']}` (finished stages are reused). "
+        f"Models trained at this scale: {', '.join(results['mixtures'])}. Every number below is read from a "
+        "stage's output file (`results.json` names the file and the JSON pointer of each); ± is two standard "
+        "errors or the distance to a 95% Wilson bound (analysis/claims.py).",
+        "",
+        "| claim | number | ± | verdict |",
+        "|---|---|---|---|",
+    ]
+    for c in found:
+        lines.append(f"| ({c.key}) {c.claim} | {fmt(c.number)} | {fmt(c.uncertainty)} | **{c.verdict}** |")
+    lines.append("")
+    for c in found:
+        lines += [
+            f"## ({c.key}) {c.claim}",
+            "",
+            f"Measure: {c.measure}. Verdict rule: {c.rule}.",
+            "",
+            "| detail | value |",
+            "|---|---|",
+            *[f"| {name} | {fmt(value)} |" for name, value in c.details.items()],
+            "",
+            f"Sources: {', '.join(f'`{s}`' for s in c.sources)}. Command: `{c.command}`.",
+            "",
+        ]
+        if c.plot:
+            lines += [f"Plot: `{c.plot}`", ""]
+    names = list(next(iter(quality.values())))
+    lines += [
+        "## The models and their CLTs",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        *[f"| {m} | " + " | ".join(fmt(q[n]) for n in names) + " |" for m, q in quality.items()],
+        "",
+        "## Machine and wall time",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {s['stage']} | {s['seconds']:.0f} |" for s in results["stages"]],
+        "",
+        ", ".join(f"{k}: {v}" for k, v in results["machine"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def html_report(results: dict, text: str) -> str:
+    """The Markdown report as a page, with each claim's plot inline (base64 PNG)."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Results</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px}</style></head><body>",
+    ]
+    parts.append(f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>")
+    for c in results["_objects"]["claims"]:
+        if c.plot and Path(c.plot).exists():
+            data = base64.b64encode(Path(c.plot).read_bytes()).decode()
+            parts.append(f"<h3>({html.escape(c.key)}) {html.escape(c.claim)}</h3>")
+            parts.append(f"<img alt='plot of claim {html.escape(c.key)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reports(config: ReproduceConfig, results: dict) -> None:
+    name = report_name(config.scale)
+    out = Path(config.report_dir)
+    text = markdown(results)
+    atomic_write_text(out / f"{name}.md", text)
+    atomic_write_text(out / f"{name.lower()}.html", html_report(results, text))
+    saved = {k: v for k, v in results.items() if k != "_objects"}
+    atomic_write_json(out / f"{name.lower()}.json", saved)
+
+
+def all_numbers(results: dict) -> list[Number]:
+    objects = results["_objects"]
+    numbers = []
+    for c in objects["claims"]:
+        numbers += [c.number, *([c.uncertainty] if c.uncertainty is not None else []), *c.details.values()]
+    for q in objects["quality"].values():
+        numbers += list(q.values())
+    return numbers
+
+
+def verify_all(results: dict) -> list[str]:
+    """Every number of the report that is not what its sources hold (empty when all are)."""
+    return [
+        f"{leaf.source}{leaf.pointer}"
+        for number in all_numbers(results)
+        if not verify(number)
+        for leaf in leaves(number)
+    ]
