@@ -230,20 +230,10 @@ def attribute(
             rows = adjacency[batch, :n_sources]
             _feature_rows(frozen, blocks, rows, active[batch], feature_encoders[batch], timings)
     else:
+        context = _Sources(frozen, blocks, active, feature_encoders, n_sources, dtype, timings)
+        weights = torch.tensor([t.weight for t in targets], dtype=dtype, device=device)
         adjacency, selected = _budgeted_rows(
-            frozen,
-            blocks,
-            active,
-            feature_encoders,
-            target_reads,
-            targets,
-            budget,
-            batch_size,
-            update_interval,
-            n_sources,
-            dtype,
-            progress,
-            timings,
+            context, target_reads, weights, budget, batch_size, update_interval, progress
         )
         active, values = active[selected], values[selected]
     timings["edges_s"] = time.perf_counter() - start
@@ -293,36 +283,44 @@ def _feature_rows(
     _attribute_batch(frozen, blocks, out, reads, int(positions.max()) + 1, int(layers.max()), timings)
 
 
+@dataclass
+class _Sources:
+    """What every batch of feature rows needs: the frozen model, the packed sources, the active features."""
+
+    frozen: FrozenGPT2
+    blocks: list[SourceBlock]
+    active: Int[Tensor, "n_active 3"]
+    encoders: Float[Tensor, "n_active d"]
+    n_sources: int
+    dtype: torch.dtype
+    timings: dict
+
+
 def _budgeted_rows(
-    frozen,
-    blocks,
-    active,
-    feature_encoders,
-    target_reads,
-    targets,
-    budget,
-    batch_size,
-    update_interval,
-    n_sources,
-    dtype,
-    progress,
-    timings,
+    sources: _Sources,
+    target_reads: list,
+    target_weights: Float[Tensor, " n_targets"],
+    budget: int,
+    batch_size: int,
+    update_interval: int,
+    progress: bool,
 ) -> tuple[Float[Tensor, "nodes nodes"], Int[Tensor, " budget"]]:
     """Rows for the `budget` most influential features (circuit-tracer's procedure): the target rows
     first, then, until the budget is spent, rank the features not yet expanded by their influence
     through the rows known so far and expand the next `update_interval` batches of them. Returns the
     adjacency over (selected features, errors, tokens, targets) and the selected features' indices."""
-    n_active, n_targets = len(active), len(targets)
+    n_active, n_targets, n_sources = len(sources.active), len(target_weights), sources.n_sources
     n_columns = n_sources + n_targets  # node space: every active feature, errors, tokens, targets
-    device = feature_encoders.device
+    frozen, device, dtype = sources.frozen, sources.encoders.device, sources.dtype
     rows = torch.zeros(n_targets + budget, n_columns, dtype=dtype, device=device)
     row_nodes = torch.zeros(n_targets + budget, dtype=torch.long, device=device)
+    targets_out = rows[:n_targets, :n_sources]
     _attribute_batch(
-        frozen, blocks, rows[:n_targets, :n_sources], target_reads, frozen.n_pos, frozen.n_layers, timings
+        frozen, sources.blocks, targets_out, target_reads, frozen.n_pos, frozen.n_layers, sources.timings
     )
     row_nodes[:n_targets] = n_sources + torch.arange(n_targets, device=device)
     weights = torch.zeros(n_columns, dtype=dtype, device=device)
-    weights[n_sources:] = torch.tensor([t.weight for t in targets], dtype=dtype, device=device)
+    weights[n_sources:] = target_weights
     visited = torch.zeros(n_active, dtype=torch.bool, device=device)
     filled = n_targets
     with tqdm(total=budget, desc="attribution", disable=not progress, unit="feature") as bar:
@@ -335,7 +333,14 @@ def _budgeted_rows(
             # (layer, position) order within the queue: each batch's backward stops at its top layer.
             for batch in queue.sort().values.split(batch_size):
                 out = rows[filled : filled + len(batch), :n_sources]
-                _feature_rows(frozen, blocks, out, active[batch], feature_encoders[batch], timings)
+                _feature_rows(
+                    frozen,
+                    sources.blocks,
+                    out,
+                    sources.active[batch],
+                    sources.encoders[batch],
+                    sources.timings,
+                )
                 row_nodes[filled : filled + len(batch)] = batch
                 visited[batch] = True
                 filled += len(batch)
