@@ -259,7 +259,10 @@ def save_crosscoder(crosscoder: Crosscoder, out_dir: Path, metadata: dict) -> Pa
 
 
 def load_crosscoder(path: str | Path) -> Crosscoder:
+    """A saved crosscoder: its directory, or the run directory of scripts/train_crosscoder.py."""
     path = Path(path)
+    if not (path / WEIGHTS).exists() and (path / "crosscoder" / WEIGHTS).exists():
+        path = path / "crosscoder"  # (the run directory was given)
     if not (path / WEIGHTS).exists():
         raise UserError(f"no crosscoder at {path}: train one with scripts/train_crosscoder.py")
     config = json.loads((path / CONFIG).read_text())["crosscoder"]
