@@ -101,10 +101,17 @@ def crosscoder_diff(
                 before, crosscoder, j, shared[0] if shared else None, mean_activation, layers, blocks_by_lang
             )
         )
+    alive = ever.nonzero()[:, 0]
+    most_specific = alive[torch.argsort(specificity[alive], descending=True)[:20]]
+    leaning = alive[torch.argsort(relative[alive], descending=True)[:top]]
     return {
         "langs": langs,
         "focus_lang": focus_lang,
         "latent_counts": classify_latents(relative, ever),
+        # Whether fine-tuning tilted the focus language's latents towards the after model even when none
+        # passes the after-only threshold: their mean relative norm against random sets of live latents.
+        "focus_specific_lean": leaning_test(relative[alive], relative[most_specific]),
+        "most_after_leaning": [describe(int(j)) for j in leaning],
         "relative_norm_histogram": torch.histc(relative[ever], bins=20, min=0, max=1).tolist(),
         "after_only": [describe(j) for j in after_only],
         "before_only": [describe(j) for j in before_only],
@@ -114,6 +121,30 @@ def crosscoder_diff(
         "causal": causal,
         "tokens": len(x),
         "focus_blocks": len(blocks_focus),
+    }
+
+
+def leaning_test(
+    relative_alive: Float[Tensor, " alive"], relative_chosen: Float[Tensor, " chosen"], draws: int = 2000
+) -> dict:
+    """Mean relative decoder norm of the chosen latents vs the same-size random sets of live latents
+    (a permutation null, seeded): the observed mean, the null's mean and 95% interval, and the share of
+    random sets with a mean at least as high (one-sided p)."""
+    generator = torch.Generator().manual_seed(0)
+    n = len(relative_chosen)
+    if n == 0 or len(relative_alive) < n:
+        return {"n": n, "observed": float("nan"), "null_mean": float("nan"), "null_low": float("nan"),
+                "null_high": float("nan"), "p_at_least": float("nan")}  # fmt: skip
+    picks = torch.stack([torch.randperm(len(relative_alive), generator=generator)[:n] for _ in range(draws)])
+    null = relative_alive[picks].mean(1)
+    observed = float(relative_chosen.mean())
+    return {
+        "n": n,
+        "observed": observed,
+        "null_mean": float(null.mean()),
+        "null_low": float(null.quantile(0.025)),
+        "null_high": float(null.quantile(0.975)),
+        "p_at_least": float((null >= observed).float().mean()),
     }
 
 

@@ -144,13 +144,26 @@ def crosscoder_findings(result: dict) -> list[dict]:
             "verdict": f"{counts['b_only']} after-only, {counts['a_only']} before-only, "
             f"{counts['shared']} shared, {counts['dead']} dead",
         },
-        {
-            "claim": f"the after-only latents are about {focus}",
-            "measure": "summed firing frequency of after-only latents per language",
-            "verdict": f"highest on {top}"
-            + (f" ({by_lang[top]:.3f}; {focus}: {by_lang.get(focus, 0):.3f})" if top else ""),
-        },
     ]
+    if counts["b_only"]:
+        out.append(
+            {
+                "claim": f"the after-only latents are about {focus}",
+                "measure": "summed firing frequency of after-only latents per language",
+                "verdict": f"highest on {top} ({by_lang[top]:.3f}; {focus}: {by_lang.get(focus, 0):.3f})",
+            }
+        )
+    lean = result.get("focus_specific_lean")
+    if lean:
+        out.append(
+            {
+                "claim": f"the latents most specific to {focus} lean towards the fine-tuned model",
+                "measure": f"mean relative decoder norm of the {lean['n']} latents most specific to {focus} "
+                "vs random sets of live latents (95% interval; one-sided p)",
+                "verdict": f"{lean['observed']:.3f} vs {lean['null_mean']:.3f} [{lean['null_low']:.3f}, "
+                f"{lean['null_high']:.3f}], p = {lean['p_at_least']:.3f}",
+            }
+        )
     for check in result["causal"]:
         own, control = check["delta_loss_latent"], check.get("delta_loss_control", {})
         out.append(
@@ -179,9 +192,16 @@ def write_crosscoder_report(out: Path, result: dict) -> None:
         ["claim", "measure", "result"],
         [[f["claim"], f["measure"], f["verdict"]] for f in findings_rows],
     )
-    for kind in ("after_only", "before_only"):
+    titles = {
+        "after_only": f"after-only latents most specific to {result['focus_lang']}",
+        "before_only": f"before-only latents most specific to {result['focus_lang']}",
+        "most_after_leaning": "the most after-leaning live latents (highest relative norm, any threshold)",
+    }
+    for kind, title in titles.items():
+        if kind not in result:
+            continue
         report.table(
-            f"{kind.replace('_', '-')} latents most specific to {result['focus_lang']}",
+            title,
             [
                 "latent",
                 "relative norm",

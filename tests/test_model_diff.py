@@ -4,6 +4,7 @@ itself, and the whole report (script) on the tiny model and a perturbed copy."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import networkx as nx
@@ -339,3 +340,15 @@ def test_model_diff_with_warm_clt_and_crosscoder(tmp_path, tiny, tiny_model_dir,
         and set(causal["delta_loss_latent"]) == {"en", "fr", "de"}
     )
     assert "relative_norms.png" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_leaning_test_tells_a_tilted_set_from_a_random_one():
+    from analysis.crosscoder_diff import leaning_test
+
+    relative = torch.linspace(0.2, 0.8, 200)  # live latents' relative decoder norms
+    tilted = leaning_test(relative, relative[-20:])  # the 20 most after-leaning
+    assert tilted["observed"] > tilted["null_high"] and tilted["p_at_least"] == 0.0
+    assert tilted["null_mean"] == pytest.approx(0.5, abs=0.01)  # the null is centred on the live mean
+    plain = leaning_test(relative, relative[::10])  # an even spread: no lean
+    assert plain["null_low"] < plain["observed"] < plain["null_high"] and 0.2 < plain["p_at_least"] < 0.8
+    assert math.isnan(leaning_test(relative, relative[:0])["observed"])
