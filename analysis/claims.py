@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.provenance import Number, derive, read
+from training.errors import UserError
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
@@ -30,6 +31,11 @@ RULES = {
     "c": "reproduced if the lower 95% Wilson bound of the layer-0 residual probe's held-out accuracy is "
     "above 0.5 and above the majority baseline; not reproduced if its upper bound is below 0.5; inconclusive "
     "otherwise",
+    "d": "reproduced if, at a fluency cost of at most the largest budget (Δ loss in nats/token), features "
+    "chosen by their output effect reach the target language more often than random features of the same "
+    "layers by more than 2 standard errors of the paired difference over language pairs, and more often than "
+    "the unsteered model; not reproduced if the paired difference is below −2 standard errors or the "
+    "features do no better than the unsteered model; inconclusive otherwise",
     "e": "the rule of (a), applied to the model trained without English",
 }
 
@@ -180,6 +186,62 @@ def early_language_identity(locate_report: Path, model: str, command: str = "") 
             "majority baseline": majority,
             "embedding-only probe": read(locate_report, "/sections/probes/probes/embedding/test_accuracy"),
         },
+    )
+
+
+def steering_swaps_language(summary_json: Path, model: str, command: str = "") -> ClaimResult:
+    """(d): success (continuation in the target language, fluent) of output-selected features vs random
+    features of the same layers, paired per language pair, at the largest fluency budget."""
+    import json
+
+    summary = json.loads(Path(summary_json).read_text())
+    budget = str(float(max(summary["config"]["budgets"])))
+    base = "/frontier/greedy"
+    per_pair = summary["frontier"]["greedy"]["per_pair"]
+    pairs = [p for p, cell in per_pair.items() if "output" in cell and "random-output" in cell]
+    if len(pairs) < 2:
+        raise UserError(
+            f"{summary_json}: output-selected and random features were both measured on {len(pairs)} "
+            "language pair(s); the steering claim needs at least 2 (see the stage's metrics.jsonl for errors)"
+        )
+    gains = [
+        derive(
+            "difference",
+            read(summary_json, f"{base}/per_pair/{p}/output/{budget}/0"),
+            read(summary_json, f"{base}/per_pair/{p}/random-output/{budget}/0"),
+        )
+        for p in pairs
+    ]
+    gain = derive("mean", *gains)
+    band = derive("twice", derive("sem", *gains))
+    output = read(summary_json, f"{base}/mean/output/{budget}/mean_ci/0")
+    unsteered = read(summary_json, f"{base}/mean/none/{budget}/mean_ci/0")
+    verdict = _band_verdict(gain, band)
+    if verdict == REPRODUCED and output.value <= unsteered.value:
+        verdict = NOT_REPRODUCED
+    details = {
+        "output features: success": output,
+        "output features: 95% low": read(summary_json, f"{base}/mean/output/{budget}/mean_ci/1"),
+        "output features: 95% high": read(summary_json, f"{base}/mean/output/{budget}/mean_ci/2"),
+        "random features: success": read(summary_json, f"{base}/mean/random-output/{budget}/mean_ci/0"),
+        "unsteered: success": unsteered,
+    }
+    if "diffmean" in summary["frontier"]["greedy"]["mean"]:
+        details["diff-of-means direction: success"] = read(
+            summary_json, f"{base}/mean/diffmean/{budget}/mean_ci/0"
+        )
+    return ClaimResult(
+        key="d",
+        claim=f"steering features swaps the output language ({model})",
+        measure=f"success of output-selected features minus random features of the same layers at Δ loss ≤ "
+        f"{budget} nats/token, mean over {len(pairs)} language pairs (greedy continuations)",
+        number=gain,
+        uncertainty=band,
+        verdict=verdict,
+        rule=RULES["d"],
+        command=command,
+        sources=[str(summary_json)],
+        details=details,
     )
 
 

@@ -12,12 +12,16 @@ stage is reused, a changed config is refused by the stage's RunDir):
    reused as they are.
 2. overlap — `attribution.overlap.run_overlap` per mixture: cross-language overlap of pruned-graph
    features against a shuffled null.
+3. steer — `interventions.sweep.run_steering` on the main model: the steering frontier of features
+   chosen by output effect vs random features of the same layers, the unsteered model and the
+   diff-of-means direction, at equal fluency cost.
 
 Claims wired so far (analysis/claims.py): (a) shared middle-layer features, (b) late language-specific
-decoding, (c) early linear decodability of language, (e) (a) on the model trained without English; plus
-each model's and CLT's own quality. The report states which mixtures the scale trains. `--overrides FILE`
-(JSON: {"mixtures": [...], "roles": {"main": ..., "no_english": ...}, "models": {...}, "overlap": {...}},
-flat flag names of each stage's config) adjusts a scale, e.g. the micro settings of the end-to-end test.
+decoding, (c) early linear decodability of language, (d) steering swaps the output language, (e) (a) on
+the model trained without English; plus each model's and CLT's own quality. The report states which
+mixtures the scale trains. `--overrides FILE` (JSON: {"mixtures": [...], "roles": {"main": ...,
+"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}}, flat flag names of each stage's
+config) adjusts a scale, e.g. the micro settings of the end-to-end test.
 """
 
 from __future__ import annotations
@@ -54,12 +58,14 @@ SCALES = {
             "clt_collect_n_ctx": 64,
         },
         "overlap": {"n_paragraphs": 20},
+        "steer": {"langs": ["en", "fr", "de", "ru"], "n_prompts": 50},
     },
     "base": {
         "mixtures": ["en-heavy", "balanced", "no-en", "en-heavy+eu"],
         "roles": {"main": "en-heavy", "no_english": "no-en"},
         "models": {},  # scripts/train_base_models.py's defaults: the released base models
         "overlap": {"n_paragraphs": 20},
+        "steer": {"langs": ["en", "fr", "de", "es", "ru", "zh"], "n_prompts": 100},
     },
 }
 MODELS_DIR = {"base": "runs/base"}  # where each scale's models live (default: <run-dir>/models)
@@ -102,7 +108,9 @@ def scale_settings(config: ReproduceConfig) -> dict:
             if stage in ("mixtures", "roles"):
                 settings[stage] = values
             elif stage not in settings:
-                raise UserError(f"--overrides names an unknown stage {stage!r}; stages: models, overlap")
+                raise UserError(
+                    f"--overrides names an unknown stage {stage!r}; stages: models, overlap, steer"
+                )
             else:
                 settings[stage].update(values)
     return settings
@@ -165,6 +173,29 @@ def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: d
     return outputs
 
 
+def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+    """The steering frontier on the main model: features chosen by output effect vs random features of
+    the same layers vs the unsteered model and the diff-of-means direction, at equal fluency cost."""
+    from interventions.sweep import SteerConfig, run_steering
+
+    paths = models[settings["roles"]["main"]]
+    values = {
+        "model_dir": paths["model_dir"],
+        "clt": paths["clt_dir"],
+        "located": str(Path(paths["locate_dir"]) / "located.json"),
+        "corpus_dir": config.corpus_dir,
+        "pairs": "all",
+        "methods": ["output", "random-output", "diffmean"],
+        "decodings": ["greedy"],
+        "budgets": [1.0],
+        "run_dir": str(root / "steer"),
+        "device": config.device,
+        **settings["steer"],
+    }
+    run_steering(config_from_dict(SteerConfig, values))
+    return {"summary": str(root / "steer" / "summary.json"), "plot": str(root / "steer" / "frontier.png")}
+
+
 def reproduce(config: ReproduceConfig) -> dict:
     settings = scale_settings(config)
     root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
@@ -172,15 +203,16 @@ def reproduce(config: ReproduceConfig) -> dict:
     started = time.time()
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
     overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
-    results = collect_claims(config, settings, models.outputs, overlap.outputs)
-    results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in (models, overlap)]
+    steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
+    results = collect_claims(config, settings, models.outputs, overlap.outputs, steer.outputs)
+    results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in (models, overlap, steer)]
     results["machine"] = machine()
     results["wall_time_this_call_s"] = time.time() - started
     write_reports(config, results)
     return results
 
 
-def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overlap: dict) -> dict:
+def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overlap: dict, steer: dict) -> dict:
     scale_flag = f"--scale {config.scale}"
     command = f"python scripts/reproduce.py {scale_flag}"
     mixtures, roles = settings["mixtures"], settings["roles"]
@@ -193,6 +225,9 @@ def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overla
     found[0].plot = overlap[main]["plot"]
     found[1].plot = str(Path(models[main]["locate_dir"]) / "lens.png")
     found[2].plot = str(Path(models[main]["locate_dir"]) / "probes.png")
+    steering = claims.steering_swaps_language(Path(steer["summary"]), main, command)
+    steering.plot = steer["plot"]
+    found.append(steering)
     no_english = roles.get("no_english")
     if no_english in mixtures:
         no_en = claims.shared_middle_layers(Path(overlap[no_english]["overlap"]), no_english, "e", command)

@@ -194,6 +194,11 @@ def random_matched_features(
             for f in torch.argsort((norms[layer] - norms[layer, feature]).abs()).tolist()
             if (layer, f) not in exclude and (layer, f) not in chosen
         ][:10]
+        if not candidates:
+            raise ValueError(
+                f"no random control for layer {layer}: every one of its {norms.shape[1]} features is "
+                "selected or excluded (train a wider CLT)"
+            )
         chosen.append((layer, candidates[int(torch.randint(len(candidates), (1,), generator=generator))]))
     return chosen
 

@@ -41,8 +41,18 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
             {
                 "mixtures": [MAIN, NO_ENGLISH],
                 "roles": {"main": MAIN, "no_english": NO_ENGLISH},
-                "models": micro_base_models(real_slice_corpus_dir, MAIN),
+                # (64 features: the steering claim's random control needs unselected features per layer)
+                "models": {**micro_base_models(real_slice_corpus_dir, MAIN), "clt_n_features": 64},
                 "overlap": {"langs": ["en", "fr"], "n_paragraphs": 4, "min_tokens": 4, "max_tokens": 64},
+                "steer": {
+                    "langs": ["en", "fr"],
+                    "strengths": [1.0],
+                    "n_prompts": 4,
+                    "prompt_tokens": 6,
+                    "new_tokens": 3,
+                    "n_ctx": 16,
+                    "blocks_per_lang": 4,
+                },
             }
         )
     )
@@ -55,17 +65,17 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         device="cpu",
     )
     results = reproduce(config)
-    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "e"]
+    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e"]
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
-    assert {s["stage"] for s in results["stages"]} == {"models", "overlap"}
+    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer"}
 
     # Every number is what its source file holds, and the report shows no number that is not one of them.
     assert verify_all(results) == []
     shown = {f"{n.value:.3f}" for n in all_numbers(results)}
     report = (tmp_path / "docs" / "RESULTS-tiny.md").read_text()
     claim_rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert len(claim_rows) == 4
+    assert len(claim_rows) == 5
     for line in report.splitlines():
         if line.startswith("|") and not line.startswith("|---") and "seconds" not in line:
             for cell in line.strip("|").split("|")[1:]:
