@@ -37,6 +37,11 @@ RULES = {
     "the unsteered model; not reproduced if the paired difference is below −2 standard errors or the "
     "features do no better than the unsteered model; inconclusive otherwise",
     "e": "the rule of (a), applied to the model trained without English",
+    "h": "reproduced if the consistency bottleneck appears when the query's language differs from the "
+    "answer's: the share of items where the translation outranks the expected term (likelihood, 0 shots) "
+    "is larger with an English query (scenario 4) than with a query in the answer's language (scenario 2) "
+    "by more than 2 standard errors over (mixture, language) cells; not reproduced if smaller by more than "
+    "2; inconclusive otherwise. The transfer bottleneck (right language, wrong term) is reported beside it",
 }
 
 
@@ -241,6 +246,52 @@ def steering_swaps_language(summary_json: Path, model: str, command: str = "") -
         rule=RULES["d"],
         command=command,
         sources=[str(summary_json)],
+        details=details,
+    )
+
+
+def linguamap_cell(report_json: Path, scenario: str, lang: str, shots: int, mode: str) -> int:
+    """Index of one (scenario, language, shots, mode) cell in a LinguaMap report's `cells` list."""
+    import json
+
+    cells = json.loads(Path(report_json).read_text())["cells"]
+    for i, cell in enumerate(cells):
+        if (cell["scenario"], cell["lang"], cell["shots"], cell["mode"]) == (scenario, lang, shots, mode):
+            return i
+    raise UserError(f"{report_json} has no cell for scenario {scenario}, {lang}, {shots} shots, {mode}")
+
+
+def linguamap_bottlenecks(reports: dict[str, Path], langs: list[str], command: str = "") -> ClaimResult:
+    """(h): per mixture and non-English language, the consistency bottleneck (other-language share,
+    English query vs a query in the answer's language) and the transfer bottleneck (wrong term in the
+    right language, scenario 2), by likelihood at 0 shots."""
+    excess, details = [], {}
+    for mixture, report in reports.items():
+        for lang in langs:
+
+            def share(scenario: str, outcome: str):
+                index = linguamap_cell(report, scenario, lang, 0, "likelihood")
+                return read(report, f"/cells/{index}/{outcome}")
+
+            consistency, control = share("4", "other_language"), share("2", "other_language")
+            excess.append(derive("difference", consistency, control))
+            details[f"{mixture} {lang}: consistency (other language, en query)"] = consistency
+            details[f"{mixture} {lang}: transfer (wrong term, right language)"] = share(
+                "2", "wrong_expected_language"
+            )
+    mean = derive("mean", *excess)
+    band = derive("twice", derive("sem", *excess))
+    return ClaimResult(
+        key="h",
+        claim="LinguaMap's two bottlenecks: consistency (right term, wrong language) and transfer",
+        measure="other-language share with an English query minus with a query in the answer's language "
+        f"(likelihood ranking, 0 shots), mean over {len(excess)} (mixture, language) cells",
+        number=mean,
+        uncertainty=band,
+        verdict=_band_verdict(mean, band),
+        rule=RULES["h"],
+        command=command,
+        sources=[str(r) for r in reports.values()],
         details=details,
     )
 

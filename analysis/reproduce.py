@@ -59,6 +59,7 @@ SCALES = {
         },
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "ru"], "n_prompts": 50},
+        "linguamap": {"max_items": 150, "shots": [0, 3], "modes": ["likelihood"]},
     },
     "base": {
         "mixtures": ["en-heavy", "balanced", "no-en", "en-heavy+eu"],
@@ -66,9 +67,11 @@ SCALES = {
         "models": {},  # scripts/train_base_models.py's defaults: the released base models
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "es", "ru", "zh"], "n_prompts": 100},
+        "linguamap": {"max_items": 300},
     },
 }
-MODELS_DIR = {"base": "runs/base"}  # where each scale's models live (default: <run-dir>/models)
+MODELS_DIR = {"base": "runs/base"}
+STAGES = ("models", "overlap", "steer", "linguamap")
 
 
 @dataclass
@@ -108,9 +111,7 @@ def scale_settings(config: ReproduceConfig) -> dict:
             if stage in ("mixtures", "roles"):
                 settings[stage] = values
             elif stage not in settings:
-                raise UserError(
-                    f"--overrides names an unknown stage {stage!r}; stages: models, overlap, steer"
-                )
+                raise UserError(f"--overrides names an unknown stage {stage!r}; stages: {', '.join(STAGES)}")
             else:
                 settings[stage].update(values)
     return settings
@@ -196,6 +197,25 @@ def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dic
     return {"summary": str(root / "steer" / "summary.json"), "plot": str(root / "steer" / "frontier.png")}
 
 
+def linguamap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+    """LinguaMap's four scenarios on every model: where its non-English answers fail."""
+    from analysis.linguamap_run import LinguaMapConfig, run_linguamap
+
+    outputs = {}
+    for mixture, paths in models.items():
+        run_dir = root / "linguamap" / mixture
+        values = {
+            "model_dir": paths["model_dir"],
+            "corpus_dir": config.corpus_dir,
+            "run_dir": str(run_dir),
+            "device": config.device,
+            **settings["linguamap"],
+        }
+        run_linguamap(config_from_dict(LinguaMapConfig, values))
+        outputs[mixture] = {"report": str(run_dir / "report.json"), "plot": str(run_dir / "outcomes.png")}
+    return outputs
+
+
 def reproduce(config: ReproduceConfig) -> dict:
     settings = scale_settings(config)
     root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
@@ -204,15 +224,18 @@ def reproduce(config: ReproduceConfig) -> dict:
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
     overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
-    results = collect_claims(config, settings, models.outputs, overlap.outputs, steer.outputs)
-    results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in (models, overlap, steer)]
+    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
+    stages = (models, overlap, steer, linguamap)
+    results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
+    results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in stages]
     results["machine"] = machine()
     results["wall_time_this_call_s"] = time.time() - started
     write_reports(config, results)
     return results
 
 
-def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overlap: dict, steer: dict) -> dict:
+def collect_claims(config: ReproduceConfig, settings: dict, outputs: dict) -> dict:
+    models, overlap, steer = outputs["models"], outputs["overlap"], outputs["steer"]
     scale_flag = f"--scale {config.scale}"
     command = f"python scripts/reproduce.py {scale_flag}"
     mixtures, roles = settings["mixtures"], settings["roles"]
@@ -234,6 +257,15 @@ def collect_claims(config: ReproduceConfig, settings: dict, models: dict, overla
         no_en.claim = f"a model trained without English shares middle-layer features too ({no_english})"
         no_en.plot = overlap[no_english]["plot"]
         found.append(no_en)
+    from analysis.linguamap_run import LinguaMapConfig
+
+    langs = settings["linguamap"].get("langs", LinguaMapConfig().langs)
+    linguamap_langs = [lang for lang in langs if lang != "en"]
+    bottlenecks = claims.linguamap_bottlenecks(
+        {m: Path(o["report"]) for m, o in outputs["linguamap"].items()}, linguamap_langs, command
+    )
+    bottlenecks.plot = outputs["linguamap"][main]["plot"]
+    found.append(bottlenecks)
     quality = {
         mixture: claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))
         for mixture, paths in models.items()

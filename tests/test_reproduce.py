@@ -53,6 +53,12 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
                     "n_ctx": 16,
                     "blocks_per_lang": 4,
                 },
+                "linguamap": {
+                    "langs": ["en", "fr", "de"],
+                    "max_items": 10,
+                    "shots": [0],
+                    "modes": ["likelihood"],
+                },
             }
         )
     )
@@ -65,17 +71,17 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         device="cpu",
     )
     results = reproduce(config)
-    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e"]
+    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "h"]
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
-    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer"}
+    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer", "linguamap"}
 
     # Every number is what its source file holds, and the report shows no number that is not one of them.
     assert verify_all(results) == []
     shown = {f"{n.value:.3f}" for n in all_numbers(results)}
     report = (tmp_path / "docs" / "RESULTS-tiny.md").read_text()
     claim_rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert len(claim_rows) == 5
+    assert len(claim_rows) == 6
     for line in report.splitlines():
         if line.startswith("|") and not line.startswith("|---") and "seconds" not in line:
             for cell in line.strip("|").split("|")[1:]:
