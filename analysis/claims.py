@@ -37,6 +37,9 @@ RULES = {
     "the unsteered model; not reproduced if the paired difference is below −2 standard errors or the "
     "features do no better than the unsteered model; inconclusive otherwise",
     "e": "the rule of (a), applied to the model trained without English",
+    "f": "reproduced if the latents most specific to the fine-tuned language (in a crosscoder trained on "
+    "both models) have a mean relative decoder norm above the 95% interval of random sets of live latents "
+    "(they lean towards the fine-tuned model); not reproduced if below it; inconclusive inside it",
     "h": "reproduced if the consistency bottleneck appears when the query's language differs from the "
     "answer's: the share of items where the translation outranks the expected term (likelihood, 0 shots) "
     "is larger with an English query (scenario 4) than with a query in the answer's language (scenario 2) "
@@ -247,6 +250,46 @@ def steering_swaps_language(summary_json: Path, model: str, command: str = "") -
         command=command,
         sources=[str(summary_json)],
         details=details,
+    )
+
+
+def weak_language_brightens(report_json: Path, pair: str, command: str = "") -> ClaimResult:
+    """(f): in a crosscoder of the model before and after fine-tuning on a weak language, do that
+    language's most specific latents lean towards the after model (relative decoder norm)?"""
+    lean = "/focus_specific_lean"
+    observed, null = read(report_json, f"{lean}/observed"), read(report_json, f"{lean}/null_mean")
+    low, high = read(report_json, f"{lean}/null_low"), read(report_json, f"{lean}/null_high")
+    if _undefined(observed, low, high):
+        verdict = INCONCLUSIVE
+    elif observed.value > high.value:
+        verdict = REPRODUCED
+    elif observed.value < low.value:
+        verdict = NOT_REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    import json
+
+    focus = json.loads(Path(report_json).read_text())["focus_lang"]
+    return ClaimResult(
+        key="f",
+        claim=f"fine-tuning a weak language ({focus}) brightens its features ({pair})",
+        measure=f"mean relative decoder norm (after / (before + after)) of the crosscoder latents most "
+        f"specific to {focus}, minus that of random sets of live latents; ± is half the random sets' 95% "
+        "interval",
+        number=derive("difference", observed, null),
+        uncertainty=derive("half", derive("difference", high, low)),
+        verdict=verdict,
+        rule=RULES["f"],
+        command=command,
+        sources=[str(report_json)],
+        details={
+            f"{focus}-specific latents: mean relative norm": observed,
+            "random sets: 95% low": low,
+            "random sets: 95% high": high,
+            "one-sided p": read(report_json, f"{lean}/p_at_least"),
+            "after-only latents (r > 0.9)": read(report_json, "/latent_counts/b_only"),
+            "shared latents (0.3 ≤ r ≤ 0.7)": read(report_json, "/latent_counts/shared"),
+        },
     )
 
 

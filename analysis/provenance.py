@@ -62,6 +62,7 @@ OPERATIONS = {
     "sem": _sem,
     "quadrature": lambda *xs: math.sqrt(sum(x * x for x in xs)),  # the s.e. of a sum or difference
     "twice": lambda x: 2 * x,  # a 2-standard-error band
+    "half": lambda x: x / 2,
     "max": max,
     "min": min,
     "wilson_low": lambda p, n: _wilson(p, n, -1),

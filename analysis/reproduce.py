@@ -15,13 +15,19 @@ stage is reused, a changed config is refused by the stage's RunDir):
 3. steer — `interventions.sweep.run_steering` on the main model: the steering frontier of features
    chosen by output effect vs random features of the same layers, the unsteered model and the
    diff-of-means direction, at equal fluency cost.
+4. linguamap — `analysis.linguamap_run.run_linguamap` on every model: the four scenarios.
+5. diff — the main model fully fine-tuned on a weak language (`training.finetune`), a crosscoder on both
+   models (`clt.crosscoder_train`) and its diff report (`analysis.model_diff_report`).
 
 Claims wired so far (analysis/claims.py): (a) shared middle-layer features, (b) late language-specific
 decoding, (c) early linear decodability of language, (d) steering swaps the output language, (e) (a) on
-the model trained without English; plus each model's and CLT's own quality. The report states which
+the model trained without English, (f) a weak language's features brighten after fine-tuning on it
+(crosscoder), (h) LinguaMap's two bottlenecks; plus each model's and CLT's own quality. Not yet: (g)
+selective vs full fine-tuning under LinguaMap's protocol. The report states which
 mixtures the scale trains. `--overrides FILE` (JSON: {"mixtures": [...], "roles": {"main": ...,
-"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}}, flat flag names of each stage's
-config) adjusts a scale, e.g. the micro settings of the end-to-end test.
+"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}, "linguamap": {...}, "diff":
+{"finetune": {...}, "crosscoder": {...}, "report": {...}}}, flat flag names of each stage's config)
+adjusts a scale, e.g. the micro settings of the end-to-end test.
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ SCALES = {
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "ru"], "n_prompts": 50},
         "linguamap": {"max_items": 150, "shots": [0, 3], "modes": ["likelihood"]},
+        "diff": {
+            "finetune": {"scenario": "adapt-eu"},
+            "crosscoder": {"collect_mixture": "balanced+eu", "collect_n_tokens": 400_000},
+            "report": {"focus_lang": "eu"},
+        },
     },
     "base": {
         "mixtures": ["en-heavy", "balanced", "no-en", "en-heavy+eu"],
@@ -68,10 +79,15 @@ SCALES = {
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "es", "ru", "zh"], "n_prompts": 100},
         "linguamap": {"max_items": 300},
+        "diff": {
+            "finetune": {"scenario": "adapt-eu"},
+            "crosscoder": {"collect_mixture": "balanced+eu", "collect_n_tokens": 800_000},
+            "report": {"focus_lang": "eu"},
+        },
     },
 }
 MODELS_DIR = {"base": "runs/base"}
-STAGES = ("models", "overlap", "steer", "linguamap")
+STAGES = ("models", "overlap", "steer", "linguamap", "diff")
 
 
 @dataclass
@@ -216,6 +232,48 @@ def linguamap_stage(config: ReproduceConfig, settings: dict, root: Path, models:
     return outputs
 
 
+def diff_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+    """The main model fully fine-tuned on a weak language, a crosscoder on both models (MLP outputs of
+    every layer), and the crosscoder diff report."""
+    from analysis.model_diff_report import ModelDiffConfig, run_model_diff
+    from clt.crosscoder_train import CrosscoderTrainConfig, train_crosscoder
+    from training.finetune import FinetuneConfig, finetune
+    from training.models import load_model
+
+    paths, diff = models[settings["roles"]["main"]], settings["diff"]
+    base = root / "diff"
+    common = {"corpus_dir": config.corpus_dir, "device": config.device}
+    finetune(
+        config_from_dict(
+            FinetuneConfig,
+            {"model_dir": paths["model_dir"], "run_dir": str(base / "finetune"), "strategy": "full", **common,
+             **diff["finetune"]},
+        )
+    )  # fmt: skip
+    after = str(base / "finetune" / "model")
+    n_layers = load_model(paths["model_dir"], "cpu")[0].config.n_layer
+    train_crosscoder(
+        config_from_dict(
+            CrosscoderTrainConfig,
+            {"model_a": paths["model_dir"], "model_b": after, "store_a": str(base / "before.zarr"),
+             "store_b": str(base / "after.zarr"), "layers": list(range(n_layers)),
+             "run_dir": str(base / "crosscoder"), **common, **diff["crosscoder"]},
+        )
+    )  # fmt: skip
+    run_model_diff(
+        config_from_dict(
+            ModelDiffConfig,
+            {"before": paths["model_dir"], "after": after, "clt": paths["clt_dir"], "method": "crosscoder",
+             "crosscoder": str(base / "crosscoder"), "run_dir": str(base / "report"), **common,
+             **diff["report"]},
+        )
+    )  # fmt: skip
+    return {
+        "report": str(base / "report" / "report.json"),
+        "plot": str(base / "report" / "relative_norms.png"),
+    }
+
+
 def reproduce(config: ReproduceConfig) -> dict:
     settings = scale_settings(config)
     root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
@@ -225,7 +283,8 @@ def reproduce(config: ReproduceConfig) -> dict:
     overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
     linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
-    stages = (models, overlap, steer, linguamap)
+    diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
+    stages = (models, overlap, steer, linguamap, diff)
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
     results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in stages]
     results["machine"] = machine()
@@ -265,6 +324,9 @@ def collect_claims(config: ReproduceConfig, settings: dict, outputs: dict) -> di
         {m: Path(o["report"]) for m, o in outputs["linguamap"].items()}, linguamap_langs, command
     )
     bottlenecks.plot = outputs["linguamap"][main]["plot"]
+    brightening = claims.weak_language_brightens(Path(outputs["diff"]["report"]), main, command)
+    brightening.plot = outputs["diff"]["plot"]
+    found.append(brightening)
     found.append(bottlenecks)
     quality = {
         mixture: claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))

@@ -59,6 +59,43 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
                     "shots": [0],
                     "modes": ["likelihood"],
                 },
+                # The slice has no Basque: the weak language of the diff stage is German here.
+                "diff": {
+                    "finetune": {
+                        "scenario": "consistency",
+                        "mixture": "de=1",
+                        "target_langs": ["de"],
+                        "max_steps": 6,
+                        "micro_batch": 4,
+                        "warmup_steps": 2,
+                        "eval_every": 3,
+                        "eval_blocks": 2,
+                        "ckpt_every": 3,
+                        "gen_prompts": 2,
+                        "gen_prompt_tokens": 6,
+                        "gen_new_tokens": 4,
+                        "token_budget": 6000,
+                    },
+                    "crosscoder": {
+                        "collect_mixture": MAIN,
+                        "collect_n_tokens": 6000,
+                        "collect_n_ctx": 16,
+                        "collect_blocks_per_shard": 8,
+                        "n_features": 32,
+                        "k": 4,
+                        "batch_size": 64,
+                        "max_steps": 12,
+                        "warmup_steps": 2,
+                        "log_every": 4,
+                    },
+                    "report": {
+                        "langs": ["en", "fr", "de"],
+                        "focus_lang": "de",
+                        "n_ctx": 16,
+                        "blocks_per_lang": 4,
+                        "graph_prompts": 0,
+                    },
+                },  # fmt: skip
             }
         )
     )
@@ -71,17 +108,17 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         device="cpu",
     )
     results = reproduce(config)
-    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "h"]
+    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "f", "h"]
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
-    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer", "linguamap"}
+    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer", "linguamap", "diff"}
 
     # Every number is what its source file holds, and the report shows no number that is not one of them.
     assert verify_all(results) == []
     shown = {f"{n.value:.3f}" for n in all_numbers(results)}
     report = (tmp_path / "docs" / "RESULTS-tiny.md").read_text()
     claim_rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert len(claim_rows) == 6
+    assert len(claim_rows) == 7
     for line in report.splitlines():
         if line.startswith("|") and not line.startswith("|---") and "seconds" not in line:
             for cell in line.strip("|").split("|")[1:]:
