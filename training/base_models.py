@@ -27,15 +27,19 @@ MIXTURES = ["en-heavy", "balanced", "no-en", "en-heavy+eu"]
 
 
 def _pretrain_defaults() -> PretrainConfig:
+    # The scaling sweep's recipe for its winning shape (training/scaling.py): WSD, lr 3e-3 at width 128,
+    # 12 M distinct tokens sampled, a 16k tokenizer trained on the balanced mixture, 4,096 tokens per step
+    # (here 4 blocks of the base preset's 1,024 tokens instead of the sweep's 16 of 256).
     return PretrainConfig(
-        preset="small",
+        preset="base",
         schedule="wsd",
+        lr=3e-3,
         warmup_steps=200,
-        token_budget=6_000_000,
+        token_budget=12_000_000,
         vocab_size=16384,
         tokenizer_mixture="balanced",
         tokenizer_chars=12_000_000,
-        n_ctx=256,
+        micro_batch=4,
         eval_every=500,
         ckpt_every=200,
     )

@@ -76,7 +76,7 @@ class PretrainConfig(OptimizerConfig):
         default=2_000_000, metadata={"help": "characters sampled to train the tokenizer"}
     )
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
-    preset: str = field(default="tiny", metadata={"help": "model size: tiny, small, gpt2"})
+    preset: str = field(default="tiny", metadata={"help": "model size: tiny, small, base, gpt2"})
     n_layer: int | None = field(default=None, metadata={"help": "override the preset's layers"})
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
