@@ -82,6 +82,11 @@ def _undefined(*numbers: Number) -> bool:
     return any(math.isnan(n.value) for n in numbers)  # too few samples for a number or its band
 
 
+def _mean_and_band(values: list[Number]) -> tuple[Number, Number]:
+    """The mean of per-unit effects (languages, pairs, cells) and its band of two standard errors."""
+    return derive("mean", *values), derive("twice", derive("sem", *values))
+
+
 def _band_verdict(effect: Number, band: Number) -> str:
     if _undefined(effect, band):
         return INCONCLUSIVE
@@ -145,8 +150,7 @@ def late_language_decoding(locate_report: Path, model: str, command: str = "") -
         rises[lang] = derive(
             "difference", read(locate_report, f"{base}/{last}"), read(locate_report, f"{base}/{middle}")
         )
-    mean = derive("mean", *rises.values())
-    band = derive("twice", derive("sem", *rises.values()))
+    mean, band = _mean_and_band(list(rises.values()))
     return ClaimResult(
         key="b",
         claim=f"language-specific decoding happens in the late layers ({model})",
@@ -220,8 +224,7 @@ def steering_swaps_language(summary_json: Path, model: str, command: str = "") -
         )
         for p in pairs
     ]
-    gain = derive("mean", *gains)
-    band = derive("twice", derive("sem", *gains))
+    gain, band = _mean_and_band(gains)
     output = read(summary_json, f"{base}/mean/output/{budget}/mean_ci/0")
     unsteered = read(summary_json, f"{base}/mean/none/{budget}/mean_ci/0")
     verdict = _band_verdict(gain, band)
@@ -322,8 +325,7 @@ def linguamap_bottlenecks(reports: dict[str, Path], langs: list[str], command: s
             details[f"{mixture} {lang}: transfer (wrong term, right language)"] = share(
                 "2", "wrong_expected_language"
             )
-    mean = derive("mean", *excess)
-    band = derive("twice", derive("sem", *excess))
+    mean, band = _mean_and_band(excess)
     return ClaimResult(
         key="h",
         claim="LinguaMap's two bottlenecks: consistency (right term, wrong language) and transfer",

@@ -171,23 +171,35 @@ def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
     return outputs
 
 
-def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
-    from attribution.overlap import OverlapConfig, run_overlap
-
-    outputs = {}
+def per_model_stage(
+    config: ReproduceConfig, root: Path, models: dict, name: str, stage_config, run, model_fields, outputs
+) -> dict:
+    """One run of a stage per model, in <root>/<name>/<mixture>/: `run(stage_config(...))` with the
+    model's own fields (`model_fields(paths)`), the corpus, the device and the scale's settings."""
+    result = {}
     for mixture, paths in models.items():
-        run_dir = root / "overlap" / mixture
+        run_dir = root / name / mixture
         values = {
-            "model_dir": paths["model_dir"],
-            "clt": paths["clt_dir"],
+            **model_fields(paths),
             "corpus_dir": config.corpus_dir,
             "run_dir": str(run_dir),
             "device": config.device,
-            **settings["overlap"],
+            **scale_settings(config)[name],
         }
-        run_overlap(config_from_dict(OverlapConfig, values))
-        outputs[mixture] = {"overlap": str(run_dir / "overlap.json"), "plot": str(run_dir / "overlap.png")}
-    return outputs
+        run(config_from_dict(stage_config, values))
+        result[mixture] = {key: str(run_dir / file) for key, file in outputs.items()}
+    return result
+
+
+def overlap_stage(config: ReproduceConfig, root: Path, models: dict) -> dict:
+    """Cross-language overlap of pruned-graph features against a shuffled null, per model."""
+    from attribution.overlap import OverlapConfig, run_overlap
+
+    return per_model_stage(
+        config, root, models, "overlap", OverlapConfig, run_overlap,
+        lambda paths: {"model_dir": paths["model_dir"], "clt": paths["clt_dir"]},
+        {"overlap": "overlap.json", "plot": "overlap.png"},
+    )  # fmt: skip
 
 
 def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
@@ -213,23 +225,14 @@ def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dic
     return {"summary": str(root / "steer" / "summary.json"), "plot": str(root / "steer" / "frontier.png")}
 
 
-def linguamap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+def linguamap_stage(config: ReproduceConfig, root: Path, models: dict) -> dict:
     """LinguaMap's four scenarios on every model: where its non-English answers fail."""
     from analysis.linguamap_run import LinguaMapConfig, run_linguamap
 
-    outputs = {}
-    for mixture, paths in models.items():
-        run_dir = root / "linguamap" / mixture
-        values = {
-            "model_dir": paths["model_dir"],
-            "corpus_dir": config.corpus_dir,
-            "run_dir": str(run_dir),
-            "device": config.device,
-            **settings["linguamap"],
-        }
-        run_linguamap(config_from_dict(LinguaMapConfig, values))
-        outputs[mixture] = {"report": str(run_dir / "report.json"), "plot": str(run_dir / "outcomes.png")}
-    return outputs
+    return per_model_stage(
+        config, root, models, "linguamap", LinguaMapConfig, run_linguamap,
+        lambda paths: {"model_dir": paths["model_dir"]}, {"report": "report.json", "plot": "outcomes.png"},
+    )  # fmt: skip
 
 
 def diff_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
@@ -280,9 +283,9 @@ def reproduce(config: ReproduceConfig) -> dict:
     run = RunDir.open(root, config, may_change=("device", "report_dir"))
     started = time.time()
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
-    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
+    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
-    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
+    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, root, models.outputs))
     diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
     stages = (models, overlap, steer, linguamap, diff)
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
