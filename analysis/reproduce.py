@@ -172,8 +172,9 @@ def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
 
 
 def per_model_stage(
-    config: ReproduceConfig, root: Path, models: dict, name: str, stage_config, run, model_fields, outputs
-) -> dict:
+    config: ReproduceConfig, settings: dict, root: Path, models: dict, name: str, stage_config, run,
+    model_fields, outputs,
+) -> dict:  # fmt: skip
     """One run of a stage per model, in <root>/<name>/<mixture>/: `run(stage_config(...))` with the
     model's own fields (`model_fields(paths)`), the corpus, the device and the scale's settings."""
     result = {}
@@ -184,19 +185,19 @@ def per_model_stage(
             "corpus_dir": config.corpus_dir,
             "run_dir": str(run_dir),
             "device": config.device,
-            **scale_settings(config)[name],
+            **settings[name],
         }
         run(config_from_dict(stage_config, values))
         result[mixture] = {key: str(run_dir / file) for key, file in outputs.items()}
     return result
 
 
-def overlap_stage(config: ReproduceConfig, root: Path, models: dict) -> dict:
+def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
     """Cross-language overlap of pruned-graph features against a shuffled null, per model."""
     from attribution.overlap import OverlapConfig, run_overlap
 
     return per_model_stage(
-        config, root, models, "overlap", OverlapConfig, run_overlap,
+        config, settings, root, models, "overlap", OverlapConfig, run_overlap,
         lambda paths: {"model_dir": paths["model_dir"], "clt": paths["clt_dir"]},
         {"overlap": "overlap.json", "plot": "overlap.png"},
     )  # fmt: skip
@@ -225,12 +226,12 @@ def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dic
     return {"summary": str(root / "steer" / "summary.json"), "plot": str(root / "steer" / "frontier.png")}
 
 
-def linguamap_stage(config: ReproduceConfig, root: Path, models: dict) -> dict:
+def linguamap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
     """LinguaMap's four scenarios on every model: where its non-English answers fail."""
     from analysis.linguamap_run import LinguaMapConfig, run_linguamap
 
     return per_model_stage(
-        config, root, models, "linguamap", LinguaMapConfig, run_linguamap,
+        config, settings, root, models, "linguamap", LinguaMapConfig, run_linguamap,
         lambda paths: {"model_dir": paths["model_dir"]}, {"report": "report.json", "plot": "outcomes.png"},
     )  # fmt: skip
 
@@ -283,9 +284,9 @@ def reproduce(config: ReproduceConfig) -> dict:
     run = RunDir.open(root, config, may_change=("device", "report_dir"))
     started = time.time()
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
-    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, root, models.outputs))
+    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
-    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, root, models.outputs))
+    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
     diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
     stages = (models, overlap, steer, linguamap, diff)
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})

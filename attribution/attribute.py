@@ -206,12 +206,13 @@ def attribute(
     error_start, token_start = n_active, n_active + L * n
     n_sources = token_start + n
     blocks = _source_blocks(frozen, state, active, values, error_start, token_start)
-    size = AttributionSize.of(frozen, clt, state, blocks, n_targets, budget, batch_size, dtype)
-    estimate = size.peak_bytes(current_rss_bytes())
+    size = AttributionSize.of(frozen, blocks, n_active, n_targets, budget, batch_size, dtype)
+    now = current_rss_bytes(frozen.W_U.device)
+    estimate = size.peak_bytes(now)
     if report is not None:
         report(size.describe(estimate))
     if max_memory is not None and estimate > max_memory:
-        raise MemoryBudgetError(size.refusal(estimate, max_memory, current_rss_bytes()))
+        raise MemoryBudgetError(size.refusal(estimate, max_memory, now))
     timings["setup_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -230,7 +231,7 @@ def attribute(
             rows = adjacency[batch, :n_sources]
             _feature_rows(frozen, blocks, rows, active[batch], feature_encoders[batch], timings)
     else:
-        context = _Sources(frozen, blocks, active, feature_encoders, n_sources, dtype, timings)
+        context = _Sources(frozen, blocks, active, feature_encoders, n_sources, timings)
         weights = torch.tensor([t.weight for t in targets], dtype=dtype, device=device)
         adjacency, selected = _budgeted_rows(
             context, target_reads, weights, budget, batch_size, update_interval, progress
@@ -292,7 +293,6 @@ class _Sources:
     active: Int[Tensor, "n_active 3"]
     encoders: Float[Tensor, "n_active d"]
     n_sources: int
-    dtype: torch.dtype
     timings: dict
 
 
@@ -311,7 +311,7 @@ def _budgeted_rows(
     adjacency over (selected features, errors, tokens, targets) and the selected features' indices."""
     n_active, n_targets, n_sources = len(sources.active), len(target_weights), sources.n_sources
     n_columns = n_sources + n_targets  # node space: every active feature, errors, tokens, targets
-    frozen, device, dtype = sources.frozen, sources.encoders.device, sources.dtype
+    frozen, device, dtype = sources.frozen, sources.encoders.device, sources.encoders.dtype
     rows = torch.zeros(n_targets + budget, n_columns, dtype=dtype, device=device)
     row_nodes = torch.zeros(n_targets + budget, dtype=torch.long, device=device)
     targets_out = rows[:n_targets, :n_sources]

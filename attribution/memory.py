@@ -11,7 +11,8 @@ bytes), and what the rest of the run allocates is counted from the shapes —
 
 and the peak is the larger of the attribution and the pruning phase. A run that will not fit under
 `max_memory` is refused with the estimate and the largest feature budget (or prompt length) that fits.
-benchmarks/bench_long_prompts.py checks the estimate against the measured peak across prompt lengths.
+`benchmarks/bench_attribution.py` (its `ours-memory` worker) checks the estimate against the measured peak
+across prompt lengths.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class AttributionSize:
     n_pos: int
     n_layers: int
     d_model: int
-    n_heads: int
     n_active: int
     n_targets: int
     budget: int  # features that get rows (n_active without a budget)
@@ -86,14 +86,13 @@ class AttributionSize:
 
     @classmethod
     def of(
-        cls, frozen, clt, state, blocks, n_targets: int, budget: int, batch_size: int, dtype
+        cls, frozen, blocks, n_active: int, n_targets: int, budget: int, batch_size: int, dtype
     ) -> AttributionSize:
         return cls(
             n_pos=frozen.n_pos,
             n_layers=frozen.n_layers,
             d_model=frozen.W_U.shape[0],
-            n_heads=frozen.n_heads,
-            n_active=int((state.activations != 0).sum()),
+            n_active=n_active,
             n_targets=n_targets,
             budget=budget,
             batch_size=batch_size,

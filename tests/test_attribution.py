@@ -281,7 +281,6 @@ def test_memory_estimate_refuses_what_will_not_fit_and_says_what_would(setup):
         n_pos=1024,
         n_layers=6,
         d_model=256,
-        n_heads=8,
         n_active=100_000,
         n_targets=10,
         budget=100_000,
