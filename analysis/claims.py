@@ -40,6 +40,13 @@ RULES = {
     "f": "reproduced if the latents most specific to the fine-tuned language (in a crosscoder trained on "
     "both models) have a mean relative decoder norm above the 95% interval of random sets of live latents "
     "(they lean towards the fine-tuned model); not reproduced if below it; inconclusive inside it",
+    "g": "reproduced if full fine-tuning raises the protocol's language consistency (test items) by "
+    "more than 2 standard errors over seeds, the selective strategy reaches at least 98% of full "
+    "fine-tuning's consistency with the ratio's 2-standard-error band above 0.98, and it beats the random "
+    "subset of the same kind and size by more than 2 standard errors; not reproduced if the band of the "
+    "ratio lies below 0.98 or the random subset is better by more than 2 standard errors; inconclusive "
+    "otherwise (including when full fine-tuning has nothing to gain). Each strategy is read at its own "
+    "learning rate, chosen on the validation items",
     "h": "reproduced if the consistency bottleneck appears when the query's language differs from the "
     "answer's: the share of items where the translation outranks the expected term (likelihood, 0 shots) "
     "is larger with an English query (scenario 4) than with a query in the answer's language (scenario 2) "
@@ -296,6 +303,97 @@ def weak_language_brightens(report_json: Path, pair: str, command: str = "") -> 
     )
 
 
+def _chosen_runs(comparison_json: Path, scenario: str, variant: str) -> tuple[int, list[int]]:
+    """(index of the variant's table line at its chosen learning rate, indices of that rate's runs)."""
+    import json
+
+    doc = json.loads(Path(comparison_json).read_text())
+    lines = [
+        i
+        for i, line in enumerate(doc["table"])
+        if line["scenario"] == scenario and line["variant"] == variant and line.get("chosen")
+    ]
+    if not lines:
+        raise UserError(f"{comparison_json} has no finished {variant!r} runs of the {scenario} scenario")
+    lr = doc["table"][lines[0]]["lr"]
+    runs = [
+        i
+        for i, row in enumerate(doc["runs"])
+        if (row["scenario"], row["variant"], row.get("lr")) == (scenario, variant, lr)
+        and "skipped" not in row
+    ]
+    return lines[0], runs
+
+
+def selective_matches_full(
+    comparison_json: Path, selective: str, random: str, model: str, command: str = "",
+    scenario: str = "linguamap",
+) -> ClaimResult:  # fmt: skip
+    """(g): language consistency after fine-tuning a selective strategy vs full fine-tuning vs a random
+    subset matched to the selective strategy, each at its validation-chosen learning rate, over seeds."""
+
+    def seeds(variant: str) -> tuple[Number, Number, int]:
+        line, runs = _chosen_runs(comparison_json, scenario, variant)
+        values = [read(comparison_json, f"/runs/{i}/target_after") for i in runs]
+        return derive("mean", *values), derive("sem", *values), line
+
+    full, full_se, full_line = seeds("full")
+    chosen, chosen_se, chosen_line = seeds(selective)
+    matched, matched_se, matched_line = seeds(random)
+    before = read(comparison_json, f"/table/{full_line}/target_before")
+    full_gain = derive("difference", full, before)
+    ratio = derive("ratio", chosen, full)
+    band = derive("ratio_band", chosen, chosen_se, full, full_se)
+    versus_random = derive("difference", chosen, matched)
+    random_band = derive("twice", derive("quadrature", chosen_se, matched_se))
+    details = {
+        "before fine-tuning: consistency": before,
+        "full: consistency": full,
+        f"{selective}: consistency": chosen,
+        f"{random}: consistency": matched,
+        f"{selective} − {random}": versus_random,
+        f"{selective} − {random}: ± (2 SE)": random_band,
+    }
+    for name, line in (("full", full_line), (selective, chosen_line), (random, matched_line)):
+        if _label(comparison_json, f"/table/{line}/lr") is not None:  # (None: the fine-tuning default)
+            details[f"{name}: learning rate"] = read(comparison_json, f"/table/{line}/lr")
+    if _undefined(ratio, band, versus_random, random_band, full_gain, full_se):
+        verdict = INCONCLUSIVE
+    elif ratio.value + band.value < 0.98 or versus_random.value < -random_band.value:
+        verdict = NOT_REPRODUCED
+    elif (
+        full_gain.value > 2 * full_se.value
+        and ratio.value - band.value >= 0.98
+        and versus_random.value > random_band.value
+    ):
+        verdict = REPRODUCED
+    else:
+        verdict = INCONCLUSIVE
+    return ClaimResult(
+        key="g",
+        claim=f"selective fine-tuning ({selective}) ≈ full fine-tuning in language consistency with a few % "
+        f"of the parameters, and beats a random subset ({model})",
+        measure=f"language consistency of {selective} / full fine-tuning (LinguaMap protocol, greedy answers "
+        "on the test items, mean over seeds, each at its validation-chosen learning rate)",
+        number=ratio,
+        uncertainty=band,
+        verdict=verdict,
+        rule=RULES["g"],
+        command=command,
+        sources=[str(comparison_json)],
+        details={
+            **details,
+            f"{selective}: trainable share": read(comparison_json, f"/table/{chosen_line}/trainable_share"),
+            "full: forgetting (Δ loss)": read(comparison_json, f"/table/{full_line}/forgetting/0"),
+            f"{selective}: forgetting (Δ loss)": read(comparison_json, f"/table/{chosen_line}/forgetting/0"),
+            f"{selective}: likelihood accuracy": read(
+                comparison_json, f"/table/{chosen_line}/accuracy_likelihood/0"
+            ),
+            "full: likelihood accuracy": read(comparison_json, f"/table/{full_line}/accuracy_likelihood/0"),
+        },
+    )
+
+
 def linguamap_cell(report_json: Path, scenario: str, lang: str, shots: int, mode: str) -> int:
     """Index of one (scenario, language, shots, mode) cell in a LinguaMap report's `cells` list."""
     import json
@@ -360,10 +458,14 @@ def model_quality(pretrain_summary: Path, clt_summary: Path) -> dict[str, Number
     return quality
 
 
-def _list(source: Path, pointer: str) -> list:
-    """A list of labels (not numbers) from a stage's output."""
+def _label(source: Path, pointer: str) -> object:
+    """A label (not a number of the report) from a stage's output."""
     import json
 
     from analysis.provenance import _resolve
 
-    return list(_resolve(json.loads(Path(source).read_text()), pointer))
+    return _resolve(json.loads(Path(source).read_text()), pointer)
+
+
+def _list(source: Path, pointer: str) -> list:
+    return list(_label(source, pointer))

@@ -20,7 +20,7 @@ from training import paths
 from training.config import RunDir, atomic_write_text, config_to_dict
 from training.errors import UserError
 
-MAY_CHANGE = ("device", "scenarios", "shots", "modes", "finetune_data")
+MAY_CHANGE = ("device", "scenarios", "shots", "modes", "finetune_data", "train_subdirs")
 KEY = ("scenario", "lang", "shots", "mode")
 MODES = ("generation", "likelihood")
 
@@ -52,6 +52,13 @@ class LinguaMapConfig:
         metadata={
             "help": "write fine-tuning data here (train texts from non-held-out pages, validation / test "
             "items) for finetune.py --scenario linguamap, instead of evaluating"
+        },
+    )
+    train_subdirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "with --finetune-data: help folders (under text/) whose pages give training items "
+            "('' = every folder)"
         },
     )
     run_dir: str = field(default="runs/linguamap", metadata={"help": "output run directory"})
@@ -96,7 +103,9 @@ def prepare_finetune_data(config: LinguaMapConfig) -> dict:
         for pid in corpus["parallel"]["parallel_id"]
         if lm.page_and_paragraph(pid)
     }
-    train_items = lm.training_items(help_roots(config.langs), config.langs, held_out_pages)
+    train_items = lm.training_items(
+        help_roots(config.langs), config.langs, held_out_pages, subdirs=config.train_subdirs or None
+    )
     texts = lm.finetune_texts(train_items, config.langs, shots=3, seed=config.seed)
     out = Path(config.finetune_data)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,11 @@ OPERATIONS = {
     "quadrature": lambda *xs: math.sqrt(sum(x * x for x in xs)),  # the s.e. of a sum or difference
     "twice": lambda x: 2 * x,  # a 2-standard-error band
     "half": lambda x: x / 2,
+    "ratio": lambda a, b: a / b if b else float("nan"),
+    # Two standard errors of a / b from the two means and their standard errors (delta method).
+    "ratio_band": lambda a, sa, b, sb: (
+        2 * abs(a / b) * math.sqrt((sa / a) ** 2 + (sb / b) ** 2) if a and b else float("nan")
+    ),
     "max": max,
     "min": min,
     "wilson_low": lambda p, n: _wilson(p, n, -1),

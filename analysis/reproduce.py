@@ -16,17 +16,23 @@ stage is reused, a changed config is refused by the stage's RunDir):
    chosen by output effect vs random features of the same layers, the unsteered model and the
    diff-of-means direction, at equal fluency cost.
 4. linguamap — `analysis.linguamap_run.run_linguamap` on every model: the four scenarios.
-5. diff — the main model fully fine-tuned on a weak language (`training.finetune`), a crosscoder on both
+5. finetune — LinguaMap's fine-tuning data (`analysis.linguamap_run.prepare_finetune_data`: training
+   texts from help pages holding no held-out paragraph, the main model's held-out items split by page
+   into validation and test) and `training.compare.compare_finetuning` on the main model: full
+   fine-tuning vs a selective strategy vs a random subset matched to it, each at the learning rate its
+   validation items choose, over seeds.
+6. diff — the main model fully fine-tuned on a weak language (`training.finetune`), a crosscoder on both
    models (`clt.crosscoder_train`) and its diff report (`analysis.model_diff_report`).
 
 Claims wired so far (analysis/claims.py): (a) shared middle-layer features, (b) late language-specific
 decoding, (c) early linear decodability of language, (d) steering swaps the output language, (e) (a) on
 the model trained without English, (f) a weak language's features brighten after fine-tuning on it
-(crosscoder), (h) LinguaMap's two bottlenecks; plus each model's and CLT's own quality. Not yet: (g)
-selective vs full fine-tuning under LinguaMap's protocol. The report states which
-mixtures the scale trains. `--overrides FILE` (JSON: {"mixtures": [...], "roles": {"main": ...,
-"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}, "linguamap": {...}, "diff":
-{"finetune": {...}, "crosscoder": {...}, "report": {...}}}, flat flag names of each stage's config)
+(crosscoder), (g) selective vs full fine-tuning under LinguaMap's protocol, (h) LinguaMap's two
+bottlenecks; plus each model's and CLT's own quality. The report states which mixtures the scale trains
+and the settings of each stage. `--overrides FILE` (JSON: {"mixtures": [...], "roles": {"main": ...,
+"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}, "linguamap": {...}, "finetune":
+{"data": {...}, "compare": {...}, "claim": {...}}, "diff": {"finetune": {...}, "crosscoder": {...},
+"report": {...}}}, flat flag names of each stage's config)
 adjusts a scale, e.g. the micro settings of the end-to-end test.
 """
 
@@ -66,6 +72,11 @@ SCALES = {
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "ru"], "n_prompts": 50},
         "linguamap": {"max_items": 150, "shots": [0, 3], "modes": ["likelihood"]},
+        "finetune": {
+            "data": {},
+            "compare": {"seeds": [0, 1, 2], "lrs": [1e-3, 3e-3], "max_steps": 60, "linguamap_items": 40},
+            "claim": {"selective": "last-k", "random": "random~last-k"},
+        },
         "diff": {
             "finetune": {"scenario": "adapt-eu"},
             "crosscoder": {"collect_mixture": "balanced+eu", "collect_n_tokens": 400_000},
@@ -79,6 +90,11 @@ SCALES = {
         "overlap": {"n_paragraphs": 20},
         "steer": {"langs": ["en", "fr", "de", "es", "ru", "zh"], "n_prompts": 100},
         "linguamap": {"max_items": 300},
+        "finetune": {
+            "data": {},
+            "compare": {"seeds": [0, 1, 2], "lrs": [3e-4, 1e-3, 3e-3], "max_steps": 150},
+            "claim": {"selective": "last-k", "random": "random~last-k"},
+        },
         "diff": {
             "finetune": {"scenario": "adapt-eu"},
             "crosscoder": {"collect_mixture": "balanced+eu", "collect_n_tokens": 800_000},
@@ -87,7 +103,7 @@ SCALES = {
     },
 }
 MODELS_DIR = {"base": "runs/base"}
-STAGES = ("models", "overlap", "steer", "linguamap", "diff")
+STAGES = ("models", "overlap", "steer", "linguamap", "finetune", "diff")
 
 
 @dataclass
@@ -128,6 +144,9 @@ def scale_settings(config: ReproduceConfig) -> dict:
                 settings[stage] = values
             elif stage not in settings:
                 raise UserError(f"--overrides names an unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+            elif stage in ("diff", "finetune"):  # (stages of several parts: each part is updated)
+                for part, part_values in values.items():
+                    settings[stage].setdefault(part, {}).update(part_values)
             else:
                 settings[stage].update(values)
     return settings
@@ -236,6 +255,44 @@ def linguamap_stage(config: ReproduceConfig, settings: dict, root: Path, models:
     )  # fmt: skip
 
 
+def finetune_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
+    """(g): full vs selective vs random-matched fine-tuning of the main model under LinguaMap's protocol."""
+    from analysis.linguamap_run import LinguaMapConfig, prepare_finetune_data
+    from training.compare import CompareConfig, compare_finetuning
+
+    main, part = settings["roles"]["main"], settings["finetune"]
+    paths, data = models[main], root / "finetune" / "data"
+    if not (data / "meta.json").exists():  # (written last: the data are complete)
+        # The linguamap stage's own run directory and config, so the held-out items are the ones it scored.
+        values = {
+            "model_dir": paths["model_dir"],
+            "corpus_dir": config.corpus_dir,
+            "run_dir": str(root / "linguamap" / main),
+            "device": config.device,
+            **settings["linguamap"],
+            "finetune_data": str(data),
+            **part["data"],
+        }
+        prepare_finetune_data(config_from_dict(LinguaMapConfig, values))
+    claim = part["claim"]
+    values = {
+        "model_dir": paths["model_dir"],
+        "located": str(Path(paths["locate_dir"]) / "located.json"),
+        "scenarios": ["linguamap"],
+        "variants": ["full", claim["selective"], claim["random"]],
+        "linguamap_data": str(data),
+        "corpus_dir": config.corpus_dir,
+        "run_dir": str(root / "finetune" / "compare"),
+        **part["compare"],
+    }
+    compare_finetuning(config_from_dict(CompareConfig, values))
+    return {
+        "comparison": str(root / "finetune" / "compare" / "comparison.json"),
+        "plot": str(root / "finetune" / "compare" / "comparison.png"),
+        **claim,
+    }
+
+
 def diff_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
     """The main model fully fine-tuned on a weak language, a crosscoder on both models (MLP outputs of
     every layer), and the crosscoder diff report."""
@@ -287,10 +344,12 @@ def reproduce(config: ReproduceConfig) -> dict:
     overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
     linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
+    tuning = run_stage(run, "finetune", lambda: finetune_stage(config, settings, root, models.outputs))
     diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
-    stages = (models, overlap, steer, linguamap, diff)
+    stages = (models, overlap, steer, linguamap, tuning, diff)
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
     results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in stages]
+    results["settings"] = settings
     results["machine"] = machine()
     results["wall_time_this_call_s"] = time.time() - started
     write_reports(config, results)
@@ -331,6 +390,12 @@ def collect_claims(config: ReproduceConfig, settings: dict, outputs: dict) -> di
     brightening = claims.weak_language_brightens(Path(outputs["diff"]["report"]), main, command)
     brightening.plot = outputs["diff"]["plot"]
     found.append(brightening)
+    tuning = outputs["finetune"]
+    selective = claims.selective_matches_full(
+        Path(tuning["comparison"]), tuning["selective"], tuning["random"], main, command
+    )
+    selective.plot = tuning["plot"]
+    found.append(selective)
     found.append(bottlenecks)
     quality = {
         mixture: claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))
@@ -403,6 +468,15 @@ def markdown(results: dict) -> str:
         "| model | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
         *[f"| {m} | " + " | ".join(fmt(q[n]) for n in names) + " |" for m, q in quality.items()],
+        "",
+        "## Settings of this scale",
+        "",
+        "Each stage's settings over its config's defaults (`analysis/reproduce.py`'s SCALES, and "
+        "`--overrides`):",
+        "",
+        "```json",
+        json.dumps(results["settings"], indent=1),
+        "```",
         "",
         "## Machine and wall time",
         "",

@@ -174,6 +174,16 @@ def test_bad_selections_fail_early():
         resolve(FinetuneConfig(scenario="poetry"))
 
 
+def test_target_languages_without_a_mixture_train_in_equal_parts():
+    from training.mixtures import parse_mixture
+
+    chosen = resolve(FinetuneConfig(scenario="consistency", target_langs=["fr", "de", "ru"]))
+    assert parse_mixture(chosen.mixture) == pytest.approx({"fr": 1 / 3, "de": 1 / 3, "ru": 1 / 3}, abs=1e-5)
+    own = resolve(FinetuneConfig(scenario="consistency", target_langs=["fr"], mixture="fr=0.5,en=0.5"))
+    assert own.mixture == "fr=0.5,en=0.5"  # a mixture given is kept
+    assert resolve(FinetuneConfig(scenario="adapt-eu")).target_langs == ["eu"]
+
+
 def test_lora_leaves_the_base_weights_and_merges_exactly(tmp_path):
     model = small_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}

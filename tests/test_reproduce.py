@@ -59,6 +59,16 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
                     "shots": [0],
                     "modes": ["likelihood"],
                 },
+                "finetune": {
+                    "data": {"train_subdirs": ["shared/optionen"]},
+                    "compare": {
+                        "seeds": [0, 1],
+                        "lrs": [1e-3],
+                        "max_steps": 2,
+                        "linguamap_items": 4,
+                        "target_langs": ["fr", "de"],
+                    },
+                },
                 # The slice has no Basque: the weak language of the diff stage is German here.
                 "diff": {
                     "finetune": {
@@ -108,17 +118,24 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         device="cpu",
     )
     results = reproduce(config)
-    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "f", "h"]
+    assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "f", "g", "h"]
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
-    assert {s["stage"] for s in results["stages"]} == {"models", "overlap", "steer", "linguamap", "diff"}
+    assert {s["stage"] for s in results["stages"]} == {
+        "models",
+        "overlap",
+        "steer",
+        "linguamap",
+        "finetune",
+        "diff",
+    }
 
     # Every number is what its source file holds, and the report shows no number that is not one of them.
     assert verify_all(results) == []
     shown = {f"{n.value:.3f}" for n in all_numbers(results)}
     report = (tmp_path / "docs" / "RESULTS-tiny.md").read_text()
     claim_rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert len(claim_rows) == 7
+    assert len(claim_rows) == 8
     for line in report.splitlines():
         if line.startswith("|") and not line.startswith("|---") and "seconds" not in line:
             for cell in line.strip("|").split("|")[1:]:
@@ -132,3 +149,54 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
     again = reproduce(config)
     assert again["stages"] == results["stages"]
     assert json.dumps(again["claims"]) == json.dumps(results["claims"])  # (as text: NaN ≠ NaN)
+
+
+def test_selective_claim_reads_each_strategy_at_its_chosen_rate(tmp_path):
+    """(g) by hand: seed means at each variant's validation-chosen rate, the ratio's delta-method band,
+    and the verdict rule's three outcomes."""
+    from analysis import claims
+
+    def comparison(selective_values, random_values):
+        runs, table = [], []
+        for variant, lr, values in (
+            ("full", 1e-3, [0.9, 0.92, 0.94]),
+            ("full", 3e-3, [0.1, 0.1, 0.1]),  # not chosen: its test numbers must not be read
+            ("last-k", 3e-3, selective_values),
+            ("random~last-k", 3e-3, random_values),
+        ):
+            runs += [
+                {"scenario": "linguamap", "variant": variant, "lr": lr, "seed": s, "target_after": v}
+                for s, v in enumerate(values)
+            ]
+            table.append(
+                {
+                    "scenario": "linguamap",
+                    "variant": variant,
+                    "lr": lr,
+                    "chosen": lr == 3e-3 or variant == "full" and lr == 1e-3,
+                    "target_before": 0.3,
+                    "trainable_share": 0.05,
+                    "forgetting": [0.1, 0.0],
+                    "accuracy_likelihood": [0.4, 0.0],
+                }
+            )
+        table[1]["chosen"] = False
+        path = tmp_path / f"comparison-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"runs": runs, "table": table}))
+        return path
+
+    path = comparison([0.92, 0.93, 0.94], [0.5, 0.55, 0.6])
+    result = claims.selective_matches_full(path, "last-k", "random~last-k", "m")
+    assert result.number.value == pytest.approx(0.93 / 0.92)
+    sem_full, sem_sel = 0.02 / 3**0.5, 0.01 / 3**0.5
+    expected_band = 2 * (0.93 / 0.92) * ((sem_sel / 0.93) ** 2 + (sem_full / 0.92) ** 2) ** 0.5
+    assert result.uncertainty.value == pytest.approx(expected_band)
+    assert result.verdict == "reproduced" and provenance.verify(result.number)
+    assert result.details["full: learning rate"].value == 1e-3
+    # Far below full fine-tuning: refuted; near it but no better than random: inconclusive.
+    low = claims.selective_matches_full(comparison([0.5, 0.52, 0.54], [0.3, 0.3, 0.31]), "last-k",
+                                        "random~last-k", "m")  # fmt: skip
+    assert low.verdict == "not reproduced"
+    tied = claims.selective_matches_full(comparison([0.92, 0.93, 0.94], [0.91, 0.93, 0.95]), "last-k",
+                                         "random~last-k", "m")  # fmt: skip
+    assert tied.verdict == "inconclusive"

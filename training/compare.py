@@ -65,6 +65,12 @@ class CompareConfig:
         default="",
         metadata={"help": "linguamap scenario: directory from scripts/linguamap.py --finetune-data"},
     )
+    linguamap_items: int = field(
+        default=100, metadata={"help": "linguamap scenario: validation / test items evaluated per cell"}
+    )
+    target_langs: list[str] = field(
+        default_factory=list, metadata={"help": "target languages ('' = each scenario's)"}
+    )
 
 
 def n_layers(model_dir: str) -> int:
@@ -143,6 +149,9 @@ def run_config(
         overrides["corpus_dir"] = config.corpus_dir
     if config.linguamap_data:
         overrides["linguamap_data"] = config.linguamap_data
+        overrides["linguamap_items"] = config.linguamap_items
+    if config.target_langs:
+        overrides["target_langs"] = config.target_langs
     return dataclasses.replace(FinetuneConfig(), **overrides)
 
 

@@ -146,10 +146,13 @@ def resolve(config: FinetuneConfig) -> FinetuneConfig:
             "the linguamap scenario needs --linguamap-data DIR with train.jsonl (write it with "
             "scripts/linguamap.py --finetune-data DIR)"
         )
+    # Target languages chosen without a mixture train on those languages in equal parts.
+    chosen = list(config.target_langs)
+    own_mixture = ",".join(f"{lang}={1 / len(chosen):g}" for lang in chosen) if chosen else ""
     return dataclasses.replace(
         config,
-        mixture=config.mixture or scenario.mixture,
-        target_langs=list(config.target_langs) or list(scenario.target_langs),
+        mixture=config.mixture or own_mixture or scenario.mixture,
+        target_langs=chosen or list(scenario.target_langs),
     )
 
 
