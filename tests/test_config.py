@@ -61,3 +61,19 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_nested_configs_keep_their_parents_defaults():
+    """A composed config's own defaults for a nested one (default_factory) hold for every field not
+    given, whether the config comes from flags or from a dict (reproduce.py builds stages from dicts)."""
+    from training.base_models import BaseModelsConfig
+    from training.config import config_from_dict
+
+    from_dict = config_from_dict(BaseModelsConfig, {"clt_n_features": 16, "pretrain_preset": "tiny"})
+    from_flags = parse_config(BaseModelsConfig, ["--clt-n-features", "16", "--pretrain-preset", "tiny"])
+    assert from_dict == from_flags
+    assert from_dict.clt.clt.n_features == 16 and from_dict.pretrain.preset == "tiny"
+    defaults = BaseModelsConfig()
+    assert from_dict.clt.collect.mixture == defaults.clt.collect.mixture == "balanced+eu"
+    assert from_dict.pretrain.tokenizer_mixture == defaults.pretrain.tokenizer_mixture == "balanced"
+    assert from_dict.locate == defaults.locate

@@ -136,20 +136,26 @@ def config_from_dict(config_cls: type[T], values: dict[str, Any]) -> T:
     return _construct(config_cls, nested)
 
 
-def _construct(config_cls: type[T], values: dict[str, Any]) -> T:
+def _construct(config_cls: type[T], values: dict[str, Any], defaults: Any = None) -> T:
+    """`config_cls` with `values` over `defaults` (an instance; None = the class's own defaults).
+
+    A nested config starts from its parent's default for that field — a parent may give a nested
+    config defaults of its own (`default_factory`), and those must hold for every field not given."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         from training.errors import UserError
 
         raise UserError(f"unknown {config_cls.__name__} fields {unknown}; known fields: {sorted(fields)}")
+    defaults = config_cls() if defaults is None else defaults
     kwargs = {}
     for name, value in values.items():
         tp = _field_type(fields[name], config_cls)
-        kwargs[name] = (
-            _construct(tp, value) if dataclasses.is_dataclass(tp) and isinstance(value, dict) else value
-        )
-    return config_cls(**kwargs)
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[name] = _construct(tp, value, getattr(defaults, name))
+        else:
+            kwargs[name] = value
+    return dataclasses.replace(defaults, **kwargs)
 
 
 def parse_config(config_cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
