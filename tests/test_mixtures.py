@@ -60,6 +60,18 @@ def test_too_many_tokens_error_says_how_much_there_is():
         sample_mixture(TEXTS, LANGS, {"en": 0.5, "de": 0.5}, 500, count_chars, unit_name="characters")
 
 
+def test_fitted_budget_keeps_the_shares_and_names_the_binding_language():
+    # At 1000, de (50 characters) is short at 50 / 0.1 = 500 but fr (200) binds at 200 / 0.45 = 444.
+    mixture = {"en": 0.45, "fr": 0.45, "de": 0.1}
+    with pytest.raises(MixtureError, match=r"only 200 characters of 'fr'.*at most 444 "):
+        sample_mixture(TEXTS, LANGS, mixture, 1000, count_chars, unit_name="characters")
+    fitted = sample_mixture(TEXTS, LANGS, mixture, 1000, count_chars, fit=True)
+    assert fitted.budget == 444 and fitted.units == {"en": 200, "fr": 200, "de": 50}
+    direct = sample_mixture(TEXTS, LANGS, mixture, 444, count_chars)
+    assert fitted.indices == direct.indices  # the same draw as asking for the fitted budget
+    assert sample_mixture(TEXTS, LANGS, mixture, 300, count_chars, fit=True).budget == 300  # fits: untouched
+
+
 def test_empty_split_and_bad_budget():
     with pytest.raises(MixtureError, match="empty"):
         sample_mixture([], [], {"en": 1.0}, 10, count_chars)

@@ -38,6 +38,9 @@ def _pretrain_defaults() -> PretrainConfig:
         lr=3e-3,
         warmup_steps=200,
         token_budget=12_000_000,
+        # The corpus holds ≈ 8 M English tokens: en-heavy (90% English) samples what it can at its
+        # shares and repeats it (the step budget is the same for every mixture).
+        fit_budget=True,
         vocab_size=16384,
         tokenizer_mixture="balanced",
         tokenizer_chars=12_000_000,

@@ -81,6 +81,7 @@ class MixtureSample:
     indices: list[int]  # rows of the source dataset, grouped by language, in sampled order
     units: dict[str, int]  # measured units drawn per language
     targets: dict[str, int]  # units asked for per language
+    budget: int = 0  # the budget the sample was drawn at (lower than asked when fitted to the corpus)
 
     def shares(self) -> dict[str, float]:
         total = sum(self.units.values())
@@ -96,11 +97,40 @@ def sample_mixture(
     seed: int = 0,
     unit_name: str = "tokens",
     chunk_size: int = 512,
+    fit: bool = False,
 ) -> MixtureSample:
     """Draw paragraphs (by row index) so that language `l` gets ≈ `mixture[l] × budget` units.
 
-    Raises MixtureError if a language lacks the text to reach its share, saying how much it has.
+    If a language lacks the text to reach its share: raises MixtureError saying how much it has, or with
+    `fit`, draws again at the largest budget every language can supply at its share (the shares stay
+    exact; each language's stream is a prefix of the same shuffled rows, so the result is deterministic).
     """
+    try:
+        return _sample_mixture(texts, langs, mixture, budget, measure, seed, unit_name, chunk_size)
+    except _ShortLanguage as short:
+        if not fit:
+            raise MixtureError(str(short)) from None
+        return _sample_mixture(
+            texts, langs, mixture, short.largest_budget, measure, seed, unit_name, chunk_size
+        )
+
+
+class _ShortLanguage(Exception):
+    def __init__(self, message: str, largest_budget: int):
+        super().__init__(message)
+        self.largest_budget = largest_budget
+
+
+def _sample_mixture(
+    texts: Sequence[str],
+    langs: Sequence[str],
+    mixture: dict[str, float],
+    budget: int,
+    measure: Callable[[list[str]], list[int]],
+    seed: int,
+    unit_name: str,
+    chunk_size: int,
+) -> MixtureSample:
     if budget <= 0:
         raise MixtureError(f"budget must be positive, got {budget}")
     if len(texts) != len(langs):
@@ -115,6 +145,7 @@ def sample_mixture(
     indices: list[int] = []
     units: dict[str, int] = {}
     targets: dict[str, int] = {}
+    short: list[tuple[str, float, int, int]] = []  # (language, share, drawn, target)
     for lang, share in sorted(mixture.items()):
         target = int(round(share * budget))
         targets[lang] = target
@@ -133,14 +164,18 @@ def sample_mixture(
                 drawn += length
                 taken += 1
         if drawn < target:
-            raise MixtureError(
-                f"mixture asks for {target:,} {unit_name} of {lang!r} ({share:.1%} of {budget:,}), but the "
-                "corpus has "
-                f"only {drawn:,} {unit_name} of {lang!r}. Lower the budget to at most "
-                f"{int(drawn / share):,} or the share."
-            )
+            short.append((lang, share, drawn, target))
         units[lang] = drawn
-    return MixtureSample(indices=indices, units=units, targets=targets)
+    if short:
+        largest = min(int(drawn / share) for _, share, drawn, _ in short)
+        lang, share, drawn, target = min(short, key=lambda s: s[2] / s[1])
+        raise _ShortLanguage(
+            f"mixture asks for {target:,} {unit_name} of {lang!r} ({share:.1%} of {budget:,}), but the "
+            f"corpus has only {drawn:,} {unit_name} of {lang!r}. Lower the budget to at most {largest:,} "
+            "or the share.",
+            largest,
+        )
+    return MixtureSample(indices=indices, units=units, targets=targets, budget=budget)
 
 
 def count_chars(texts: list[str]) -> list[int]:

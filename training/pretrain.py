@@ -62,6 +62,13 @@ class PretrainConfig(OptimizerConfig):
     token_budget: int = field(
         default=500_000, metadata={"help": "distinct training tokens sampled from the corpus"}
     )
+    fit_budget: bool = field(
+        default=False,
+        metadata={
+            "help": "if a language of the mixture lacks the text for token_budget, sample the largest budget "
+            "the corpus holds at the mixture's shares instead of refusing"
+        },
+    )
     train_tokens: int = field(
         default=3_000_000, metadata={"help": "tokens processed in training (epochs over the sample)"}
     )
@@ -110,8 +117,10 @@ class PretrainConfig(OptimizerConfig):
     )
 
 
-# Fields a resumed run may change: pausing earlier or later does not change what the run computes.
-MAY_CHANGE = ("device", "pause_at_step")
+# Fields a resumed run may change: pausing earlier or later does not change what the run computes, and
+# fit_budget only chooses between refusing and fitting a budget the corpus cannot supply (a run that
+# started has its data sampled already).
+MAY_CHANGE = ("device", "pause_at_step", "fit_budget")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +221,19 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
         texts, langs = [r["text"] for r in rows], [r["lang"] for r in rows]
     mixture = parse_mixture(config.mixture)
     sample = sample_mixture(
-        texts, langs, mixture, config.token_budget, count_tokens(tokenizer), seed=config.seed
+        texts,
+        langs,
+        mixture,
+        config.token_budget,
+        count_tokens(tokenizer),
+        seed=config.seed,
+        fit=getattr(config, "fit_budget", False),
     )
+    if sample.budget != config.token_budget:
+        print(
+            f"token budget fitted to the corpus: {sample.budget:,} distinct tokens instead of "
+            f"{config.token_budget:,} (at the mixture's shares)"
+        )
     token_lists = tokenizer([texts[i] for i in sample.indices], add_special_tokens=False)["input_ids"]
     train_blocks, block_langs = pack_by_language(
         token_lists, [langs[i] for i in sample.indices], tokenizer.eos_token_id, n_ctx
@@ -233,6 +253,7 @@ def prepare_data(config: PretrainConfig, corpus, tokenizer, n_ctx: int, run: Run
     meta = {
         "mixture": mixture,
         "tokens_per_language": sample.units,
+        "token_budget_used": sample.budget,
         "blocks": len(train_blocks),
         "block_langs": block_langs,
         "fertility_on_validation": fertility(tokenizer, val_texts, val_langs),
