@@ -293,12 +293,17 @@ def main(argv: list[str]) -> None:
                 "max_relative_edge_difference": edge_error,
             }
             results.append(row)
+            # Written after every row: a run stopped early keeps what it measured.
+            atomic_write_json(
+                run.path / "results.json", {"torch_threads": args.threads, "results": results, "memory": []}
+            )
             print(
                 f"{length:4d} tokens {row['lang']}: {row['n_active_features']:5d} features | ours "
                 f"{ours['time_s']:.3f} s "
                 f"(peak {ours['peak_rss_mb']:.0f} MB, base {ours['baseline_rss_mb']:.0f}) | circuit-tracer "
                 "best "
-                f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB) | "
+                f"{best['time_s']:.3f} s @bs{best['batch_size']} (peak {best['peak_rss_mb']:.0f} MB, base "
+                f"{best['baseline_rss_mb']:.0f}) | "
                 f"×{row['speedup_vs_best']:.1f} "
                 f"| same features {same_features}, max rel edge diff {edge_error:.1e}",
                 flush=True,
