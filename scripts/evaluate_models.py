@@ -1,8 +1,8 @@
 """Models side by side on the same held-out text: nats/char, greedy and sampled continuations of the
 same prompts (CLD2 consistency, distinct-token share) and a sample table.
 
-    python scripts/evaluate_models.py --model-dirs runs/tiny-balanced/model models/base-balanced/model \
-        --names tiny base --corpus-dir data/corpus-all --run-dir runs/eval-tiny-vs-base
+    python scripts/evaluate_models.py --model-dirs runs/tiny-balanced/model,models/base-balanced/model \
+        --names tiny,base --corpus-dir data/corpus-all --run-dir runs/eval-tiny-vs-base
 
 Writes results.json and report.md in the run directory. The logic is `training.model_eval`.
 """
