@@ -204,6 +204,7 @@ def _model_card(config: ReleaseConfig, metrics: dict) -> str:
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
             f'model = AutoModelForCausalLM.from_pretrained("models/{config.name}/model")',
             f'tokenizer = AutoTokenizer.from_pretrained("models/{config.name}/model")',
             "```",
