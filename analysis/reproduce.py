@@ -198,17 +198,23 @@ def per_model_stage(
     model's own fields (`model_fields(paths)`), the corpus, the device and the scale's settings."""
     result = {}
     for mixture, paths in models.items():
-        run_dir = root / name / mixture
-        values = {
-            **model_fields(paths),
-            "corpus_dir": config.corpus_dir,
-            "run_dir": str(run_dir),
-            "device": config.device,
-            **settings[name],
-        }
+        values = per_model_values(config, settings, root, name, mixture, model_fields(paths))
         run(config_from_dict(stage_config, values))
-        result[mixture] = {key: str(run_dir / file) for key, file in outputs.items()}
+        result[mixture] = {key: str(root / name / mixture / file) for key, file in outputs.items()}
     return result
+
+
+def per_model_values(
+    config: ReproduceConfig, settings: dict, root: Path, name: str, mixture: str, model_fields: dict
+) -> dict:
+    """The settings of stage `name` run on one model, in <root>/<name>/<mixture>/."""
+    return {
+        **model_fields,
+        "corpus_dir": config.corpus_dir,
+        "run_dir": str(root / name / mixture),
+        "device": config.device,
+        **settings[name],
+    }
 
 
 def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
@@ -264,15 +270,10 @@ def finetune_stage(config: ReproduceConfig, settings: dict, root: Path, models: 
     paths, data = models[main], root / "finetune" / "data"
     if not (data / "meta.json").exists():  # (written last: the data are complete)
         # The linguamap stage's own run directory and config, so the held-out items are the ones it scored.
-        values = {
-            "model_dir": paths["model_dir"],
-            "corpus_dir": config.corpus_dir,
-            "run_dir": str(root / "linguamap" / main),
-            "device": config.device,
-            **settings["linguamap"],
-            "finetune_data": str(data),
-            **part["data"],
-        }
+        values = per_model_values(
+            config, settings, root, "linguamap", main, {"model_dir": paths["model_dir"]}
+        )
+        values.update(finetune_data=str(data), **part["data"])
         prepare_finetune_data(config_from_dict(LinguaMapConfig, values))
     claim = part["claim"]
     values = {

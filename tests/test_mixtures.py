@@ -65,7 +65,14 @@ def test_fitted_budget_keeps_the_shares_and_names_the_binding_language():
     mixture = {"en": 0.45, "fr": 0.45, "de": 0.1}
     with pytest.raises(MixtureError, match=r"only 200 characters of 'fr'.*at most 444 "):
         sample_mixture(TEXTS, LANGS, mixture, 1000, count_chars, unit_name="characters")
-    fitted = sample_mixture(TEXTS, LANGS, mixture, 1000, count_chars, fit=True)
+    measured = []
+
+    def counting(texts):
+        measured.extend(texts)
+        return count_chars(texts)
+
+    fitted = sample_mixture(TEXTS, LANGS, mixture, 1000, counting, fit=True)
+    assert len(measured) == len(TEXTS)  # the second draw re-measures nothing (each paragraph once)
     assert fitted.budget == 444 and fitted.units == {"en": 200, "fr": 200, "de": 50}
     direct = sample_mixture(TEXTS, LANGS, mixture, 444, count_chars)
     assert fitted.indices == direct.indices  # the same draw as asking for the fitted budget

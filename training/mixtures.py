@@ -105,17 +105,20 @@ def sample_mixture(
     `fit`, draws again at the largest budget every language can supply at its share (the shares stay
     exact; each language's stream is a prefix of the same shuffled rows, so the result is deterministic).
     """
+    lengths: dict[int, int] = {}  # row → measured units, shared by the two draws: nothing is measured twice
     try:
-        return _sample_mixture(texts, langs, mixture, budget, measure, seed, unit_name, chunk_size)
-    except _ShortLanguage as short:
+        return _sample_mixture(texts, langs, mixture, budget, measure, seed, unit_name, chunk_size, lengths)
+    except ShortLanguageError as short:
         if not fit:
-            raise MixtureError(str(short)) from None
+            raise
         return _sample_mixture(
-            texts, langs, mixture, short.largest_budget, measure, seed, unit_name, chunk_size
+            texts, langs, mixture, short.largest_budget, measure, seed, unit_name, chunk_size, lengths
         )
 
 
-class _ShortLanguage(Exception):
+class ShortLanguageError(MixtureError):
+    """A language lacks the text for its share; `largest_budget` is the most every language supplies."""
+
     def __init__(self, message: str, largest_budget: int):
         super().__init__(message)
         self.largest_budget = largest_budget
@@ -130,6 +133,7 @@ def _sample_mixture(
     seed: int,
     unit_name: str,
     chunk_size: int,
+    lengths: dict[int, int],
 ) -> MixtureSample:
     if budget <= 0:
         raise MixtureError(f"budget must be positive, got {budget}")
@@ -156,8 +160,10 @@ def _sample_mixture(
         drawn, taken = 0, 0
         while drawn < target and taken < len(rows):
             chunk = rows[taken : taken + chunk_size]
-            lengths = measure([texts[r] for r in chunk])
-            for row, length in zip(chunk, lengths):
+            new = [r for r in chunk if r not in lengths]
+            if new:
+                lengths.update(zip(new, measure([texts[r] for r in new])))
+            for row, length in zip(chunk, [lengths[r] for r in chunk]):
                 if drawn >= target:
                     break
                 indices.append(row)
@@ -167,9 +173,9 @@ def _sample_mixture(
             short.append((lang, share, drawn, target))
         units[lang] = drawn
     if short:
-        largest = min(int(drawn / share) for _, share, drawn, _ in short)
-        lang, share, drawn, target = min(short, key=lambda s: s[2] / s[1])
-        raise _ShortLanguage(
+        lang, share, drawn, target = min(short, key=lambda s: s[2] / s[1])  # the binding language
+        largest = int(drawn / share)
+        raise ShortLanguageError(
             f"mixture asks for {target:,} {unit_name} of {lang!r} ({share:.1%} of {budget:,}), but the "
             f"corpus has only {drawn:,} {unit_name} of {lang!r}. Lower the budget to at most {largest:,} "
             "or the share.",
