@@ -227,7 +227,8 @@ def evaluate_clt(config: EvalConfig) -> dict:
 
 def summary_row(report: dict) -> dict:
     """The headline numbers of a `train_clt` summary: held-out FVU, L0 and never-active features (per
-    layer and mean), the replacement model's KL / ΔCE / top-1 agreement, dead features during training."""
+    layer and mean), the replacement model's KL (all tokens and per language) / ΔCE / top-1 agreement,
+    dead features during training."""
     held, replacement = report["heldout"]["all"], report["replacement"]["all"]
     never = held["never_active_fraction"]
     return {
@@ -236,6 +237,9 @@ def summary_row(report: dict) -> dict:
         "mean_l0": held["mean_l0"],
         "l0": held["l0"],
         "kl": replacement["kl"],
+        "kl_per_language": {
+            lang: r["kl"] for lang, r in report["replacement"].items() if lang != "all" and "kl" in r
+        },
         "delta_ce": replacement["delta_ce"],
         "top1": replacement["top1_agreement"],
         "dead": sum(report["dead_fraction_per_layer"]) / len(report["dead_fraction_per_layer"]),

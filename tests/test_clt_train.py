@@ -376,3 +376,40 @@ def test_warm_start_keeps_every_feature_and_refuses_other_options(
     )
     with pytest.raises(UserError, match="init-from"):
         train_clt(other)
+
+
+def test_sweep_cell_is_the_same_run_as_train_clt(
+    trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir
+):
+    """benchmarks/sweep_clt.py: a cell is exactly the `train_clt` run of its settings (referee: the module's
+    reference run), a per-layer cell really is per-layer, a grown grid reuses finished cells, and a flag the
+    grid sets is refused."""
+    from benchmarks.sweep_clt import cell_name, main
+    from training.errors import UserError
+
+    reference_dir, reference = trained
+    args = train_args(tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir)
+    for gridded in ("run_dir", "n_features", "sparsity_coefficient"):
+        args.pop(gridded)
+    flags = [f"--clt-{flag[2:]}" if flag.startswith("--") else flag for flag in as_flags(args)]
+    mu = json.loads((reference_dir / "config.json").read_text())["preact_coefficient"]
+    grid = ["--widths", "64", "--preacts", str(mu), "--run-dir", str(tmp_path / "sweep")]
+    main([*flags, *grid, "--kinds", "clt,per-layer", "--lambdas", "0.01"])
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [(r["kind"], r["lambda"]) for r in rows] == [("clt", 0.01), ("per-layer", 0.01)]
+    assert rows[0]["fvu"] == reference["heldout"]["all"]["fvu"]
+    assert rows[0]["kl"] == reference["replacement"]["all"]["kl"]
+    assert rows[0]["kl_per_language"] == {
+        k: v["kl"] for k, v in reference["replacement"].items() if k != "all"
+    }
+    per_layer, meta = load_native(tmp_path / "sweep" / cell_name("per-layer", 64, 0.01, mu) / "clt")
+    assert not per_layer.config.cross_layer and rows[1]["fvu"] != rows[0]["fvu"]
+
+    finished = tmp_path / "sweep" / cell_name("clt", 64, 0.01, mu) / "summary.json"
+    before = finished.stat().st_mtime_ns
+    main([*flags, *grid, "--kinds", "clt", "--lambdas", "0.01,0.1"])
+    assert finished.stat().st_mtime_ns == before, "a finished cell was trained again"
+    table = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and "| CLT | 64 | 0.1 |" in table[3]
+    with pytest.raises(UserError, match="--clt-sparsity-coefficient is set by the grid"):
+        main([*flags, *grid, "--clt-sparsity-coefficient", "0.5"])
