@@ -65,6 +65,7 @@ class CrosscoderTrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     target_l0: float | None = field(default=None, metadata={"help": "stop at this mean L0 (after λ warm-up)"})
     sparse_decode: str = field(default="false", metadata={"help": "unused by crosscoders (dense decode)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the loss (one process only)"})
     dead_window_tokens: int = field(default=250_000, metadata={"help": "silent this long = dead"})
     eval_shards: int = field(default=1, metadata={"help": "shards held out for evaluation"})
     log_every: int = field(default=20, metadata={"help": "steps between metric records"})

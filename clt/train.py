@@ -91,6 +91,14 @@ class CLTTrainConfig:
     sparse_decode: str = field(
         default="auto", metadata={"help": "auto, true (gather active decoder rows) or false (dense)"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the loss (fuses its elementwise passes over batch × layer × feature): "
+            "1.5× faster steps at 2,048 features on 2 CPU cores after ≈ 15 s of compilation; equal to "
+            "eager up to float rounding (docs/clt.md). One process only"
+        },
+    )
     dead_window_tokens: int = field(
         default=250_000,
         metadata={
@@ -277,6 +285,11 @@ def _fit(
 ) -> None:
     """The optimizer steps (the shared loop, training.loop.run_steps); the DDP wrapper lives only in here."""
     trained = torch.nn.parallel.DistributedDataParallel(clt) if world.world_size > 1 else clt
+    if config.compile and world.world_size > 1:
+        raise UserError("--compile is supported in one process only: drop it under torchrun")
+    # Most of a step is elementwise passes over the [batch, layer, feature] activations (JumpReLU, the
+    # tanh sparsity and pre-activation terms, their backward), not the matmuls; compiling fuses them.
+    loss_fn = torch.compile(clt_loss) if config.compile else clt_loss
     batches = _batch_stream(loader, state)
     lambda_steps = max(1, int(config.lambda_warmup_frac * total_steps))
 
@@ -287,7 +300,7 @@ def _fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         sparsity = config.sparsity_coefficient * min(1.0, (step + 1) / lambda_steps)
-        terms = clt_loss(
+        terms = loss_fn(
             clt,
             x,
             y,

@@ -213,3 +213,34 @@ def test_bad_inputs_fail_early():
         clt(bad)
     with pytest.raises(ValueError, match="activation must be one of"):
         CLTConfig(n_layers=1, d_model=2, n_features=3, activation="gelu")
+
+
+def test_compiled_loss_equals_eager_in_value_and_gradient():
+    """`--compile` (clt.train) runs torch.compile(clt_loss): same terms and same gradients for every
+    parameter, JumpReLU's straight-through threshold gradient included (some pre-activations sit in its
+    window), up to float rounding — in float32, the training dtype."""
+    dtype = torch.float32
+    clt = make_clt(n_features=48, d_model=16).to(dtype)
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 3, 16, dtype=dtype), torch.randn(64, 3, 16, dtype=dtype)
+    with torch.no_grad():
+        # a few pre-activations inside the threshold's window, so the STE gradient is exercised
+        in_window = (clt.encode_pre(x) - clt.threshold).abs() < clt.config.bandwidth / 2
+    assert in_window.any()
+
+    def terms_and_grads(loss_fn):
+        clt.zero_grad(set_to_none=True)
+        terms = loss_fn(clt, x, y, 0.3, 0.01, 4.0, False)
+        terms.total.backward()
+        return terms, {name: p.grad.clone() for name, p in clt.named_parameters()}
+
+    eager, eager_grads = terms_and_grads(clt_loss)
+    compiled, compiled_grads = terms_and_grads(torch.compile(clt_loss))
+    rtol = 1e-4
+    for name in ("total", "reconstruction", "sparsity", "preactivation"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=rtol, atol=0)
+    torch.testing.assert_close(compiled.acts, eager.acts, rtol=rtol, atol=1e-6)
+    assert eager_grads.keys() == compiled_grads.keys()
+    for name, grad in eager_grads.items():
+        assert grad.abs().sum() > 0, f"{name} got no gradient: the comparison would be empty"
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=rtol, atol=1e-5 * grad.abs().max().item())
