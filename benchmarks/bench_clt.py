@@ -1,6 +1,6 @@
-"""CLT throughput: training tokens/s with dense vs sparse decoding (as a fraction of this machine's
-measured matmul peak), activation collection vs the model's forward pass alone, and two torchrun
-writers vs one.
+"""CLT throughput: training tokens/s with dense vs sparse decoding and with the loss compiled
+(`--compile`), as a fraction of this machine's measured matmul peak; activation collection vs the
+model's forward pass alone; two torchrun writers vs one.
 
     python benchmarks/bench_clt.py --model-dir runs/pretrain-tiny-en-heavy/model --steps 60 --run-dir
     runs/bench-clt
@@ -181,11 +181,16 @@ def main(argv: list[str]) -> None:
         for activation, width in ((a, w) for a in args.activations for w in args.widths):
             row = {"activation": activation, "n_features": width}
             flops = clt_flops_per_token(model_config.n_layer, model_config.n_embd, width)
-            for sparse in ("false", "true"):
+            # dense and sparse decoding (eager), and dense decoding with the loss compiled (--compile)
+            for decoder, sparse, compiled in (
+                ("dense", "false", False),
+                ("sparse", "true", False),
+                ("dense_compiled", "false", True),
+            ):
                 config = config_from_dict(
                     CLTTrainConfig,
                     {
-                        "run_dir": str(Path(tmp) / f"clt-{activation}-{width}-{sparse}"),
+                        "run_dir": str(Path(tmp) / f"clt-{activation}-{width}-{decoder}"),
                         "model_dir": args.model_dir,
                         "store": store.url,
                         "corpus_dir": args.corpus_dir,
@@ -194,15 +199,20 @@ def main(argv: list[str]) -> None:
                         "k": args.k,
                         "max_steps": args.steps,
                         "sparse_decode": sparse,
+                        "compile": compiled,
                         "eval_blocks": 2,
                         "log_every": 10,
                         "ckpt_every": 10**9,
                     },
                 )
                 report = train_clt(config)
-                decoder = "sparse" if sparse == "true" else "dense"
+                # Training throughput after the first logged window (which holds the compilation).
+                logged = [
+                    r["tokens_per_s"] for r in RunDir(config.run_dir).read_metrics() if "tokens_per_s" in r
+                ]
                 row[decoder] = {
                     "tokens_per_s": report["train_tokens_per_s"],
+                    "steady_tokens_per_s": sum(logged[1:]) / max(1, len(logged[1:])),
                     "fraction_of_matmul_peak": report["train_tokens_per_s"]
                     * flops
                     / 1e9
@@ -211,11 +221,16 @@ def main(argv: list[str]) -> None:
                     "heldout_mean_fvu": report["heldout"]["all"]["mean_fvu"],
                 }
             row["sparse_speedup"] = row["sparse"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+            row["compile_speedup"] = (
+                row["dense_compiled"]["steady_tokens_per_s"] / row["dense"]["steady_tokens_per_s"]
+            )
             training.append(row)
             print(
                 f"{activation} {width} features: dense {row['dense']['tokens_per_s']:,.0f} tok/s "
                 f"({row['dense']['fraction_of_matmul_peak']:.0%} of peak), sparse "
-                f"{row['sparse']['tokens_per_s']:,.0f} (×{row['sparse_speedup']:.2f})",
+                f"{row['sparse']['tokens_per_s']:,.0f} (×{row['sparse_speedup']:.2f}), dense compiled "
+                f"{row['dense_compiled']['steady_tokens_per_s']:,.0f} after compiling "
+                f"(×{row['compile_speedup']:.2f})",
                 flush=True,
             )
         result["training"] = training
