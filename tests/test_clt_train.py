@@ -413,3 +413,24 @@ def test_sweep_cell_is_the_same_run_as_train_clt(
     assert len(table) == 2 + 2 and "| CLT | 64 | 0.1 |" in table[3]
     with pytest.raises(UserError, match="--clt-sparsity-coefficient is set by the grid"):
         main([*flags, *grid, "--clt-sparsity-coefficient", "0.5"])
+
+
+def test_a_copied_run_directory_is_the_same_run(
+    trained, tmp_path, tiny_model_dir, tiny_store, real_slice_corpus_dir
+):
+    """RunDir ignores the run's own `run_dir`: a finished run copied elsewhere is found finished there (no
+    step is trained again), and any other changed field is still refused."""
+    import shutil
+
+    from training.errors import ConfigMismatch
+
+    reference_dir, reference = trained
+    copy = tmp_path / "copied"
+    shutil.copytree(reference_dir, copy)
+    metrics_before = (copy / "metrics.jsonl").read_text()
+    args = train_args(copy, tiny_model_dir, tiny_store, real_slice_corpus_dir)
+    again = train_clt(config_from_dict(CLTTrainConfig, args))
+    assert again["heldout"] == reference["heldout"] and again["steps"] == reference["steps"]
+    assert (copy / "metrics.jsonl").read_text() == metrics_before
+    with pytest.raises(ConfigMismatch, match="sparsity_coefficient"):
+        train_clt(config_from_dict(CLTTrainConfig, {**args, "sparsity_coefficient": 0.5}))

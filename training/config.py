@@ -236,9 +236,10 @@ class RunDir:
 
     The one contract every script and benchmark follows: `RunDir.open(path, config, may_change=...)`
     refuses a directory holding a run with another config (naming the differing fields; only the
-    fields listed in `may_change` — e.g. the device, or which sections to run — may differ), then saves
-    the config. Results are appended as JSON records; `keyed(fields)` reads them back by key so a
-    re-run skips what is done. Every file is written atomically.
+    fields listed in `may_change` — e.g. the device, or which sections to run — may differ, and the
+    run's own `run_dir`, so that a run directory may be moved or copied), then saves the config.
+    Results are appended as JSON records; `keyed(fields)` reads them back by key so a re-run skips what
+    is done. Every file is written atomically.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -272,6 +273,9 @@ class RunDir:
         allowed = set(may_change)
 
         def differs(key: str) -> bool:
+            # A run is what it computes, not where it lives: a moved or copied run directory is the same run.
+            if key == "run_dir":
+                return False
             if key in allowed or key.split(".")[0] in allowed:
                 return False
             if key not in saved and current.get(key) == defaults.get(key):
