@@ -31,6 +31,7 @@ from training import paths
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus, parallel_sets, require_langs
 from training.errors import UserError
+from training.fingerprint import clt_fingerprint, model_fingerprint
 
 SECTIONS = ("lens", "similarity", "ablation", "lape", "features", "feature_sets", "probes", "linguamap")
 
@@ -393,7 +394,12 @@ def locate_language(config: LocateConfig) -> dict:
     if unknown:
         raise UserError(f"unknown sections {unknown}; choose from {SECTIONS}")
     run = RunDir.open(config.run_dir, config, may_change=("device", "sections"))
-    inputs = load_inputs(config)
+    inputs = load_inputs(config)  # checks the paths first, with one-line errors
+    # Sections are reused from disk: make sure the weights behind the same paths are still the same.
+    fingerprints = {"model": model_fingerprint(config.model_dir)}
+    if config.clt:
+        fingerprints["clt"] = clt_fingerprint(config.clt)
+    run.check_inputs(fingerprints)
     (run.path / "sections").mkdir(exist_ok=True)
     sections = {}
     for name, compute in SECTION_FUNCTIONS.items():

@@ -342,3 +342,12 @@ def test_locate_language_report_on_a_tiny_model(tiny_model_dir, real_slice_corpu
     # a re-run reuses every finished section
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reused") == 8
+    # the CLT retrained in place (same path, same config): reusing its sections would be stale — refused
+    save_native(
+        random_clt(2, 32, n_features=24, seed=1),
+        clt_dir,
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
+    stale = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert stale.returncode == 2 and "reused" not in stale.stdout
+    assert stale.stderr.count("\n") == 1 and "computed from another clt" in stale.stderr

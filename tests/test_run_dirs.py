@@ -129,3 +129,16 @@ def test_a_field_added_later_with_its_default_does_not_refuse(tmp_path):
     run.config_path.write_text(json.dumps(saved))
     with pytest.raises(ConfigMismatch, match=r"schedule: None → 'wsd'"):
         RunDir.open(config.run_dir, dataclasses.replace(config, schedule="wsd"))
+
+
+def test_inputs_changed_behind_the_same_paths_are_refused(tmp_path):
+    """check_inputs: recorded the first time, accepted while equal (a new input may join), refused in one
+    message naming the input once a recorded hash differs."""
+    run = RunDir(tmp_path / "run")
+    run.check_inputs({"model": "a" * 64})
+    run.check_inputs({"model": "a" * 64, "clt": "b" * 64})
+    assert RunDir(tmp_path / "run").path.joinpath("inputs.json").exists()
+    with pytest.raises(ConfigMismatch, match=r"computed from another clt \(its sha256 changed"):
+        run.check_inputs({"model": "a" * 64, "clt": "c" * 64})
+    with pytest.raises(ConfigMismatch, match="another clt and model"):
+        run.check_inputs({"model": "d" * 64, "clt": "c" * 64})

@@ -290,6 +290,22 @@ class RunDir:
                 "use another --run-dir or delete that one"
             )
 
+    def check_inputs(self, inputs: dict[str, str]) -> None:
+        """Refuse a directory whose results were computed from other contents of the same input paths
+        (`inputs`: name → sha256, e.g. a CLT retrained in place): the config is unchanged, so the run
+        would otherwise reuse stale sections. Inputs are recorded in `inputs.json` the first time."""
+        from training.errors import ConfigMismatch
+
+        path = self.path / "inputs.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        changed = sorted(name for name, digest in inputs.items() if saved.get(name, digest) != digest)
+        if changed:
+            raise ConfigMismatch(
+                f"{self.path} was computed from another {' and '.join(changed)} (its sha256 changed since): "
+                "its results would be stale; delete that directory or use another --run-dir"
+            )
+        atomic_write_json(path, {**saved, **inputs})
+
     def keyed(self, fields: typing.Sequence[str]) -> dict[tuple, dict[str, Any]]:
         """Records that carry every key field, by their key (a later record replaces an earlier one)."""
         return {tuple(r[f] for f in fields): r for r in self.read_metrics() if all(f in r for f in fields)}

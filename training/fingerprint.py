@@ -25,6 +25,14 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return file_sha256(path)
 
 
+def clt_fingerprint(clt_dir: str | Path) -> str:
+    """Hash of a native CLT's weights (`<dir>/clt.safetensors`, or a release's `clt/`)."""
+    path = in_release(clt_dir, "clt") / "clt.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: expected a native CLT directory (scripts/train_clt.py)")
+    return file_sha256(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Release manifests: models/<name>/MANIFEST.json lists the sha256 of every file of a release
 # ---------------------------------------------------------------------------------------------
