@@ -31,7 +31,7 @@ from training import paths
 from training.config import RunDir, atomic_write_json
 from training.corpus.build import default_corpus_dir, load_corpus, parallel_sets, require_langs
 from training.errors import UserError
-from training.fingerprint import clt_fingerprint, model_fingerprint
+from training.fingerprint import input_fingerprints
 
 SECTIONS = ("lens", "similarity", "ablation", "lape", "features", "feature_sets", "probes", "linguamap")
 
@@ -396,10 +396,7 @@ def locate_language(config: LocateConfig) -> dict:
     run = RunDir.open(config.run_dir, config, may_change=("device", "sections"))
     inputs = load_inputs(config)  # checks the paths first, with one-line errors
     # Sections are reused from disk: make sure the weights behind the same paths are still the same.
-    fingerprints = {"model": model_fingerprint(config.model_dir)}
-    if config.clt:
-        fingerprints["clt"] = clt_fingerprint(config.clt)
-    run.check_inputs(fingerprints)
+    run.check_inputs(input_fingerprints(config.model_dir, config.clt))
     (run.path / "sections").mkdir(exist_ok=True)
     sections = {}
     for name, compute in SECTION_FUNCTIONS.items():

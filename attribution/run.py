@@ -22,6 +22,7 @@ from attribution.pipeline import build_graph
 from training import paths
 from training.config import RunDir
 from training.errors import UserError
+from training.fingerprint import input_fingerprints
 
 MAY_CHANGE = ("device", "prompt", "prompts", "lang", "save_adjacency", "max_memory")
 
@@ -120,6 +121,7 @@ def run_attribution(config: AttributeConfig) -> list[dict]:
     model, tokenizer, clt = load_model_and_clt(
         config.model_dir, config.clt, config.device, config.allow_model_mismatch
     )
+    run.check_inputs(input_fingerprints(config.model_dir, config.clt))  # finished graphs are reused
     translations = json.loads(config.translations) if config.translations else None
     device = next(model.parameters()).device
     max_memory = available_bytes(device) if config.max_memory == "auto" else parse_bytes(config.max_memory)

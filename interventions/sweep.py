@@ -46,6 +46,7 @@ from training import paths
 from training.config import RunDir, atomic_write_json, atomic_write_text, config_to_dict
 from training.corpus.build import default_corpus_dir, load_corpus, require_langs
 from training.errors import UserError
+from training.fingerprint import input_fingerprints
 
 # Which steps to run may change between runs of one directory; everything else defines the results.
 MAY_CHANGE = ("device", "prompt", "source", "target", "pairs", "langs", "methods", "strengths", "decodings")
@@ -287,6 +288,7 @@ def run_steering(config: SteerConfig) -> dict:
     for split in ("parallel", "validation"):  # before loading anything: an unknown language fails at once
         require_langs(corpus, languages, split)
     model, tokenizer, clt = load_model_and_clt(config.model_dir, config.clt, config.device)
+    run.check_inputs(input_fingerprints(config.model_dir, config.clt, config.located))  # results are reused
     units = steering_units(config, model, tokenizer, clt, corpus, languages)
     if user_texts is not None:
         prompts = {

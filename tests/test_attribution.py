@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -519,6 +520,17 @@ def test_attribute_script_writes_graphs_and_resumes(setup, tiny_model_dir, tmp_p
     again = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # nothing redone
+    # the CLT replaced at the same path: the finished graphs would be stale, so the run is refused
+    retrained = copy.deepcopy(clt)  # the fixture's CLT is shared with other tests: leave it untouched
+    with torch.no_grad():
+        retrained.b_dec.add_(1.0)
+    save_native(
+        retrained,
+        clt_dir,
+        {"model_dir": str(tiny_model_dir), "model_sha256": model_fingerprint(tiny_model_dir)},
+    )
+    stale = subprocess.run(command, env=script_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stale.returncode == 2 and "computed from another clt" in stale.stderr
 
     # a CLT trained on other weights is refused unless explicitly allowed
     other = save_native(clt, tmp_path / "clt-other", {"model_sha256": "0" * 64})

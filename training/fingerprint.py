@@ -33,6 +33,17 @@ def clt_fingerprint(clt_dir: str | Path) -> str:
     return file_sha256(path)
 
 
+def input_fingerprints(model_dir: str | Path, clt: str | Path | None = None, located=None) -> dict[str, str]:
+    """sha256 of the weights (and located units) a run reads, for `RunDir.check_inputs`: a run that reuses
+    finished results must not reuse them once a model, CLT or located.json was replaced at the same path."""
+    fingerprints = {"model": model_fingerprint(model_dir)}
+    if clt:
+        fingerprints["clt"] = clt_fingerprint(clt)
+    if located and in_release(located, "located.json").is_file():
+        fingerprints["located"] = file_sha256(in_release(located, "located.json"))
+    return fingerprints
+
+
 # ---------------------------------------------------------------------------------------------
 # Release manifests: models/<name>/MANIFEST.json lists the sha256 of every file of a release
 # ---------------------------------------------------------------------------------------------
