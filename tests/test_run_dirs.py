@@ -131,6 +131,26 @@ def test_a_field_added_later_with_its_default_does_not_refuse(tmp_path):
         RunDir.open(config.run_dir, dataclasses.replace(config, schedule="wsd"))
 
 
+def test_a_field_added_later_keeps_the_behaviour_from_before_it_existed(tmp_path):
+    """For a composed config the compatible value of a new field is its own class's default — what runs
+    did before the field existed — not the composing config's factory default (the base models set
+    clt.compile = True; a base run saved before `compile` existed trained eagerly)."""
+    import json
+
+    from training.base_models import MAY_CHANGE, BaseModelsConfig
+
+    config = BaseModelsConfig(runs_dir=str(tmp_path / "base"))
+    assert config.clt.compile  # the composing factory's value
+    run = RunDir.open(config.runs_dir, config, may_change=MAY_CHANGE)
+    saved = json.loads(run.config_path.read_text())
+    del saved["clt"]["compile"]  # as written before the field existed
+    run.config_path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigMismatch, match=r"clt.compile: None → True"):
+        RunDir.open(config.runs_dir, config, may_change=MAY_CHANGE)
+    eager = dataclasses.replace(config, clt=dataclasses.replace(config.clt, compile=False))
+    RunDir.open(config.runs_dir, eager, may_change=MAY_CHANGE)
+
+
 def test_inputs_changed_behind_the_same_paths_are_refused(tmp_path):
     """check_inputs: recorded the first time, accepted while equal (a new input may join), refused in one
     message naming the input once a recorded hash differs."""

@@ -179,6 +179,21 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _field_defaults(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every field's own default (as saved), flattened like `_flatten`; composed configs recurse into their
+    class's defaults."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_field_defaults(type(value)(), f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[f"{prefix}{f.name}"] = json.loads(json.dumps(f.default, default=str))
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f"{prefix}{f.name}"] = json.loads(json.dumps(f.default_factory(), default=str))
+    return out
+
+
 def run_main(main: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """Run a script's `main(argv)`: a `UserError` becomes one line on stderr and exit code 2
     (with `--debug`, the traceback); every other exception is a bug and keeps its traceback."""
@@ -268,8 +283,10 @@ class RunDir:
             return
         saved = _flatten(json.loads(self.config_path.read_text()))
         current = _flatten(_as_saved(config))
-        # A field added to the config class after the run was saved is compatible if it keeps its default.
-        defaults = _flatten(_as_saved(type(config)()))
+        # A field added to a config class after the run was saved is compatible if it keeps the value that
+        # reproduces the behaviour from before it existed: its own class's default (not a default a
+        # composing config's factory gives it, e.g. the base models' clt.compile = True).
+        defaults = _field_defaults(config)
         allowed = set(may_change)
 
         def differs(key: str) -> bool:
