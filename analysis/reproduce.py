@@ -66,8 +66,8 @@ SCALES = {
             "minutes": 8.0,
             "clt_train_tokens": 1_000_000,
             "clt_n_features": 512,
-            # the tiny recipe's CLT (replacement KL 0.024 on a tiny model at λ 1, docs/clt.md), not the base
-            # models' λ 0.1 (their sharper logits needed it); eager, as when this scale was first timed
+            # the tiny recipe's CLT (λ 1: replacement KL 0.048 on the tiny en-heavy model, docs/clt.md), not
+            # the base models' λ 0.1 (their sharper logits needed it); eager, as when this scale was timed
             "clt_sparsity_coefficient": 1.0,
             "clt_compile": False,
             "clt_collect_n_tokens": 400_000,
