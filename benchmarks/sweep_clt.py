@@ -65,12 +65,16 @@ def run_sweep(args: CLTSweepConfig) -> list[dict]:
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown:
         raise UserError(f"unknown transcoder kinds {unknown}; choose from {', '.join(KINDS)}")
-    gridded = {"run_dir", "clt.n_features", "clt.cross_layer", "sparsity_coefficient", "preact_coefficient"}
-    defaults, given = dataclasses.asdict(_clt_defaults()), dataclasses.asdict(args.clt)
-    for name in sorted(gridded):
-        head, _, tail = name.partition(".")
-        if (defaults[head][tail] if tail else defaults[head]) != (given[head][tail] if tail else given[head]):
-            flag = "--clt-" + (tail or head).replace("_", "-")
+    base, given = _clt_defaults(), args.clt
+    set_by_grid = {
+        "--clt-run-dir": given.run_dir != base.run_dir,
+        "--clt-n-features": given.clt.n_features != base.clt.n_features,
+        "--clt-cross-layer": given.clt.cross_layer != base.clt.cross_layer,
+        "--clt-preact-coefficient": given.preact_coefficient != base.preact_coefficient,
+        "--clt-sparsity-coefficient": given.sparsity_coefficient != base.sparsity_coefficient,
+    }
+    for flag, is_set in set_by_grid.items():
+        if is_set:
             raise UserError(f"{flag} is set by the grid; use --kinds/--widths/--lambdas/--preacts/--run-dir")
     run = RunDir.open(args.run_dir, args, may_change=MAY_CHANGE)
     rows = []

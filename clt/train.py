@@ -285,9 +285,9 @@ def _fit(
     device,
 ) -> None:
     """The optimizer steps (the shared loop, training.loop.run_steps); the DDP wrapper lives only in here."""
-    trained = torch.nn.parallel.DistributedDataParallel(clt) if world.world_size > 1 else clt
     if config.compile and world.world_size > 1:
         raise UserError("--compile is supported in one process only: drop it under torchrun")
+    trained = torch.nn.parallel.DistributedDataParallel(clt) if world.world_size > 1 else clt
     # Most of a step is elementwise passes over the [batch, layer, feature] activations (JumpReLU, the
     # tanh sparsity and pre-activation terms, their backward), not the matmuls; compiling fuses them.
     loss_fn = torch.compile(clt_loss) if config.compile else clt_loss
