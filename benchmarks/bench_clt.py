@@ -46,6 +46,10 @@ class BenchCLTConfig:
     )
     k: int = field(default=16, metadata={"help": "k for topk"})
     torchrun: bool = field(default=True, metadata={"help": "also time one vs two torchrun writers"})
+    repeats: int = field(
+        default=3, metadata={"help": "collection and forward timings, interleaved; medians are compared"}
+    )
+    training: bool = field(default=True, metadata={"help": "also time CLT training (false: collection only)"})
     run_dir: str = field(default="runs/bench-clt", metadata={"help": "run directory (results.json)"})
 
 
@@ -92,6 +96,82 @@ def clt_flops_per_token(n_layers: int, d_model: int, n_features: int) -> float:
     return 3 * forward
 
 
+def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
+    """Collection tokens/s (forward + hooks + Zarr writes: the store's own loop timer) against the bare
+    transformer body over exactly the same blocks, `args.repeats` times each, interleaved so that any
+    drift in the machine's load hits both alike; the overhead compares the medians. Setup (model and
+    corpus loading, tokenisation) is reported apart: it is paid once per collection, not per token."""
+    from statistics import median
+
+    from transformers import AutoTokenizer
+
+    from training.corpus.build import default_corpus_dir, load_corpus
+    from training.mixtures import parse_mixture
+
+    collect_tps, forward_tps, setup_s = [], [], []
+    blocks = None
+    for repeat in range(args.repeats):
+        collect = CollectConfig(
+            model_dir=args.model_dir,
+            store=str(Path(tmp) / f"bench-{repeat}.zarr"),
+            corpus_dir=args.corpus_dir,
+            n_tokens=args.tokens,
+        )
+        start = time.perf_counter()
+        store = collect_activations(collect)
+        loop = store.attrs["last_collection_rank0"]
+        setup_s.append(time.perf_counter() - start - loop["seconds"])
+        collect_tps.append(loop["tokens"] / loop["seconds"])
+        if blocks is None:
+            tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+            train = load_corpus(args.corpus_dir or default_corpus_dir())["train"]
+            blocks, _ = collection_blocks(
+                tokenizer,
+                list(train["text"]),
+                list(train["lang"]),
+                parse_mixture(collect.mixture),
+                collect.n_tokens,
+                collect.n_ctx,
+                collect.seed,
+            )
+            blocks = blocks[: store.n_shards * collect.blocks_per_shard]
+        forward_tps.append(forward_only_throughput(args.model_dir, blocks, collect.batch_size))
+    forward_with_head = forward_only_throughput(args.model_dir, blocks, collect.batch_size, with_head=True)
+    # One shard's write alone (the last store's shard 0 rewritten with its own values): the part of the
+    # overhead the writer thread cannot hide when the forward already uses every core.
+    from clt.store import ActivationStore, write_shard
+
+    writable = ActivationStore(store.url, writable=True)
+    arrays = writable.read_shard(0, fields=("mlp_in", "mlp_out", "token_id", "lang", "position"))
+    write_s = []
+    for _ in range(3):
+        start = time.perf_counter()
+        write_shard(writable, 0, arrays)
+        write_s.append(time.perf_counter() - start)
+    summary = {
+        "tokens": loop["tokens"],
+        "repeats": args.repeats,
+        "tokens_per_s": collect_tps,
+        "forward_only_tokens_per_s": forward_tps,
+        "median_tokens_per_s": median(collect_tps),
+        "median_forward_only_tokens_per_s": median(forward_tps),
+        "forward_with_lm_head_tokens_per_s": forward_with_head,
+        "zarr_overhead": median(forward_tps) / median(collect_tps) - 1,
+        "setup_seconds": setup_s,
+        "write_seconds_per_shard": median(write_s),
+        "forward_seconds_per_shard": store.tokens_per_shard / median(forward_tps),
+    }
+    print(
+        f"collection {summary['median_tokens_per_s']:,.0f} tok/s vs forward "
+        f"{summary['median_forward_only_tokens_per_s']:,.0f} (median of {args.repeats}): overhead "
+        f"{summary['zarr_overhead']:+.0%}; one shard's write {summary['write_seconds_per_shard']:.3f} s vs "
+        f"its forward {summary['forward_seconds_per_shard']:.3f} s; setup {median(setup_s):.1f} s per "
+        "collection",
+        flush=True,
+    )
+    return summary, store
+
+
 def torchrun_collection(args, tmp: str, n_ranks: int) -> float:
     """Collection tokens/s with `n_ranks` single-threaded torchrun ranks writing one store."""
     import os
@@ -115,7 +195,7 @@ def torchrun_collection(args, tmp: str, n_ranks: int) -> float:
     ]
     if args.corpus_dir:
         command += ["--corpus-dir", args.corpus_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MLCLT_THREADS_PER_RANK": "1"}  # one core per rank: scaling per core
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
     from clt.store import ActivationStore
 
@@ -128,44 +208,7 @@ def main(argv: list[str]) -> None:
     run = RunDir.open(args.run_dir, args, may_change=())
     result: dict = {"threads": torch.get_num_threads(), "matmul": matmul_peak_gflops()}
     with tempfile.TemporaryDirectory() as tmp:
-        collect = CollectConfig(
-            model_dir=args.model_dir,
-            store=str(Path(tmp) / "bench.zarr"),
-            corpus_dir=args.corpus_dir,
-            n_tokens=args.tokens,
-        )
-        store = collect_activations(collect)
-        loop = store.attrs["last_collection_rank0"]
-
-        from transformers import AutoTokenizer
-
-        from training.corpus.build import default_corpus_dir, load_corpus
-        from training.mixtures import parse_mixture
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        train = load_corpus(args.corpus_dir or default_corpus_dir())["train"]
-        blocks, _ = collection_blocks(
-            tokenizer,
-            list(train["text"]),
-            list(train["lang"]),
-            parse_mixture(collect.mixture),
-            collect.n_tokens,
-            collect.n_ctx,
-            collect.seed,
-        )
-        blocks = blocks[: store.n_shards * collect.blocks_per_shard]
-        forward_tps = forward_only_throughput(args.model_dir, blocks, collect.batch_size)
-        forward_with_head_tps = forward_only_throughput(
-            args.model_dir, blocks, collect.batch_size, with_head=True
-        )
-        collect_tps = loop["tokens"] / loop["seconds"]
-        result["collection"] = {
-            "tokens": loop["tokens"],
-            "tokens_per_s": collect_tps,
-            "forward_only_tokens_per_s": forward_tps,
-            "forward_with_lm_head_tokens_per_s": forward_with_head_tps,
-            "zarr_overhead": forward_tps / collect_tps - 1,
-        }
+        result["collection"], store = collection_vs_forward(args, tmp)
         if args.torchrun:
             one, two = torchrun_collection(args, tmp, 1), torchrun_collection(args, tmp, 2)
             result["torchrun_collection"] = {
@@ -173,6 +216,10 @@ def main(argv: list[str]) -> None:
                 "two_ranks_tokens_per_s": two,
                 "speedup": two / one,
             }
+        if not args.training:
+            atomic_write_json(run.path / "results.json", result)
+            print(json.dumps(result, indent=1))
+            return
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(args.model_dir)

@@ -196,3 +196,21 @@ def test_warmup_stable_decay_schedule():
     assert learning_rate(99, 100, config) == pytest.approx(0.0)
     # The stable phase does not depend on the total: a longer run passes through a shorter one's state.
     assert all(learning_rate(s, 100, config) == learning_rate(s, 1000, config) for s in range(80))
+
+
+def test_thread_share_per_rank_and_its_override(monkeypatch):
+    """A CPU rank takes its share of the cores (cpu_count // ranks on the node); MLCLT_THREADS_PER_RANK
+    overrides the share (the per-core scaling benchmark runs every rank on one thread)."""
+    from training.loop import init_distributed
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        monkeypatch.setattr("os.cpu_count", lambda: 2)
+        init_distributed("cpu")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("MLCLT_THREADS_PER_RANK", "1")
+        init_distributed("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

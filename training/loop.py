@@ -113,10 +113,11 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        # Processes share the machine's cores; oversubscribing threads slows everything down.
-        torch.set_num_threads(
-            max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        )
+        # Processes share the machine's cores; oversubscribing threads slows everything down. (torchrun's
+        # own OMP_NUM_THREADS=1 would starve ranks of a many-core machine, so the share is computed here;
+        # MLCLT_THREADS_PER_RANK overrides it, e.g. to time per-core scaling.)
+        share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, int(os.environ.get("MLCLT_THREADS_PER_RANK", share))))
     if world_size > 1 and not dist.is_initialized():
         # A bounded timeout turns a stuck collective into an error instead of a silent 30-minute hang.
         dist.init_process_group(
