@@ -55,7 +55,8 @@ from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd
 from interventions.sae import SAEEdit
 from training import langid
 from training.errors import UserError
-from training.evaluate import SAMPLING, distinct_share
+from training.evaluate import distinct_share
+from training.sampling import generate_kwargs
 
 BASE_METHODS = STRATEGIES + tuple(f"random-{s}" for s in STRATEGIES) + ("oracle", "diffmean", "lape", "sae")
 
@@ -342,7 +343,7 @@ def evaluate(
             f"of {model.config.n_positions}: use shorter prompts or fewer new tokens"
         )
     device = next(model.parameters()).device
-    sampling = SAMPLING if decoding == "sampled" else {"do_sample": False}
+    sampling = generate_kwargs(sampled=decoding == "sampled")
     rounds = samples if decoding == "sampled" else 1
     rng_state = torch.get_rng_state()
     continuations, fluency, kls, distinct = [], [], [], []

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from training import langid
 from training.errors import UserError
+from training.sampling import generate_kwargs
 
 
 @torch.no_grad()
@@ -72,11 +73,6 @@ def nats_per_char(
     return total / sum(len(text) for text in texts)
 
 
-# The project's sampler for "sampled" continuations: nucleus sampling as in the model evaluations of the
-# field (temperature 0.8, top-p 0.95); greedy decoding shows the mode, this shows what the model says.
-SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0}
-
-
 def distinct_share(token_ids: Sequence[int]) -> float:
     """Share of distinct tokens in a generated sequence: 1 for no repetition, 1/n for one token n times."""
     return len(set(token_ids)) / max(1, len(token_ids))
@@ -96,7 +92,8 @@ def generate_continuations(
     pad: bool = False,
 ) -> tuple[list[str], list[str], list[list[int]]]:
     """Continue each text (after a BOS) — its first `prompt_tokens` tokens, or all of it if None — greedily
-    or with `SAMPLING`; return (prompts, continuations, continuation token ids), in the order of `texts`.
+    or with the project's nucleus sampler (training/sampling.py); return (prompts, continuations,
+    continuation token ids), in the order of `texts`.
 
     Prompts of equal token length are batched together, so batches need no padding. Texts shorter than
     `prompt_tokens` are skipped by the caller (`usable_prompts`). With `pad`, prompts of any lengths share
@@ -124,7 +121,7 @@ def generate_continuations(
     if pad:  # one group, sorted by length so that each batch pads little
         by_length = {0: sorted(range(len(encoded)), key=lambda i: len(encoded[i]))}
     prompts, continuations, generated = [""] * len(texts), [""] * len(texts), [[] for _ in texts]
-    sampling = {"do_sample": False} if greedy else SAMPLING
+    sampling = generate_kwargs(sampled=not greedy)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for _, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch_size):
