@@ -53,10 +53,16 @@ MAY_CHANGE = ("device", "prompt", "source", "target", "pairs", "langs", "methods
 KEY = ("source", "target", "method", "strength", "decoding")
 
 # Strength grids (≥ 8 values each) when --strengths is not given, by what the strength multiplies.
+# Dense where the fluency budgets are crossed: on the balanced base model every method went from Δ loss
+# ≈ 0.3–0.6 to ≈ 1.3–2.4 nats between two neighbours of the first, coarser grids (mean 0.5 → 1, direction
+# 0.5 → 0.75), so success at Δ loss ≤ 1 was an interpolation across one wide step. The grids are
+# supersets of those first ones (results computed with them stay valid points of the same paths).
 STRENGTHS = {
-    "mean": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],  # × a unit's mean activation
+    # × a unit's mean activation
+    "mean": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
     "factor": [2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0],  # multiplicative recipes (seed 003)
-    "direction": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0],  # × a residual direction (diffmean, oracle)
+    # × a residual direction (diffmean, oracle)
+    "direction": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0, 3.0],
 }
 
 
