@@ -4,13 +4,14 @@ model evaluations of the field; greedy decoding shows the mode, this shows what 
 Why not `generate(do_sample=True, top_p=...)`: Hugging Face's top-p warper sorts the whole vocabulary at
 every step and then draws with `torch.multinomial` over it. On this CPU, with a 16k vocabulary and the
 300 rows of a sampled steering configuration, those two calls took 56 of 76 s of generation (cProfile of
-the steering run quoted in docs/steering.md, "Cost"). Here the nucleus is found among the `candidates` most likely tokens (a `topk`, several
-times cheaper than the sort) — exactly: a row whose nucleus reaches past the candidates is re-done with
-a full sort — and the token is drawn by the Gumbel-max trick (argmax of log-probability + Gumbel noise
-over the nucleus: an exact draw from the renormalised nucleus). The sampler is a logits processor that
-leaves only the drawn token finite, so `generate` decodes greedily and takes it; the KV cache, hooks and
-everything else of `generate` are unchanged. Same distribution as HF's temperature + top-p warpers
-(tests/test_sampling.py); the draws themselves differ from HF's for the same seed.
+the steering run quoted in docs/steering.md, "Cost"). Here the nucleus is found among the `candidates`
+most likely tokens (a `topk`, several times cheaper than the sort) — exactly: a row whose nucleus
+reaches past the candidates is re-done with a full sort — and the token is drawn by the Gumbel-max trick
+(argmax of log-probability + Gumbel noise over the nucleus: an exact draw from the renormalised
+nucleus). The sampler is a logits processor that leaves only the drawn token finite, so `generate`
+decodes greedily and takes it; the KV cache, hooks and everything else of `generate` are unchanged. Same
+distribution as HF's temperature + top-p warpers (tests/test_sampling.py); the draws themselves differ
+from HF's for the same seed.
 """
 
 from __future__ import annotations
