@@ -7,8 +7,9 @@ model's forward pass alone; two torchrun writers vs one.
 
 Both decoders train the same transcoder from the same initial weights on the same batches; the sparse
 one gathers only the active features' decoder rows; each is run at every `--widths` (features per layer)
-so the crossover that `--sparse-decode auto` should follow is measured. Collection writes a fresh Zarr
-store of `--tokens` tokens and is compared with a bare forward pass over exactly the same blocks; the
+so the crossover that `--sparse-decode auto` should follow is measured. Collection writes fresh Zarr
+stores of `--tokens` tokens and is compared with a bare forward pass over exactly the same blocks
+(`--repeats` times each, interleaved, medians); the
 torchrun comparison collects the same tokens with one and with two single-threaded ranks.
 Prints a JSON record and writes it to <run-dir>/results.json; docs/performance.md holds the numbers.
 """

@@ -70,8 +70,8 @@ class NucleusSampler(LogitsProcessor):
         keep = nucleus(top_logprobs, self.top_p)
         tokens = top_index.gather(-1, gumbel_argmax(top_logprobs, keep, self.generator))
         # A nucleus that keeps the last candidate may continue past it: those rows take the full sort.
-        overflow = keep[:, -1].nonzero()[:, 0] if top_index.shape[-1] < vocab else keep.new_zeros(0).long()
-        if len(overflow):
+        overflow = keep[:, -1].nonzero()[:, 0]
+        if top_index.shape[-1] < vocab and len(overflow):
             full_logprobs, full_index = logprobs[overflow].sort(-1, descending=True)
             full_keep = nucleus(full_logprobs, self.top_p)
             tokens[overflow] = full_index.gather(-1, gumbel_argmax(full_logprobs, full_keep, self.generator))
