@@ -13,6 +13,7 @@ from analysis.located import save_located
 from tests.conftest import PYTHON, REPO, script_env
 from training import selection as select
 from training.config import RunDir
+from training.errors import UserError
 from training.finetune import FinetuneConfig, build_selection, resolve
 from training.fingerprint import model_fingerprint
 from training.loop import Dist, make_optimizer, train_steps
@@ -480,6 +481,53 @@ def test_learning_rate_is_chosen_per_strategy_on_validation_not_test():
     # gain relative to full fine-tuning at full's chosen rate: (0.5 − 0.2) / (0.6 − 0.2)
     assert last_k["gain_vs_full"] == pytest.approx(0.75) and last_k["chosen_on"] == "validation"
     assert len(lines) == 4 and "0.01 ✓" in compare.markdown(lines)
+
+
+def test_sweep_seeds_run_other_seeds_only_at_the_chosen_rate(monkeypatch, tmp_path):
+    """The learning-rate sweep runs on the first seed; the other seeds run at the rate it chose, and the
+    table's choice (over the seeds every rate ran) is the same one."""
+    from training import compare
+
+    calls = []
+    validation = {1e-3: 0.3, 1e-2: 0.6}  # seed 0's validation metric per rate: 1e-2 wins
+
+    def fake_finetune(run):
+        calls.append((run.lr, run.seed))
+        # later seeds at the chosen rate do badly on validation; the choice must not move because of them
+        value = validation[run.lr] if run.seed == 0 else 0.0
+        return {
+            "validation_after": value,
+            "metric": "linguamap",
+            "target_before": 0.2,
+            "target_after": value,
+            "forgetting": 0.0,
+            "parameters": {"trainable": 1, "share": 0.5},
+            "train_time_s": 1.0,
+            "run_dir": str(tmp_path / f"{run.lr}-{run.seed}"),
+        }
+
+    monkeypatch.setattr(compare, "finetune", fake_finetune)
+    config = compare.CompareConfig(
+        scenarios=["consistency"],
+        variants=["full"],
+        seeds=[0, 1, 2],
+        lrs=[1e-3, 1e-2],
+        sweep_seeds=1,
+        run_dir=str(tmp_path),
+    )
+    rows = compare.run_all(config)
+    assert calls == [(1e-3, 0), (1e-2, 0), (1e-2, 1), (1e-2, 2)]
+    chosen = [line for line in compare.table(rows) if line["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["lr"] == 1e-2 and chosen[0]["seeds"] == 3
+
+
+def test_finetune_block_length_is_bounded_by_the_model_context():
+    from training.finetune import block_length
+
+    assert block_length(FinetuneConfig(n_ctx=0), 128) == 128
+    assert block_length(FinetuneConfig(n_ctx=64), 128) == 64
+    with pytest.raises(UserError, match="between 1 and the model's context of 128"):
+        block_length(FinetuneConfig(n_ctx=256), 128)
 
 
 def test_masked_finetuning_under_torchrun(tmp_path, tiny_model_dir, real_slice_corpus_dir):

@@ -56,6 +56,14 @@ class CompareConfig:
             "strategy's is chosen on validation data where the scenario has it (linguamap)"
         },
     )
+    sweep_seeds: int = field(
+        default=0,
+        metadata={
+            "help": "sweep the learning rates on the first N seeds only, then run the other seeds at each "
+            "strategy's chosen rate (0 = every seed at every rate)"
+        },
+    )
+    n_ctx: int = field(default=0, metadata={"help": "fine-tuning block length (0 = the model's context)"})
     run_dir: str = field(
         default=paths.FINETUNE_RUNS,
         metadata={"help": "run directory: one fine-tuning run per variant inside, and the comparison table"},
@@ -78,42 +86,69 @@ def n_layers(model_dir: str) -> int:
 
 
 def run_all(config: CompareConfig) -> list[dict]:
-    """Every (scenario, variant, learning rate, seed) fine-tuning run, one row each."""
-    rows = []
+    """Every (scenario, variant, learning rate, seed) fine-tuning run, one row each. With `sweep_seeds`,
+    a variant's other seeds run only at the rate its sweep seeds chose (`choose_lr`, as the table does)."""
+    rows: list[dict] = []
     before_of: dict[str, Path] = {}  # scenario → a finished run's before.json
-    for scenario, variant, lr, seed in [
-        (scenario, variant, lr, seed)
-        for scenario in config.scenarios
-        for variant in config.variants
-        for lr in (config.lrs or [None])
-        for seed in config.seeds
-    ]:
-        key = {"scenario": scenario, "variant": variant, "seed": seed, "lr": lr}
-        run = run_config(config, scenario, variant, lr, seed)
-        reuse_before(run, before_of.get(scenario))
-        try:
-            summary = finetune(run)
-        except ValueError as error:  # e.g. no located units for the target language
-            rows.append({**key, "skipped": str(error)})
-            print(f"{scenario} {variant} lr {lr} seed {seed}: skipped ({error})")
-            continue
-        rows.append(
-            {
-                **key,
-                "validation_after": summary.get("validation_after"),
-                "linguamap_after": summary.get("linguamap_after"),
-                "metric": summary["metric"],
-                "target_before": summary["target_before"],
-                "target_after": summary["target_after"],
-                "forgetting": summary["forgetting"],
-                "trainable": summary["parameters"]["trainable"],
-                "share": summary["parameters"]["share"],
-                "train_time_s": summary["train_time_s"],
-                "run_dir": summary["run_dir"],
-            }
-        )
-        before_of.setdefault(scenario, Path(summary["run_dir"]) / "before.json")
+    lrs = config.lrs or [None]
+    sweep = config.seeds[: config.sweep_seeds] if config.sweep_seeds and len(lrs) > 1 else config.seeds
+    for scenario in config.scenarios:
+        for variant in config.variants:
+            mine = [run_one(config, scenario, variant, lr, seed, before_of) for lr in lrs for seed in sweep]
+            rows += mine
+            rest = [seed for seed in config.seeds if seed not in sweep]
+            done = [r for r in mine if "skipped" not in r]
+            if rest and done:
+                lr = choose_lr(done)
+                rows += [run_one(config, scenario, variant, lr, seed, before_of) for seed in rest]
     return rows
+
+
+def run_one(
+    config: CompareConfig, scenario: str, variant: str, lr: float | None, seed: int, before_of: dict
+) -> dict:
+    key = {"scenario": scenario, "variant": variant, "seed": seed, "lr": lr}
+    run = run_config(config, scenario, variant, lr, seed)
+    reuse_before(run, before_of.get(scenario))
+    try:
+        summary = finetune(run)
+    except ValueError as error:  # e.g. no located units for the target language
+        print(f"{scenario} {variant} lr {lr} seed {seed}: skipped ({error})")
+        return {**key, "skipped": str(error)}
+    before_of.setdefault(scenario, Path(summary["run_dir"]) / "before.json")
+    return {
+        **key,
+        "validation_after": summary.get("validation_after"),
+        "linguamap_after": summary.get("linguamap_after"),
+        "metric": summary["metric"],
+        "target_before": summary["target_before"],
+        "target_after": summary["target_after"],
+        "forgetting": summary["forgetting"],
+        "trainable": summary["parameters"]["trainable"],
+        "share": summary["parameters"]["share"],
+        "train_time_s": summary["train_time_s"],
+        "run_dir": summary["run_dir"],
+    }
+
+
+def choose_lr(rows: list[dict]) -> float | None:
+    """One variant's learning rate: the best mean validation metric (linguamap), else the best reported
+    metric, over the seeds that every rate ran — so extra seeds run at the chosen rate cannot change the
+    choice that picked them."""
+    by_lr: dict = {}
+    for r in rows:
+        by_lr.setdefault(r.get("lr"), []).append(r)
+    common = set.intersection(*({r["seed"] for r in group} for group in by_lr.values()))
+    sign = -1 if rows[0]["metric"] == "target_loss" else 1
+
+    def value(group: list[dict]) -> float:
+        picked = [r for r in group if r["seed"] in common] or group
+        return sign * mean(
+            r["validation_after"] if r.get("validation_after") is not None else r["target_after"]
+            for r in picked
+        )
+
+    return max(by_lr, key=lambda lr: value(by_lr[lr]))
 
 
 def reuse_before(run: FinetuneConfig, before: Path | None) -> None:
@@ -138,6 +173,7 @@ def run_config(
         "max_steps": config.max_steps,
         "eval_every": config.max_steps,
         "ckpt_every": config.max_steps,
+        "n_ctx": config.n_ctx,
         **VARIANTS[variant],
         "run_dir": str(Path(config.run_dir) / f"{scenario}-{variant}-{seed}{lr_tag}"),
     }
@@ -169,21 +205,10 @@ def table(rows: list[dict]) -> list[dict]:
         groups: dict[tuple, list[dict]] = {}
         for r in done:
             groups.setdefault((r["variant"], r.get("lr")), []).append(r)
-        lower_is_better = bool(done) and done[0]["metric"] == "target_loss"
-
-        def selection_value(group: list[dict]) -> float:
-            values = [
-                r["validation_after"] if r.get("validation_after") is not None else r["target_after"]
-                for r in group
-            ]
-            return (-1 if lower_is_better else 1) * mean(values)
-
-        chosen = {}
-        for (variant, lr), group in groups.items():
-            if variant not in chosen or selection_value(group) > selection_value(
-                groups[(variant, chosen[variant])]
-            ):
-                chosen[variant] = lr
+        chosen = {
+            variant: choose_lr([r for r in done if r["variant"] == variant])
+            for variant in dict.fromkeys(r["variant"] for r in done)
+        }
         full_gain = None
         if "full" in chosen:
             full_rows = groups[("full", chosen["full"])]
@@ -304,7 +329,9 @@ def plot(lines: list[dict], path: Path) -> None:
 
 def compare_finetuning(config: CompareConfig) -> list[dict]:
     """Run (or read back) every fine-tuning run and write the table; returns its lines."""
-    run = RunDir.open(config.run_dir, config, may_change=("scenarios", "variants", "seeds", "lrs"))
+    run = RunDir.open(
+        config.run_dir, config, may_change=("scenarios", "variants", "seeds", "lrs", "sweep_seeds")
+    )
     rows = run_all(config)
     lines = table(rows)
     atomic_write_json(

@@ -118,6 +118,13 @@ class FinetuneConfig(OptimizerConfig):
     )
     max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
     micro_batch: int = field(default=8, metadata={"help": "blocks per forward pass per process"})
+    n_ctx: int = field(
+        default=0,
+        metadata={
+            "help": "block length of training and validation-loss blocks in tokens (0 = the model's "
+            "context; shorter blocks suit short texts such as LinguaMap's cloze prompts)"
+        },
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     warmup_steps: int = field(default=15, metadata={"help": "linear warm-up steps"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation-loss evaluations"})
@@ -330,6 +337,12 @@ def scores(before: dict, after: dict, config: FinetuneConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def block_length(config: FinetuneConfig, context: int) -> int:
+    if config.n_ctx < 0 or config.n_ctx > context:
+        raise UserError(f"--n-ctx {config.n_ctx} must be between 1 and the model's context of {context}")
+    return config.n_ctx or context
+
+
 def finetune(config: FinetuneConfig) -> dict:
     """Run (or resume, or just report) a fine-tuning run; returns the summary."""
     started = time.perf_counter()
@@ -342,7 +355,7 @@ def finetune(config: FinetuneConfig) -> dict:
     # Chosen before anything slow, so an impossible selection (e.g. no located units) fails at once.
     selection = None if config.strategy == "lora" else build_selection(config, model)
     corpus = load_corpus(config.corpus_dir)
-    n_ctx = model.config.n_positions
+    n_ctx = block_length(config, model.config.n_positions)
     meta, train_blocks, val_blocks = load_data(config, corpus, tokenizer, n_ctx, run, world)
 
     before_path = run.path / "before.json"
