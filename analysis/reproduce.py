@@ -96,7 +96,16 @@ SCALES = {
         "linguamap": {"max_items": 300},
         "finetune": {
             "data": {},
-            "compare": {"seeds": [0, 1, 2], "lrs": [3e-4, 1e-3, 3e-3], "max_steps": 150},
+            # rates swept on seed 0, seeds 1–2 at the chosen one; 256-token blocks fit the cloze texts
+            # (docs/linguamap.md: the settings of the base-model comparison)
+            "compare": {
+                "seeds": [0, 1, 2],
+                "lrs": [3e-4, 1e-3, 3e-3],
+                "sweep_seeds": 1,
+                "max_steps": 150,
+                "n_ctx": 256,
+                "linguamap_items": 40,
+            },
             "claim": {"selective": "last-k", "random": "random~last-k"},
         },
         "diff": {
