@@ -521,6 +521,28 @@ def test_sweep_seeds_run_other_seeds_only_at_the_chosen_rate(monkeypatch, tmp_pa
     assert len(chosen) == 1 and chosen[0]["lr"] == 1e-2 and chosen[0]["seeds"] == 3
 
 
+def test_finished_only_tables_the_finished_runs_and_runs_nothing(monkeypatch, tmp_path):
+    from training import compare
+
+    def must_not_run(run):
+        raise AssertionError("finished_only must not start a run")
+
+    monkeypatch.setattr(compare, "finetune", must_not_run)
+    config = compare.CompareConfig(
+        scenarios=["consistency"],
+        variants=["full"],
+        seeds=[0, 1],
+        run_dir=str(tmp_path),
+        finished_only=True,
+    )
+    assert compare.compare_finetuning(config) == []
+    assert (
+        "Partial: the sweep is still running** (2 runs known to be pending"
+        in (tmp_path / "comparison.md").read_text()
+    )
+    assert not (tmp_path / "config.json").exists()  # a look leaves the sweep's directory as it was
+
+
 def test_finetune_block_length_is_bounded_by_the_model_context():
     from training.finetune import block_length
 

@@ -64,6 +64,13 @@ class CompareConfig:
         },
     )
     n_ctx: int = field(default=0, metadata={"help": "fine-tuning block length (0 = the model's context)"})
+    finished_only: bool = field(
+        default=False,
+        metadata={
+            "help": "run nothing: write the table from the runs that have finished so far (a partial table "
+            "says how many are pending)"
+        },
+    )
     run_dir: str = field(
         default=paths.FINETUNE_RUNS,
         metadata={"help": "run directory: one fine-tuning run per variant inside, and the comparison table"},
@@ -97,7 +104,7 @@ def run_all(config: CompareConfig) -> list[dict]:
             mine = [run_one(config, scenario, variant, lr, seed, before_of) for lr in lrs for seed in sweep]
             rows += mine
             rest = [seed for seed in config.seeds if seed not in sweep]
-            done = [r for r in mine if "skipped" not in r]
+            done = [r for r in mine if "skipped" not in r and "pending" not in r]
             if rest and done:
                 lr = choose_lr(done)
                 rows += [run_one(config, scenario, variant, lr, seed, before_of) for seed in rest]
@@ -109,6 +116,8 @@ def run_one(
 ) -> dict:
     key = {"scenario": scenario, "variant": variant, "seed": seed, "lr": lr}
     run = run_config(config, scenario, variant, lr, seed)
+    if config.finished_only and not (Path(run.run_dir) / "summary.json").exists():
+        return {**key, "pending": True}
     reuse_before(run, before_of.get(scenario))
     try:
         summary = finetune(run)
@@ -277,11 +286,18 @@ def markdown(lines: list[dict]) -> str:
             if line.get("chosen") and len([x for x in lines if x.get("variant") == line["variant"]]) > 1
             else ""
         )
+        if line["seeds"] > 1:
+            after_text = f"{after[0]:.3f} ± {after[1]:.3f}"
+            forgetting_text = f"{forgetting[0]:+.3f} ± {forgetting[1]:.3f}"
+            seconds_text = f"{seconds[0]:.0f} ± {seconds[1]:.0f} ({line['train_time_min_s']:.0f})"
+        else:  # one seed has no spread: say so instead of printing ± 0
+            after_text = f"{after[0]:.3f} (1 seed)"
+            forgetting_text = f"{forgetting[0]:+.3f}"
+            seconds_text = f"{seconds[0]:.0f}"
         out.append(
             f"| {line['scenario']} | {line['variant']} | {lr}{mark} | {line['target_before']:.3f} "
-            f"| {after[0]:.3f} ± {after[1]:.3f} "
-            f"| {gain} | {forgetting[0]:+.3f} ± {forgetting[1]:.3f} | {100 * line['trainable_share']:.2f} "
-            f"| {seconds[0]:.0f} ± {seconds[1]:.0f} ({line['train_time_min_s']:.0f}) |"
+            f"| {after_text} | {gain} | {forgetting_text} | {100 * line['trainable_share']:.2f} "
+            f"| {seconds_text} |"
         )
     if any(
         line.get("chosen_on") == "reported metric" and len({x.get("lr") for x in lines}) > 1 for line in lines
@@ -330,13 +346,26 @@ def plot(lines: list[dict], path: Path) -> None:
 def compare_finetuning(config: CompareConfig) -> list[dict]:
     """Run (or read back) every fine-tuning run and write the table; returns its lines."""
     run = RunDir.open(
-        config.run_dir, config, may_change=("scenarios", "variants", "seeds", "lrs", "sweep_seeds")
+        config.run_dir,
+        config,
+        may_change=("scenarios", "variants", "seeds", "lrs", "sweep_seeds", "finished_only"),
+        save=not config.finished_only,  # a look at a running sweep leaves its directory as it was
     )
     rows = run_all(config)
+    pending = [r for r in rows if r.get("pending")]
+    rows = [r for r in rows if not r.get("pending")]
     lines = table(rows)
     atomic_write_json(
-        run.path / "comparison.json", {"config": dataclasses.asdict(config), "runs": rows, "table": lines}
+        run.path / "comparison.json",
+        {"config": dataclasses.asdict(config), "runs": rows, "table": lines, "pending": pending},
     )
-    atomic_write_text(run.path / "comparison.md", markdown(lines))
-    plot(lines, run.path / "comparison.png")
+    text = markdown(lines)
+    if pending:  # a partial table must say so where it is read
+        text = (
+            f"**Partial: the sweep is still running** ({len(pending)} runs known to be pending; the other "
+            "seeds of a strategy whose rate is not chosen yet are not counted).\n\n" + text
+        )
+    atomic_write_text(run.path / "comparison.md", text)
+    if lines:  # nothing finished yet: nothing to draw
+        plot(lines, run.path / "comparison.png")
     return lines
