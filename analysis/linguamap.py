@@ -27,6 +27,7 @@ gives the same four outcomes (a distractor on top = transfer bottleneck).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,14 @@ def likelihood_outcome(scores: list[float]) -> str:
     """Candidates are ordered [expected, contrast-language translation, distractors...]."""
     best = max(range(len(scores)), key=lambda i: scores[i])
     return "correct" if best == 0 else "other_language" if best == 1 else "wrong_expected_language"
+
+
+def other_verdicts(continuations: list[str], outcomes: list[str]) -> dict[str, float]:
+    """What the judge calls the answers classified "other" (neither a term nor the expected language),
+    as shares of all answers, most common first: it tells a weak model's drift into another language
+    (e.g. English text that is not the English term) from text no language can be read in ('unknown')."""
+    verdicts = Counter(langid.detect(c) for c, o in zip(continuations, outcomes, strict=True) if o == "other")
+    return {lang: k / max(1, len(outcomes)) for lang, k in verdicts.most_common()}
 
 
 def shares(outcomes: list[str]) -> dict[str, float]:

@@ -175,7 +175,7 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
         if len(tokenizer(p[1], add_special_tokens=False)["input_ids"]) + 1 + new_tokens <= limit
     ]
     skipped = len(prompts) - len(fits)
-    examples = []
+    examples, other_detected = [], {}
     if not fits:
         outcomes = []
     elif mode == "generation":
@@ -184,6 +184,7 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
             model, tokenizer, [p[1] for p in fits], None, new_tokens, greedy=True, device=device, pad=True
         )
         outcomes = [lm.classify(c, item, expected) for (item, _, expected, _), c in zip(fits, continuations)]
+        other_detected = lm.other_verdicts(continuations, outcomes)
         examples = [
             {"prompt": p[1][-80:], "expected": p[0].term[p[2]], "continuation": c, "outcome": o}
             for p, c, o in list(zip(fits, continuations, outcomes))[:3]
@@ -201,7 +202,10 @@ def evaluate_cell(model, tokenizer, prompts, mode: str, new_tokens: int) -> dict
             outcomes.append(lm.likelihood_outcome(lm.candidate_scores(model, tokenizer, prompt, candidates)))
             chance.append(1 / len(candidates))
         examples = [{"chance_correct": sum(chance) / max(1, len(chance))}]  # a uniform ranker's share
-    return {**lm.shares(outcomes), "skipped": skipped, "examples": examples}
+    result = {**lm.shares(outcomes), "skipped": skipped, "examples": examples}
+    if mode == "generation":
+        result["other_detected"] = other_detected
+    return result
 
 
 def protocol_jobs(langs: list[str], scenarios, shots, modes) -> list[tuple[str, str, int, str]]:
@@ -272,13 +276,20 @@ def write_report(run_dir: Path, result: dict, config: LinguaMapConfig) -> None:
             (r for r in result["cells"] if r["mode"] == mode),
             key=lambda r: (r["scenario"], r["lang"], r["shots"]),
         ):
+            verdicts = r.get("other_detected", {})  # generation only (and absent from older runs)
             rows.append(
                 [r["scenario"], r["lang"], r["shots"], r["n"], r["skipped"]]
                 + [f"{r[o]:.3f}" for o in lm.OUTCOMES]
+                + (
+                    [", ".join(f"{k} {v:.2f}" for k, v in list(verdicts.items())[:3])]
+                    if mode == "generation"
+                    else []
+                )
             )
         report.table(
             f"Outcome shares ({mode})",
-            ["scenario", "lang", "shots", "n", "skipped", *lm.OUTCOMES],
+            ["scenario", "lang", "shots", "n", "skipped", *lm.OUTCOMES]
+            + (["other: the judge's verdicts"] if mode == "generation" else []),
             rows,
         )
     plot = Path(run_dir) / "outcomes.png"

@@ -75,6 +75,11 @@ def test_each_outcome_category_on_hand_made_outputs():
     wrong = " la largeur de la colonne dans la boîte de dialogue qui s'ouvre alors à l'écran"
     assert lm.classify(wrong, item, "fr") == "wrong_expected_language"
     assert lm.classify(" 1234 ###", item, "fr") == "other"
+    # what the judge calls the "other" answers, as shares of all answers (the correct one is not counted)
+    english = " and then the dialog closes when you click on the button at the bottom of the window"
+    answers = [" Hauteur de ligne", english, english, " 1234 ###"]
+    verdicts = lm.other_verdicts(answers, [lm.classify(a, item, "fr") for a in answers])
+    assert verdicts == {"en": 0.5, "unknown": 0.25} and list(verdicts) == ["en", "unknown"]
     assert lm.likelihood_outcome([-1.0, -2.0, -3.0, -4.0, -5.0]) == "correct"
     assert lm.likelihood_outcome([-2.0, -1.0, -3.0, -4.0, -5.0]) == "other_language"
     assert lm.likelihood_outcome([-2.0, -3.0, -3.0, -1.0, -5.0]) == "wrong_expected_language"
