@@ -100,7 +100,7 @@ SCALES = {
             # (docs/linguamap.md: the settings of the base-model comparison)
             "compare": {
                 "seeds": [0, 1, 2],
-                "lrs": [3e-4, 1e-3, 3e-3],
+                "lrs": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
                 "sweep_seeds": 1,
                 "max_steps": 150,
                 "n_ctx": 256,
