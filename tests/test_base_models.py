@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import micro_base_models
 from training import base_models
 from training.base_models import BaseModelsConfig, run_base_models
@@ -42,3 +44,40 @@ def test_base_models_end_to_end_and_resumed(tmp_path, real_slice_corpus_dir, mon
     # Resumed: each stage finds its finished run; the release is not made twice.
     again = run_base_models(config)[MIXTURE]
     assert again["pretrain"] == done["pretrain"] and "release" not in again
+
+
+def test_a_later_model_joins_released_ones_with_their_steps_and_tokenizer(
+    tmp_path, real_slice_corpus_dir, slice_tokenizer_dir, monkeypatch
+):
+    # A model trained on another machine must match the released ones: the step count is given (no
+    # calibration on this machine's clock) and the vocabulary is the released tokenizer's, not a new one.
+    from transformers import AutoTokenizer
+
+    from training.errors import UserError
+
+    def no_clock(config, vocab_size):
+        raise AssertionError("--steps must not calibrate")
+
+    monkeypatch.setattr(base_models, "calibrate", no_clock)
+    settings = micro_base_models(real_slice_corpus_dir, MIXTURE)
+    # A 512-token tokenizer of the whole slice, not the 400-token one of MIXTURE the run would train.
+    released = slice_tokenizer_dir
+    values = {
+        "runs_dir": str(tmp_path / "base"),
+        "mixtures": [MIXTURE],
+        "corpus_dir": str(real_slice_corpus_dir),
+        "stages": ["pretrain"],
+        **settings,
+        "steps": 12,
+        "tokenizer_dir": str(released),
+    }
+    done = run_base_models(config_from_dict(BaseModelsConfig, values))[MIXTURE]
+    assert done["pretrain"]["steps"] == 12
+    assert not (tmp_path / "base" / "tokenizer").exists()
+    model_dir = tmp_path / "base" / MIXTURE / "pretrain" / "model"
+    ours, theirs = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(released)
+    assert ours.get_vocab() == theirs.get_vocab()
+
+    values["runs_dir"], values["tokenizer_dir"] = str(tmp_path / "other"), str(tmp_path / "nothing-here")
+    with pytest.raises(UserError, match="holds no tokenizer.json"):
+        run_base_models(config_from_dict(BaseModelsConfig, values))

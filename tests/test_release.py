@@ -168,3 +168,27 @@ def test_release_packages_fp16_repoints_hashes_and_measures_the_rounding(
         release(config)
     out = release(dataclasses.replace(config, replace_reason="test: measured reason"), command="pytest")
     assert json.loads((out / "MANIFEST.json").read_text())["replace_reason"] == "test: measured reason"
+
+
+def test_corpus_fingerprint_follows_the_text_not_how_datasets_saved_it(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from training.release import corpus_fingerprint
+
+    def save(texts, path):
+        split = Dataset.from_dict({"text": texts, "lang": ["en"] * len(texts)})
+        DatasetDict({"train": split}).save_to_disk(path)
+        return path
+
+    first = save(["one paragraph", "another one"], tmp_path / "a")
+    state = first / "train" / "state.json"
+    fingerprint = corpus_fingerprint(first)
+    # Another build of the same text: `datasets` may give it another transform hash.
+    record = json.loads(state.read_text())
+    record["_fingerprint"] = "0123456789abcdef"
+    state.write_text(json.dumps(record))
+    assert corpus_fingerprint(first) == fingerprint
+    assert corpus_fingerprint(save(["one paragraph", "another one"], tmp_path / "b")) == fingerprint
+    assert corpus_fingerprint(save(["one paragraph", "another one."], tmp_path / "c")) != fingerprint
+    with pytest.raises(UserError, match="no corpus"):
+        corpus_fingerprint(tmp_path / "empty")

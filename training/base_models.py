@@ -19,6 +19,7 @@ from analysis.locate import LocateConfig, locate_language
 from clt.train import CLTTrainConfig, train_clt
 from training.config import RunDir
 from training.corpus.build import default_corpus_dir, load_corpus
+from training.errors import UserError
 from training.pretrain import PretrainConfig, pretrain, saved_mixture_tokenizer
 from training.release import ReleaseConfig, release
 from training.scaling import calibrate
@@ -74,6 +75,20 @@ class BaseModelsConfig:
         default_factory=lambda: str(default_corpus_dir()), metadata={"help": "corpus (all sources)"}
     )
     minutes: float = field(default=60.0, metadata={"help": "training budget in idle-machine minutes"})
+    steps: int = field(
+        default=0,
+        metadata={
+            "help": "training budget in optimizer steps, overriding --minutes (0: calibrate --minutes on this"
+            " machine); a model that must match released ones gives their step count"
+        },
+    )
+    tokenizer_dir: str = field(
+        default="",
+        metadata={
+            "help": "reuse this saved tokenizer (e.g. models/base-balanced/model) instead of training one on"
+            " the balanced mixture, so that a model trained later shares the released models' vocabulary"
+        },
+    )
     models_root: str = field(default="models", metadata={"help": "where the release stage writes"})
     stages: list[str] = field(
         default_factory=lambda: ["pretrain", "clt", "locate"],
@@ -96,17 +111,24 @@ MAY_CHANGE = ("mixtures", "stages", "pretrain.device", "clt.device", "locate.dev
 def run_base_models(config: BaseModelsConfig) -> dict:
     unknown = sorted(set(config.stages) - set(STAGES))
     if unknown:
-        from training.errors import UserError
-
         raise UserError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     run = RunDir.open(config.runs_dir, config, may_change=MAY_CHANGE)
     corpus = load_corpus(config.corpus_dir)
+    tokenizer_dir = shared_tokenizer(config, run, corpus)
+    steps = config.steps or training_steps(config, run, tokenizer_dir)
+    return {mixture: run_mixture(config, mixture, tokenizer_dir, steps) for mixture in config.mixtures}
+
+
+def shared_tokenizer(config: BaseModelsConfig, run: RunDir, corpus) -> Path:
+    """The one tokenizer every mixture uses: `--tokenizer-dir` when given, else trained once here."""
+    if config.tokenizer_dir:
+        if not (Path(config.tokenizer_dir) / "tokenizer.json").exists():
+            raise UserError(f"--tokenizer-dir {config.tokenizer_dir} holds no tokenizer.json")
+        return Path(config.tokenizer_dir)
     p = config.pretrain
-    tokenizer_dir = saved_mixture_tokenizer(
+    return saved_mixture_tokenizer(
         run.path / "tokenizer", corpus, p.tokenizer_mixture, p.tokenizer_chars, p.vocab_size, p.seed
     )
-    steps = training_steps(config, run, tokenizer_dir)
-    return {mixture: run_mixture(config, mixture, tokenizer_dir, steps) for mixture in config.mixtures}
 
 
 def training_steps(config: BaseModelsConfig, run: RunDir, tokenizer_dir: Path) -> int:
