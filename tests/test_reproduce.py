@@ -200,3 +200,23 @@ def test_selective_claim_reads_each_strategy_at_its_chosen_rate(tmp_path):
     tied = claims.selective_matches_full(comparison([0.92, 0.93, 0.94], [0.91, 0.93, 0.95]), "last-k",
                                          "random~last-k", "m")  # fmt: skip
     assert tied.verdict == "inconclusive"
+
+
+def test_base_scale_trains_the_released_models_recipe():
+    # The base scale pins the released base models' step budget and vocabulary: a machine of another
+    # speed must train the same models, not recalibrate a new budget.
+    from pathlib import Path
+
+    from analysis.reproduce import SCALES
+    from training.base_models import BaseModelsConfig
+    from training.config import config_from_dict
+
+    config = config_from_dict(BaseModelsConfig, SCALES["base"]["models"])
+    tokens_per_step = config.pretrain.micro_batch * 1024  # the base preset's context
+    assert config.pretrain.preset == "base" and config.pretrain.grad_accum == 1
+    root = Path(__file__).resolve().parents[1]  # tokenizer_dir is relative to the repository root
+    for name in ("base-balanced", "base-en-heavy"):
+        manifest = json.loads((root / "models" / name / "MANIFEST.json").read_text())
+        assert manifest["metrics"]["model"]["tokens_trained"] == config.steps * tokens_per_step
+    released = root / config.tokenizer_dir / "tokenizer.json"
+    assert released.read_bytes() == (root / "models/base-en-heavy/model/tokenizer.json").read_bytes()
