@@ -458,6 +458,28 @@ def model_quality(pretrain_summary: Path, clt_summary: Path) -> dict[str, Number
     return quality
 
 
+def released_quality(manifest: Path) -> dict[str, Number]:
+    """`model_quality` of a released model, read from its MANIFEST.json: the same measures (the CLT's
+    L0 only where the release recorded it; releases before 2026-12-06 did not), the replacement KL
+    being the one measured on the released fp16 files."""
+    import json
+
+    metrics = json.loads(Path(manifest).read_text())["metrics"]
+    langs = sorted(metrics["model"]["validation_nats_per_char"])
+    nats = "/metrics/model/validation_nats_per_char"
+    quality = {f"nats/char {lang}": read(manifest, f"{nats}/{lang}") for lang in langs}
+
+    def per_layer(key: str) -> list[Number]:
+        return [read(manifest, f"/metrics/clt/{key}/{i}") for i in range(len(metrics["clt"][key]))]
+
+    quality["CLT mean FVU"] = derive("mean", *per_layer("heldout_fvu"))
+    if metrics["clt"].get("heldout_l0"):
+        quality["CLT mean L0"] = derive("mean", *per_layer("heldout_l0"))
+    quality["CLT never-active, worst layer"] = derive("max", *per_layer("heldout_never_active_fraction"))
+    quality["replacement KL"] = read(manifest, "/metrics/fp16/replacement_kl_released")
+    return quality
+
+
 def _label(source: Path, pointer: str) -> object:
     """A label (not a number of the report) from a stage's output."""
     import json

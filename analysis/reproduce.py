@@ -9,7 +9,9 @@ stage is reused, a changed config is refused by the stage's RunDir):
 1. models — `training.base_models.run_base_models`: per mixture, pretraining at a wall-clock budget, its
    CLT and `locate_language` (lens, probes, similarity, LAPE, features). At `--scale base` the run
    directory is `runs/base`, the one `scripts/train_base_models.py` fills, so trained base models are
-   reused as they are.
+   reused as they are; a mixture this machine has not trained whose release is under models/ (the
+   `releases` setting) is adopted instead — its model, CLT and located units as released, only the
+   location report re-run on it — so a fresh clone re-measures the claims without retraining.
 2. overlap — `attribution.overlap.run_overlap` per mixture: cross-language overlap of pruned-graph
    features against a shuffled null.
 3. steer — `interventions.sweep.run_steering` on the main model: the steering frontier of features
@@ -30,15 +32,16 @@ the model trained without English, (f) a weak language's features brighten after
 (crosscoder), (g) selective vs full fine-tuning under LinguaMap's protocol, (h) LinguaMap's two
 bottlenecks; plus each model's and CLT's own quality. The report states which mixtures the scale trains
 and the settings of each stage. `--overrides FILE` (JSON: {"mixtures": [...], "roles": {"main": ...,
-"no_english": ...}, "models": {...}, "overlap": {...}, "steer": {...}, "linguamap": {...}, "finetune":
-{"data": {...}, "compare": {...}, "claim": {...}}, "diff": {"finetune": {...}, "crosscoder": {...},
-"report": {...}}}, flat flag names of each stage's config)
+"no_english": ...}, "releases": "models/base-{mixture}" or "", "models": {...}, "overlap": {...},
+"steer": {...}, "linguamap": {...}, "finetune": {"data": {...}, "compare": {...}, "claim": {...}},
+"diff": {"finetune": {...}, "crosscoder": {...}, "report": {...}}}, flat flag names of each stage's config)
 adjusts a scale, e.g. the micro settings of the end-to-end test.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import platform
@@ -90,6 +93,8 @@ SCALES = {
     "base": {
         "mixtures": ["en-heavy", "balanced", "no-en", "en-heavy+eu"],
         "roles": {"main": "en-heavy", "no_english": "no-en"},
+        # a released model is used as it is (not retrained) unless this machine trained it in runs/base
+        "releases": "models/base-{mixture}",
         # scripts/train_base_models.py's recipe with the released base models' budget and vocabulary
         # pinned: 2,891 steps (60 min at the 0.803 steps/s calibrated on the idle machine that trained
         # base-balanced) and base-balanced's tokenizer, so that a machine of another speed trains the
@@ -157,7 +162,7 @@ def scale_settings(config: ReproduceConfig) -> dict:
         if not path.exists():
             raise UserError(f"--overrides {path} not found")
         for stage, values in json.loads(path.read_text()).items():
-            if stage in ("mixtures", "roles"):
+            if stage in ("mixtures", "roles", "releases"):
                 settings[stage] = values
             elif stage not in settings:
                 raise UserError(f"--overrides names an unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -181,20 +186,28 @@ def run_stage(run: RunDir, name: str, work) -> Stage:
 
 
 def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
+    """Every mixture's model, CLT and location: trained in the models run directory, or — where the scale
+    names releases and one exists that was not trained here — the released model adopted."""
     from training.base_models import BaseModelsConfig, run_base_models
 
     runs_dir = MODELS_DIR.get(config.scale, str(root / "models"))
-    values = {
-        "runs_dir": runs_dir,
-        "corpus_dir": config.corpus_dir,
-        "mixtures": settings["mixtures"],
-        "stages": ["pretrain", "clt", "locate"],
-        **{f"{stage}_device": config.device for stage in ("pretrain", "clt", "locate")},
-        **settings["models"],
-    }
-    run_base_models(config_from_dict(BaseModelsConfig, values))
+    released = released_models(settings, runs_dir)
+    to_train = [mixture for mixture in settings["mixtures"] if mixture not in released]
+    if to_train:
+        values = {
+            "runs_dir": runs_dir,
+            "corpus_dir": config.corpus_dir,
+            "mixtures": to_train,
+            "stages": ["pretrain", "clt", "locate"],
+            **{f"{stage}_device": config.device for stage in ("pretrain", "clt", "locate")},
+            **settings["models"],
+        }
+        run_base_models(config_from_dict(BaseModelsConfig, values))
     outputs = {}
     for mixture in settings["mixtures"]:
+        if mixture in released:
+            outputs[mixture] = adopt_release(config, settings, root, mixture, released[mixture])
+            continue
         base = Path(runs_dir) / mixture
         outputs[mixture] = {
             "model_dir": str(base / "pretrain" / "model"),
@@ -203,8 +216,52 @@ def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
             "clt_summary": str(base / "clt" / "summary.json"),
             "locate_report": str(base / "locate" / "report.json"),
             "locate_dir": str(base / "locate"),
+            "located": str(base / "locate" / "located.json"),
         }
     return outputs
+
+
+def released_models(settings: dict, runs_dir: str) -> dict[str, Path]:
+    """{mixture: release} for the mixtures with a release (`settings["releases"]`, a path pattern with
+    `{mixture}`) and no finished pretraining run of their own: a model trained here is the original
+    (fp32, with its run's summaries), a release the way in for everyone who cloned the repository."""
+    pattern = settings.get("releases")
+    if not pattern:
+        return {}
+    found = {}
+    for mixture in settings["mixtures"]:
+        release = Path(pattern.format(mixture=mixture))
+        trained = Path(runs_dir, mixture, "pretrain", "summary.json").exists()
+        if (release / "MANIFEST.json").exists() and not trained:
+            found[mixture] = release
+    return found
+
+
+def adopt_release(config: ReproduceConfig, settings: dict, root: Path, mixture: str, release: Path) -> dict:
+    """A released model as the scale's model of `mixture`: its weights, CLT and located units as released
+    (the manifest is verified where they load); the location report the claims read is re-run on it with
+    the scale's location settings, in <root>/released/<mixture>/locate."""
+    from analysis.locate import locate_language
+    from training.base_models import BaseModelsConfig
+
+    locate_dir = root / "released" / mixture / "locate"
+    locate = dataclasses.replace(
+        config_from_dict(BaseModelsConfig, settings["models"]).locate,
+        run_dir=str(locate_dir),
+        model_dir=str(release / "model"),
+        clt=str(release / "clt"),
+        corpus_dir=config.corpus_dir,
+        device=config.device,
+    )
+    locate_language(locate)
+    return {
+        "model_dir": str(release / "model"),
+        "clt_dir": str(release / "clt"),
+        "manifest": str(release / "MANIFEST.json"),
+        "locate_report": str(locate_dir / "report.json"),
+        "locate_dir": str(locate_dir),
+        "located": str(release / "located.json"),
+    }
 
 
 def per_model_stage(
@@ -254,7 +311,7 @@ def steer_stage(config: ReproduceConfig, settings: dict, root: Path, models: dic
     values = {
         "model_dir": paths["model_dir"],
         "clt": paths["clt_dir"],
-        "located": str(Path(paths["locate_dir"]) / "located.json"),
+        "located": paths["located"],
         "corpus_dir": config.corpus_dir,
         "pairs": "all",
         "methods": ["output", "random-output", "diffmean"],
@@ -295,7 +352,7 @@ def finetune_stage(config: ReproduceConfig, settings: dict, root: Path, models: 
     claim = part["claim"]
     values = {
         "model_dir": paths["model_dir"],
-        "located": str(Path(paths["locate_dir"]) / "located.json"),
+        "located": paths["located"],
         "scenarios": ["linguamap"],
         "variants": ["full", claim["selective"], claim["random"]],
         "linguamap_data": str(data),
@@ -416,7 +473,9 @@ def collect_claims(config: ReproduceConfig, settings: dict, outputs: dict) -> di
     found.append(selective)
     found.append(bottlenecks)
     quality = {
-        mixture: claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))
+        mixture: claims.released_quality(Path(paths["manifest"]))
+        if "manifest" in paths
+        else claims.model_quality(Path(paths["pretrain_summary"]), Path(paths["clt_summary"]))
         for mixture, paths in models.items()
     }
     return {
@@ -479,13 +538,13 @@ def markdown(results: dict) -> str:
         ]
         if c.plot:
             lines += [f"Plot: `{c.plot}`", ""]
-    names = list(next(iter(quality.values())))
+    names = list(dict.fromkeys(name for q in quality.values() for name in q))  # (a release may lack one)
     lines += [
         "## The models and their CLTs",
         "",
         "| model | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
-        *[f"| {m} | " + " | ".join(fmt(q[n]) for n in names) + " |" for m, q in quality.items()],
+        *[f"| {m} | " + " | ".join(fmt(q.get(n)) for n in names) + " |" for m, q in quality.items()],
         "",
         "## Settings of this scale",
         "",

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from analysis import provenance
+from analysis import claims, provenance
 from analysis.reproduce import ReproduceConfig, all_numbers, reproduce, verify_all
 from tests.helpers import micro_base_models
 from training import base_models
@@ -150,11 +150,41 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
     assert again["stages"] == results["stages"]
     assert json.dumps(again["claims"]) == json.dumps(results["claims"])  # (as text: NaN ≠ NaN)
 
+    # A released model is adopted where this machine did not train that mixture: nothing is trained,
+    # the release's own files are used, only the location report is re-run on it.
+    from analysis.reproduce import models_stage, scale_settings
+    from training.release import ReleaseConfig, release
+
+    trained = tmp_path / "reproduce" / "models" / MAIN
+    release(
+        ReleaseConfig(
+            name=f"micro-{MAIN}",
+            pretrain_run=str(trained / "pretrain"),
+            clt_run=str(trained / "clt"),
+            locate_run=str(trained / "locate"),
+            corpus_dir=str(real_slice_corpus_dir),
+            models_root=str(tmp_path / "released"),
+            eval_blocks=2,
+        )
+    )
+    settings = scale_settings(config)
+    settings.update(mixtures=[MAIN], releases=str(tmp_path / "released" / "micro-{mixture}"))
+    fresh = tmp_path / "fresh-clone"
+    adopted = models_stage(config, settings, fresh)[MAIN]
+    assert not (fresh / "models").exists()  # nothing trained
+    assert adopted["model_dir"] == str(tmp_path / "released" / f"micro-{MAIN}" / "model")
+    assert adopted["located"].startswith(str(tmp_path / "released"))
+    assert json.loads(open(adopted["locate_report"]).read())["sections"]["lens"]["langs"]
+    quality = claims.released_quality(adopted["manifest"])
+    assert all(provenance.verify(n) for n in quality.values())
+    assert quality["CLT mean L0"].value == pytest.approx(
+        json.loads((trained / "clt" / "summary.json").read_text())["heldout"]["all"]["mean_l0"]
+    )
+
 
 def test_selective_claim_reads_each_strategy_at_its_chosen_rate(tmp_path):
     """(g) by hand: seed means at each variant's validation-chosen rate, the ratio's delta-method band,
     and the verdict rule's three outcomes."""
-    from analysis import claims
 
     def comparison(selective_values, random_values):
         runs, table = [], []
@@ -220,3 +250,24 @@ def test_base_scale_trains_the_released_models_recipe():
         assert manifest["metrics"]["model"]["tokens_trained"] == config.steps * tokens_per_step
     released = root / config.tokenizer_dir / "tokenizer.json"
     assert released.read_bytes() == (root / "models/base-en-heavy/model/tokenizer.json").read_bytes()
+
+
+def test_released_quality_reads_the_manifest_and_tolerates_an_older_release(tmp_path):
+    manifest = tmp_path / "MANIFEST.json"
+    metrics = {
+        "model": {"validation_nats_per_char": {"en": 1.5, "fr": 1.25}},
+        "clt": {"heldout_fvu": [0.01, 0.03], "heldout_never_active_fraction": [0.0, 0.25]},
+        "fp16": {"replacement_kl_released": 0.02, "replacement_kl_original": 0.019},
+    }
+    manifest.write_text(json.dumps({"metrics": metrics}))
+    quality = claims.released_quality(manifest)  # (released before the manifest recorded L0)
+    assert {name: n.value for name, n in quality.items()} == {
+        "nats/char en": 1.5,
+        "nats/char fr": 1.25,
+        "CLT mean FVU": pytest.approx(0.02),
+        "CLT never-active, worst layer": 0.25,
+        "replacement KL": 0.02,  # measured on the released files, not the fp32 original
+    }
+    metrics["clt"]["heldout_l0"] = [10.0, 30.0]
+    manifest.write_text(json.dumps({"metrics": metrics}))
+    assert claims.released_quality(manifest)["CLT mean L0"].value == 20.0

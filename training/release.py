@@ -163,6 +163,7 @@ def release(config: ReleaseConfig, command: str | None = None) -> Path:
             "heldout_never_active_fraction": clt_summary.get("heldout", {})
             .get("all", {})
             .get("never_active_fraction"),
+            "heldout_l0": clt_summary.get("heldout", {}).get("all", {}).get("l0"),
             "replacement_kl_trained": clt_summary["replacement"]["all"]["kl"],
         },
         "fp16": {
