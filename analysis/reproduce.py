@@ -125,6 +125,8 @@ SCALES = {
     },
 }
 MODELS_DIR = {"base": "runs/base"}
+# The location sections the claims read ((b) the lens, (c) the probes); see collect_claims.
+CLAIM_SECTIONS = ("lens", "probes")
 STAGES = ("models", "overlap", "steer", "linguamap", "finetune", "diff")
 
 
@@ -239,8 +241,9 @@ def released_models(settings: dict, runs_dir: str) -> dict[str, Path]:
 
 def adopt_release(config: ReproduceConfig, settings: dict, root: Path, mixture: str, release: Path) -> dict:
     """A released model as the scale's model of `mixture`: its weights, CLT and located units as released
-    (the manifest is verified where they load); the location report the claims read is re-run on it with
-    the scale's location settings, in <root>/released/<mixture>/locate."""
+    (the manifest is verified where they load); of the location report, only the sections the claims
+    read (lens, probes) are run on it, with the scale's location settings, in
+    <root>/released/<mixture>/locate — the release's located.json already holds the rest."""
     from analysis.locate import locate_language
     from training.base_models import BaseModelsConfig
 
@@ -252,6 +255,7 @@ def adopt_release(config: ReproduceConfig, settings: dict, root: Path, mixture: 
         clt=str(release / "clt"),
         corpus_dir=config.corpus_dir,
         device=config.device,
+        sections=list(CLAIM_SECTIONS),
     )
     locate_language(locate)
     return {

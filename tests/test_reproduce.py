@@ -175,6 +175,11 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
     assert adopted["model_dir"] == str(tmp_path / "released" / f"micro-{MAIN}" / "model")
     assert adopted["located"].startswith(str(tmp_path / "released"))
     assert json.loads(open(adopted["locate_report"]).read())["sections"]["lens"]["langs"]
+    # Only what the claims read is recomputed: the release's located units are not selected again.
+    assert sorted(p.stem for p in (fresh / "released" / MAIN / "locate" / "sections").glob("*.json")) == [
+        "lens",
+        "probes",
+    ]
     quality = claims.released_quality(adopted["manifest"])
     assert all(provenance.verify(n) for n in quality.values())
     assert quality["CLT mean L0"].value == pytest.approx(
