@@ -120,6 +120,10 @@ def goal_check(means: dict, methods: list[str], budgets: list[float], budget: fl
     return result
 
 
+# The first-token shares (interventions/steering.py: evaluate) of records that carry them.
+OPTIONAL_KEYS = ("first_token_target", "first_token_source")
+
+
 def dose_table(records: list[dict], methods: list[str]) -> dict:
     """Per decoding, method and strength: means over pairs of every recorded quantity, Δ loss included."""
     baselines = {(r["source"], r["target"], r["decoding"]): r for r in records if r["method"] == "none"}
@@ -137,6 +141,9 @@ def dose_table(records: list[dict], methods: list[str]) -> dict:
                     if (r["source"], r["target"], decoding) in baselines
                 ]
                 entry = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+                for k in OPTIONAL_KEYS:  # recorded since a later version: only where every pair has it
+                    if all(k in r for r in rows):
+                        entry[k] = sum(r[k] for r in rows) / len(rows)
                 entry.update(
                     strength=strength, n_pairs=len(rows), delta_loss=sum(deltas) / max(1, len(deltas))
                 )

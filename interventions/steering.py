@@ -36,7 +36,10 @@ with a Wilson 95% interval) counted only for continuations that are not degenera
 share ≥ `min_distinct`, set by the caller from the unsteered continuations), plain CLD2 success, source
 retention, unknown, the share of distinct tokens, and the fluency cost: the unsteered model's per-token
 loss on the steered continuation and the KL from the unsteered to the steered next-token distributions
-over the prompt.
+over the prompt. Given a token→language table (p(lang | token) from corpus counts,
+analysis/token_language.py), also the share of continuations whose *first* generated token belongs to
+the target (or source) language (p > 0.5: one language at most) — what a judgement of one or two
+generated tokens, as in seed 003, would see; a recipe can turn the first token and lose the rest.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from analysis.feature_selection import STRATEGIES
@@ -139,6 +142,7 @@ class LanguageUnits:
     sae_features: dict[str, list[int]] | None = None  # its language-identity latents
     sae_means: dict[int, float] | None = None  # mean value where active, on its language's text
     oracle_k: int = 10  # features in the oracle's fit
+    token_language: dict[str, Tensor] | None = None  # lang → p(lang | token): first-token shares
 
     def feature_mean(self, lang: str, unit: tuple[int, int]) -> float:
         return float(self.feature_strength[lang][unit[0], unit[1]])
@@ -327,11 +331,13 @@ def evaluate(
     samples: int = 3,
     seed: int = 0,
     min_distinct: float | None = 0.5,
+    token_language: dict[str, Float[Tensor, " vocab"]] | None = None,
 ) -> dict:
     """Generate continuations under a plan and judge them (see the module docstring).
 
     decoding: "greedy" (one continuation per prompt) or "sampled" (`samples` per prompt with the
-    project's nucleus sampler, seeded)."""
+    project's nucleus sampler, seeded). token_language: lang → p(lang | token) over the vocabulary, for
+    the first-token shares (needs the source's and the target's rows)."""
     from interventions.hooks import freeze_attention, record_patterns
 
     if decoding not in ("greedy", "sampled"):
@@ -346,7 +352,7 @@ def evaluate(
     sampling = generate_kwargs(sampled=decoding == "sampled")
     rounds = samples if decoding == "sampled" else 1
     rng_state = torch.get_rng_state()
-    continuations, fluency, kls, distinct = [], [], [], []
+    continuations, fluency, kls, distinct, first_tokens = [], [], [], [], []
     for start in range(0, len(prompts), batch_size):
         ids = prompts[start : start + batch_size].to(device)
         clean_logits = model(input_ids=ids).logits
@@ -385,14 +391,20 @@ def evaluate(
             generated = output[:, ids.shape[1] :].tolist()
             continuations += [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
             distinct += [distinct_share(row) for row in generated]
+            first_tokens += [row[0] for row in generated]
     torch.set_rng_state(rng_state)
     n = len(continuations)
-    return {
+    result = {
         **judge(continuations, source, target, distinct, min_distinct),
         "decoding": decoding,
         "continuation_loss": float(sum(fluency) / n),
         "prompt_kl": float(sum(kls) / len(kls)),
     }
+    if token_language is not None:
+        first = torch.tensor(first_tokens)
+        for name, lang in (("first_token_target", target), ("first_token_source", source)):
+            result[name] = float((token_language[lang][first] > 0.5).float().mean())
+    return result
 
 
 def judge(

@@ -369,6 +369,7 @@ def run_steering(config: SteerConfig) -> dict:
             samples=config.samples,
             seed=config.seed,
             min_distinct=None if baseline is None else baseline["min_distinct"],
+            token_language=units.token_language,
         )
         n_edits = 0 if method == "none" else len(plan_.edits)
         record = {**key, "n_edits": n_edits, **result}
@@ -434,6 +435,7 @@ def steering_units(config: SteerConfig, model, tokenizer, clt, corpus, languages
         {l: located["neurons"].get(l, []) for l in languages},
     )
     units.oracle_k = config.oracle_k
+    units.token_language = token_language_rows(tokenizer, corpus, languages)
     if any(parse_method(m)[0] == "sae" for m in config.methods):
         if not config.sae:
             raise UserError("--methods includes sae: pass --sae DIR (train one with scripts/train_sae.py)")
@@ -444,6 +446,15 @@ def steering_units(config: SteerConfig, model, tokenizer, clt, corpus, languages
             model, units.sae, units.sae_layer, means_blocks
         )
     return units
+
+
+def token_language_rows(tokenizer, corpus, languages: list[str]) -> dict[str, torch.Tensor]:
+    """p(lang | token) among these languages, from token counts on the validation split (the split the
+    language means come from; never the evaluation prompts)."""
+    from analysis.token_language import language_table, token_counts
+
+    table = language_table(token_counts(tokenizer, texts_by_lang(corpus["validation"], languages)))
+    return {lang: table[:, k] for k, lang in enumerate(languages)}
 
 
 def locate_units(model, tokenizer, clt, corpus, langs, config: SteerConfig, strategies: list[str]) -> dict:
@@ -476,13 +487,14 @@ def summary_markdown(summary: dict, budgets: list[float]) -> str:
     for decoding, by_method in summary["dose_response"].items():
         lines += [
             f"{decoding}: strength → non-degenerate success / CLD2 success / distinct / retention / "
-            "Δ loss / prompt KL",
+            "Δ loss / prompt KL [/ first generated token in the target language, where recorded]",
             "",
         ]
         for method, entries in by_method.items():
             cells = ", ".join(
                 f"{e['strength']:g}: {e['fluent_success']:.2f}/{e['success']:.2f}/{e['distinct']:.2f}/"
                 f"{e['retention']:.2f}/{e['delta_loss']:+.2f}/{e['prompt_kl']:.2f}"
+                + (f"/{e['first_token_target']:.2f}" if "first_token_target" in e else "")
                 for e in entries
             )
             lines.append(f"- {method}: {cells}")

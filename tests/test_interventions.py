@@ -282,6 +282,19 @@ def test_steering_evaluation_on_a_tiny_model(setup, tiny_model_dir):
     )
     assert frozen["examples"] == clean["examples"] and frozen["prompt_kl"] == pytest.approx(0.0, abs=1e-6)
 
+    # first-token shares: a table that gives prompt 0's first greedy token to German (p = 1) and every
+    # other token to French counts exactly the prompts whose first token is that one
+    first = model(input_ids=prompts).logits[:, -1].argmax(-1)
+    vocab = model.config.vocab_size
+    german = torch.zeros(vocab)
+    german[first[0]] = 1.0
+    table = {"de": german, "fr": 1.0 - german}
+    shares = evaluate(model, tokenizer, clt, [], prompts, "fr", "de", new_tokens=5, token_language=table)
+    expected = float((first == first[0]).float().mean())
+    assert shares["first_token_target"] == pytest.approx(expected)
+    assert shares["first_token_source"] == pytest.approx(1.0 - expected)
+    assert "first_token_target" not in clean  # without a table nothing is claimed
+
 
 def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_slice_corpus_dir, tmp_path):
     import json
@@ -355,6 +368,7 @@ def test_steer_script_runs_resumes_and_summarises(setup, tiny_model_dir, real_sl
         r["n"] in (6, 18)
         and 0 <= r["success"] <= 1
         and r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
+        and 0 <= r["first_token_target"] + r["first_token_source"] <= 1 + 1e-6  # p > 0.5: one language
         for r in records
     )
     none = next(r for r in records if r["method"] == "none" and r["decoding"] == "greedy")
