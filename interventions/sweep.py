@@ -77,7 +77,10 @@ class SteerConfig:
     source: str = field(default="fr", metadata={"help": "language of the prompts (--from)"})
     target: str = field(default="de", metadata={"help": "language to steer to (--to)"})
     pairs: str = field(
-        default="", metadata={"help": "'all': every ordered pair of --langs instead of --from/--to"}
+        default="",
+        metadata={
+            "help": "'all': every ordered pair of --langs, or pairs 'en-fr,fr-de', instead of --from/--to"
+        },
     )
     langs: list[str] = field(
         default_factory=lambda: ["en", "fr", "de", "es", "ru", "zh"],
@@ -231,7 +234,17 @@ def steer_prompt(config: SteerConfig) -> list[dict]:
 
 
 def steering_pairs(config: SteerConfig) -> list[tuple[str, str]]:
-    return list(permutations(config.langs, 2)) if config.pairs == "all" else [(config.source, config.target)]
+    if config.pairs == "all":
+        return list(permutations(config.langs, 2))
+    if not config.pairs:
+        return [(config.source, config.target)]
+    pairs = []
+    for item in config.pairs.split(","):
+        source, dash, target = item.strip().partition("-")
+        if not dash or not source or not target or source == target:
+            raise UserError(f"--pairs: {item!r} is not a pair like 'en-fr' (source-target, two languages)")
+        pairs.append((source, target))
+    return pairs
 
 
 def read_prompt_file(path: str) -> dict[str, list[str]]:
@@ -284,8 +297,11 @@ def run_steering(config: SteerConfig) -> dict:
     corpus = load_corpus(config.corpus_dir or default_corpus_dir())
     if config.prompts:
         user_texts = read_prompt_file(config.prompts)
-        targets = config.langs if config.pairs == "all" else [config.target]
-        pairs = [(s, t) for s in user_texts for t in targets if t != s]
+        if config.pairs and config.pairs != "all":  # an explicit list: the pairs whose source has prompts
+            pairs = [(s, t) for s, t in steering_pairs(config) if s in user_texts]
+        else:
+            targets = config.langs if config.pairs == "all" else [config.target]
+            pairs = [(s, t) for s in user_texts for t in targets if t != s]
         if not pairs:
             raise UserError(f"the prompts are all in {config.target}: choose another --to (or --pairs all)")
     else:

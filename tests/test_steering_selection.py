@@ -263,3 +263,15 @@ def test_success_at_budget_by_hand():
     assert success_at_budget([(0.0, 0.2, 0.1, 0.3), (2.0, 0.9, 0.8, 1.0)], 0.0)[0] == 0.2
     mean, low, high = bootstrap_mean([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4) and 0.2 <= low <= mean <= high <= 0.6
+
+
+def test_pairs_all_a_list_or_one_pair_and_a_bad_list_refused():
+    from interventions.sweep import SteerConfig, steering_pairs
+    from training.errors import UserError
+
+    assert steering_pairs(SteerConfig(source="fr", target="de")) == [("fr", "de")]
+    assert len(steering_pairs(SteerConfig(pairs="all", langs=["en", "fr", "de"]))) == 6
+    assert steering_pairs(SteerConfig(pairs="en-fr, fr-de")) == [("en", "fr"), ("fr", "de")]
+    for bad in ("en", "en-en", "en-fr,-de"):
+        with pytest.raises(UserError, match="not a pair"):
+            steering_pairs(SteerConfig(pairs=bad))
