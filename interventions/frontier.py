@@ -44,25 +44,35 @@ def bootstrap_mean(values: list[float], resamples: int = 2000, seed: int = 0) ->
     return sum(values) / len(values), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def path(records: list[dict], baseline: dict) -> list[tuple[float, float, float, float]]:
-    """A method's (Δ loss, success, low, high) path in strength order, from the unsteered baseline."""
-    start = (0.0, baseline["fluent_success"], *baseline["fluent_success_ci"])
+def _value(record: dict, key: str) -> tuple[float, float, float]:
+    """A record's metric with its interval; a metric recorded without one (first-token shares) is its
+    own interval."""
+    value = record[key]
+    return (value, *record[f"{key}_ci"]) if f"{key}_ci" in record else (value, value, value)
+
+
+def path(
+    records: list[dict], baseline: dict, key: str = "fluent_success"
+) -> list[tuple[float, float, float, float]]:
+    """A method's (Δ loss, metric, low, high) path in strength order, from the unsteered baseline;
+    the metric is non-degenerate swap success unless `key` names another record field."""
+    start = (0.0, *_value(baseline, key))
     rest = [
-        (
-            r["continuation_loss"] - baseline["continuation_loss"],
-            r["fluent_success"],
-            *r["fluent_success_ci"],
-        )
+        (r["continuation_loss"] - baseline["continuation_loss"], *_value(r, key))
         for r in sorted(records, key=lambda r: r["strength"])
     ]
     return [start] + rest
 
 
 def frontier(
-    records: list[dict], pairs: list[tuple[str, str]], methods: list[str], budgets: list[float]
+    records: list[dict],
+    pairs: list[tuple[str, str]],
+    methods: list[str],
+    budgets: list[float],
+    key: str = "fluent_success",
 ) -> dict:
-    """Per decoding: per-pair success at each budget, the mean over pairs with its interval, and the
-    issue's goal check for every feature strategy that has a random control."""
+    """Per decoding: per-pair success (or the record field `key`) at each budget, the mean over pairs
+    with its interval, and the issue's goal check for every feature strategy that has a random control."""
     out = {}
     for decoding in sorted({r["decoding"] for r in records}):
         rows = [r for r in records if r["decoding"] == decoding]
@@ -72,13 +82,13 @@ def frontier(
             baseline = baselines.get((source, target))
             if baseline is None:
                 continue
-            cell = {"none": {str(b): baseline["fluent_success"] for b in budgets}}
+            cell = {"none": {str(b): baseline[key] for b in budgets}}
             for method in methods:
                 mine = [
                     r for r in rows if (r["source"], r["target"], r["method"]) == (source, target, method)
                 ]
                 if mine:
-                    points = path(mine, baseline)
+                    points = path(mine, baseline, key)
                     cell[method] = {str(b): success_at_budget(points, b) for b in budgets}
             per_pair[f"{source}->{target}"] = cell
         for method in ["none"] + methods:
@@ -151,6 +161,26 @@ def dose_table(records: list[dict], methods: list[str]) -> dict:
     return table
 
 
+def mean_table(means: dict, budgets: list[float]) -> list[str]:
+    """Markdown rows: per method, the mean over pairs [bootstrap interval] at each budget."""
+    lines = [
+        "| method | " + " | ".join(f"Δ loss ≤ {b:g}" for b in budgets) + " | pairs |",
+        "|---|" + "---|" * (len(budgets) + 1),
+    ]
+    for method, by_budget in means.items():
+        cells, n = [], 0
+        for b in budgets:
+            entry = by_budget.get(str(b))
+            if entry is None:
+                cells.append("—")
+                continue
+            mean, low, high = entry["mean_ci"]
+            n = entry["n_pairs"]
+            cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+    return lines
+
+
 def frontier_markdown(summary: dict, budgets: list[float]) -> str:
     lines = []
     for decoding, result in summary["frontier"].items():
@@ -161,21 +191,18 @@ def frontier_markdown(summary: dict, budgets: list[float]) -> str:
             "Mean over pairs [95% bootstrap interval over pairs] of the best success reachable with Δ loss "
             "(unsteered model's nats/token on the continuation, vs its own) at most the budget:",
             "",
-            "| method | " + " | ".join(f"Δ loss ≤ {b:g}" for b in budgets) + " | pairs |",
-            "|---|" + "---|" * (len(budgets) + 1),
+            *mean_table(result["mean"], budgets),
         ]
-        for method in methods:
-            cells = []
-            n = 0
-            for b in budgets:
-                entry = result["mean"][method].get(str(b))
-                if entry is None:
-                    cells.append("—")
-                    continue
-                mean, low, high = entry["mean_ci"]
-                n = entry["n_pairs"]
-                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+        first = summary.get("first_token_frontier", {}).get(decoding)
+        if first:
+            lines += [
+                "",
+                "The same budgets, judged as seed 003 judged (its 1–2 generated tokens): share of "
+                "continuations whose *first* generated token is the target language's (p(lang | token) "
+                "> 0.5, validation-split counts) — degenerate or not:",
+                "",
+                *mean_table(first["mean"], budgets),
+            ]
         if result["goal"]:
             lines += [
                 "",

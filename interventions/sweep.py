@@ -492,10 +492,13 @@ def locate_units(model, tokenizer, clt, corpus, langs, config: SteerConfig, stra
 def summarize(
     records: list[dict], pairs: list[tuple[str, str]], methods: list[str], budgets: list[float]
 ) -> dict:
-    return {
+    summary = {
         "frontier": frontier(records, pairs, methods, budgets),
         "dose_response": dose_table(records, methods),
     }
+    if records and all("first_token_target" in r for r in records):  # recorded since 2026-12-06
+        summary["first_token_frontier"] = frontier(records, pairs, methods, budgets, key="first_token_target")
+    return summary
 
 
 def summary_markdown(summary: dict, budgets: list[float]) -> str:

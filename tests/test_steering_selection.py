@@ -275,3 +275,30 @@ def test_pairs_all_a_list_or_one_pair_and_a_bad_list_refused():
     for bad in ("en", "en-en", "en-fr,-de"):
         with pytest.raises(UserError, match="not a pair"):
             steering_pairs(SteerConfig(pairs=bad))
+
+
+def test_first_token_frontier_by_hand_and_in_the_summary():
+    from interventions.sweep import summarize, summary_markdown
+
+    def record(method, strength, loss, fluent, first):
+        return {
+            "source": "en", "target": "fr", "decoding": "greedy", "method": method, "strength": strength,
+            "continuation_loss": loss, "fluent_success": fluent, "fluent_success_ci": [fluent, fluent],
+            "success": fluent, "distinct": 0.5, "retention": 0.5, "unknown": 0.0, "prompt_kl": 0.0,
+            "first_token_target": first, "first_token_source": 1 - first,
+        }  # fmt: skip
+
+    # unsteered loss 2.0; path Δ loss 0 → 0.5 → 1.5: at Δ ≤ 1 the segment is crossed half-way
+    records = [
+        record("none", 0, 2.0, 0.0, 0.1),
+        record("output", 1, 2.5, 0.1, 0.5),
+        record("output", 2, 3.5, 0.1, 0.9),
+    ]
+    summary = summarize(records, [("en", "fr")], ["output"], [0.5, 1.0])
+    first = summary["first_token_frontier"]["greedy"]["per_pair"]["en->fr"]["output"]
+    assert first["1.0"] == pytest.approx((0.7, 0.7, 0.7))  # 0.5 + (0.9 − 0.5) / 2, no interval recorded
+    assert first["0.5"] == pytest.approx((0.5, 0.5, 0.5))
+    assert summary["frontier"]["greedy"]["per_pair"]["en->fr"]["output"]["1.0"][0] == pytest.approx(0.1)
+    assert "judged as seed 003 judged" in summary_markdown(summary, [0.5, 1.0])
+    del records[1]["first_token_target"]  # an older record: no first-token table
+    assert "first_token_frontier" not in summarize(records, [("en", "fr")], ["output"], [0.5, 1.0])
