@@ -33,6 +33,7 @@ from analysis.residuals import lens_logits, residual_stream
 from clt.model import CrossLayerTranscoder
 from clt.recorder import MLPActivationRecorder
 from training.errors import ModelMismatch
+from training.evaluate import next_token_kl
 
 
 def check_same_architecture(before, after, clt: CrossLayerTranscoder) -> None:
@@ -313,9 +314,10 @@ def lens_kl(
         total, count = None, 0
         for start in range(0, len(blocks), batch_size):
             batch = blocks[start : start + batch_size].to(device)
-            log_p = F.log_softmax(lens_logits(before, residual_stream(before, batch))[:, :, 1:].float(), -1)
-            log_q = F.log_softmax(lens_logits(after, residual_stream(after, batch))[:, :, 1:].float(), -1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [layer, batch, pos]
+            kl = next_token_kl(  # [layer, batch, pos]
+                lens_logits(before, residual_stream(before, batch))[:, :, 1:],
+                lens_logits(after, residual_stream(after, batch))[:, :, 1:],
+            )
             total = kl.sum((1, 2)) if total is None else total + kl.sum((1, 2))
             count += kl.shape[1] * kl.shape[2]
         out[lang] = (total / count).tolist()

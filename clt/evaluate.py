@@ -25,6 +25,7 @@ from clt.recorder import INPUT_HOOK, OUTPUT_HOOK
 from clt.store import ActivationStore
 from training import hook_points, paths
 from training.errors import ModelMismatch
+from training.evaluate import next_token_kl
 
 
 class ReplacementMLPs:
@@ -95,7 +96,7 @@ def replacement_metrics(
             replaced = model(input_ids=batch).logits[:, 1:-1].float()
         targets = batch[:, 2:]
         log_p, log_q = F.log_softmax(real, -1), F.log_softmax(replaced, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [b, pos]
+        kl = next_token_kl(real, replaced)  # [b, pos]
         ce_real = -log_p.gather(-1, targets[..., None])[..., 0]
         ce_repl = -log_q.gather(-1, targets[..., None])[..., 0]
         agree = (real.argmax(-1) == replaced.argmax(-1)).float()

@@ -58,7 +58,7 @@ from interventions.hooks import FeatureEdit, Intervener, NeuronEdit, ResidualAdd
 from interventions.sae import SAEEdit
 from training import langid
 from training.errors import UserError
-from training.evaluate import distinct_share
+from training.evaluate import distinct_share, next_token_kl
 from training.sampling import generate_kwargs
 
 BASE_METHODS = STRATEGIES + tuple(f"random-{s}" for s in STRATEGIES) + ("oracle", "diffmean", "lape", "sae")
@@ -377,9 +377,7 @@ def evaluate(
                             eos_token_id=None,
                         )
                     )
-        kl = F.kl_div(
-            steered_logits.log_softmax(-1), clean_logits.log_softmax(-1), log_target=True, reduction="none"
-        ).sum(-1)
+        kl = next_token_kl(clean_logits, steered_logits)
         kls += kl[:, 1:].mean(1).tolist()  # KL(clean ‖ steered), mean over prompt positions after BOS
         for output in outputs:
             # the unsteered model's loss on the steered continuation

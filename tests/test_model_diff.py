@@ -92,10 +92,13 @@ def test_lens_kl_at_the_last_layer_is_the_output_kl(tiny):
     other = type(model)(model.config).eval()
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
-        other.transformer.h[-1].mlp.c_proj.bias.add_(0.3)
-        log_p = torch.log_softmax(model(input_ids=blocks["en"]).logits[:, 1:], -1)
-        log_q = torch.log_softmax(other(input_ids=blocks["en"]).logits[:, 1:], -1)
+        # a direction, not a constant: ln_f subtracts the mean, so a constant bias shift changes nothing
+        shift = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0))
+        other.transformer.h[-1].mlp.c_proj.bias.add_(0.3 * shift)
+        log_p = torch.log_softmax(model(input_ids=blocks["en"]).logits[:, 1:].double(), -1)
+        log_q = torch.log_softmax(other(input_ids=blocks["en"]).logits[:, 1:].double(), -1)
     expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert expected > 1e-3  # the edit is visible at the output
     kl = diff.lens_kl(model, other, {"en": blocks["en"]})["en"]
     assert kl[-1] == pytest.approx(expected, rel=1e-4)
     assert kl[0] == pytest.approx(

@@ -5,12 +5,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from training import langid
 from training.errors import UserError
 from training.sampling import generate_kwargs
+
+
+def next_token_kl(
+    logits_p: Float[Tensor, "*batch vocab"],
+    logits_q: Float[Tensor, "*batch vocab"],
+    rows_per_chunk: int = 512,
+) -> Float[Tensor, "*batch"]:
+    """KL(p ‖ q) per position between two next-token distributions given as logits.
+
+    Summed in float64, a chunk of positions at a time (a lens over every layer holds layers × batch × pos ×
+    vocab logits). KL ≥ 0 exactly, so the sum is clamped at 0: a near-identical pair (an fp16-rounded copy,
+    a perfect replacement) reads 0 rather than the −5e-9 that a float32 sum once returned in CI.
+    """
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logit shapes differ: {tuple(logits_p.shape)} vs {tuple(logits_q.shape)}")
+    flat_p, flat_q = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])
+    kl = torch.empty(flat_p.shape[0], dtype=torch.float64, device=logits_p.device)
+    for start in range(0, flat_p.shape[0], rows_per_chunk):
+        log_p = torch.log_softmax(flat_p[start : start + rows_per_chunk].double(), -1)
+        log_q = torch.log_softmax(flat_q[start : start + rows_per_chunk].double(), -1)
+        kl[start : start + rows_per_chunk] = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl.clamp_min(0).reshape(logits_p.shape[:-1]).to(torch.promote_types(logits_p.dtype, torch.float32))
 
 
 @torch.no_grad()

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from training.config import atomic_write_json, atomic_write_text
 from training.corpus.build import default_corpus_dir
 from training.errors import UserError
+from training.evaluate import next_token_kl
 from training.fingerprint import file_sha256, model_fingerprint, write_manifest
 
 
@@ -89,10 +89,9 @@ def _fp16_drift(original, released, blocks: torch.Tensor) -> float:
     total, count = 0.0, 0
     for start in range(0, len(blocks), 16):
         batch = blocks[start : start + 16].long()
-        log_p = F.log_softmax(original(input_ids=batch).logits[:, 1:].float(), -1)
-        log_q = F.log_softmax(released(input_ids=batch).logits[:, 1:].float(), -1)
-        total += (log_p.exp() * (log_p - log_q)).sum().item()
-        count += log_p.shape[0] * log_p.shape[1]
+        kl = next_token_kl(original(input_ids=batch).logits[:, 1:], released(input_ids=batch).logits[:, 1:])
+        total += kl.sum().item()
+        count += kl.numel()
     return total / count
 
 
