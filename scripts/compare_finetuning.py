@@ -9,12 +9,14 @@ read back, interrupted ones resume), so the sweep can be killed and restarted. W
 `training.compare.compare_finetuning`.
 """
 
-from training.compare import CompareConfig, compare_finetuning, markdown
+from training.compare import CompareConfig, compare_finetuning, markdown, outcome_markdown
 from training.config import parse_config, run_main
 
 
 def main(argv: list[str]) -> None:
-    print(markdown(compare_finetuning(parse_config(CompareConfig, argv))))
+    lines = compare_finetuning(parse_config(CompareConfig, argv))
+    print(markdown(lines))
+    print(outcome_markdown(lines))
 
 
 if __name__ == "__main__":

@@ -483,6 +483,43 @@ def test_learning_rate_is_chosen_per_strategy_on_validation_not_test():
     assert len(lines) == 4 and "0.01 ✓" in compare.markdown(lines)
 
 
+def test_outcome_shares_per_scenario_by_hand():
+    """The per-scenario table: each run's test cells averaged over languages within a scenario, then
+    mean ± sd over the seeds of the chosen rate; the model before fine-tuning comes first."""
+    from training import compare
+
+    def cells(correct_fr: float, wrong_de: float) -> list[dict]:
+        out = []
+        for scenario in ("2", "4"):
+            for lang, (c, w) in {"fr": (correct_fr, 0.0), "de": (0.0, wrong_de)}.items():
+                for mode in ("generation", "likelihood"):
+                    other = 1 - c - w
+                    out.append({"scenario": scenario, "lang": lang, "mode": mode, "n": 10, "correct": c,
+                                "other_language": 0.0, "wrong_expected_language": w, "other": other})  # fmt: skip
+        return out
+
+    summaries = [
+        {"after": {"linguamap": {"test": cells(0.4, 0.2)}}, "before": {"linguamap": {"test": cells(0, 0)}}},
+        {"after": {"linguamap": {"test": cells(0.2, 0.6)}}, "before": {"linguamap": {"test": cells(0, 0)}}},
+    ]
+    rows = [
+        {"scenario": "linguamap", "variant": "full", "lr": 1e-3, "seed": seed, "metric": "linguamap",
+         "target_before": 0.0, "target_after": 0.5, "validation_after": 0.5, "forgetting": 0.0, "share": 1.0,
+         "trainable": 10, "train_time_s": 1.0,
+         "linguamap_by_scenario": compare._by_scenario(summary, "after"),
+         "linguamap_before_by_scenario": compare._by_scenario(summary, "before")}  # fmt: skip
+        for seed, summary in enumerate(summaries)
+    ]
+    (line,) = compare.table(rows)
+    generation = line["outcomes_by_scenario"]["4"]["generation"]
+    # seed 0: correct (0.4 + 0) / 2 = 0.2, seed 1: 0.1 → mean 0.15, sd of (0.2, 0.1)
+    assert generation["correct"][0] == pytest.approx(0.15)
+    assert generation["correct"][1] == pytest.approx(0.0707107, rel=1e-5)
+    assert generation["wrong_expected_language"][0] == pytest.approx((0.1 + 0.3) / 2)
+    text = compare.outcome_markdown([line])
+    assert text.index("| before fine-tuning |  | 2 | 0.000") < text.index("| full | 0.001 | 2 | 0.150 ± 0.071")
+
+
 def test_sweep_seeds_run_other_seeds_only_at_the_chosen_rate(monkeypatch, tmp_path):
     """The learning-rate sweep runs on the first seed; the other seeds run at the rate it chose, and the
     table's choice (over the seeds every rate ran) is the same one."""

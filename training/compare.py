@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
 
+from analysis.linguamap import OUTCOMES
 from training import paths
 from training.config import RunDir, atomic_write_json, atomic_write_text
-from training.finetune import SCENARIOS, FinetuneConfig, finetune
+from training.finetune import SCENARIOS, FinetuneConfig, finetune, linguamap_summary
 
 # name → FinetuneConfig overrides. The random subsets match LAPE (neurons, LAPE fine-tuning's baseline) and
 # last-k (whole blocks, LinguaMap's "random layers fail").
@@ -129,6 +130,8 @@ def run_one(
         **key,
         "validation_after": summary.get("validation_after"),
         "linguamap_after": summary.get("linguamap_after"),
+        "linguamap_by_scenario": _by_scenario(summary, "after"),
+        "linguamap_before_by_scenario": _by_scenario(summary, "before"),
         "metric": summary["metric"],
         "target_before": summary["target_before"],
         "target_after": summary["target_after"],
@@ -137,6 +140,18 @@ def run_one(
         "share": summary["parameters"]["share"],
         "train_time_s": summary["train_time_s"],
         "run_dir": summary["run_dir"],
+    }
+
+
+def _by_scenario(summary: dict, when: str) -> dict | None:
+    """The protocol's outcome shares per prompt scenario (test items, means over languages): the
+    issue's table is per strategy *and* scenario, which the run's one summary over cells hides."""
+    cells = (summary.get(when) or {}).get("linguamap", {}).get("test")
+    if not cells:
+        return None
+    return {
+        scenario: linguamap_summary([c for c in cells if c["scenario"] == scenario])
+        for scenario in sorted({c["scenario"] for c in cells})
     }
 
 
@@ -261,6 +276,18 @@ def table(rows: list[dict]) -> list[dict]:
                         o: mean(r["linguamap_after"]["generation"][o] for r in group)
                         for o in r["linguamap_after"]["generation"]
                     }
+                if all(r.get("linguamap_by_scenario") for r in group):
+                    line["outcomes_by_scenario"] = {
+                        scenario: {
+                            mode: {
+                                o: _mean_sd([r["linguamap_by_scenario"][scenario][mode][o] for r in group])
+                                for o in OUTCOMES
+                            }
+                            for mode in ("generation", "likelihood")
+                        }
+                        for scenario in group[0]["linguamap_by_scenario"]
+                    }
+                    line["outcomes_before_by_scenario"] = group[0]["linguamap_before_by_scenario"]
                 lines.append(line)
     return lines
 
@@ -313,6 +340,44 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def outcome_markdown(lines: list[dict]) -> str:
+    """The four outcome shares per strategy (at its chosen rate) and prompt scenario, generation and
+    likelihood, with the model before fine-tuning as the first rows; '' when no line has them."""
+    chosen = [line for line in lines if line.get("chosen") and line.get("outcomes_by_scenario")]
+    if not chosen:
+        return ""
+    names = {"correct": "correct", "other_language": "other language", "wrong_expected_language":
+             "wrong, expected language", "other": "other"}  # fmt: skip
+    header = " | ".join(f"gen. {names[o]}" for o in OUTCOMES) + " | " + " | ".join(
+        f"lik. {names[o]}" for o in OUTCOMES if o != "other"  # the ranking always picks a candidate
+    )
+    out = [
+        "Outcome shares per scenario (test items, mean over languages; mean over seeds at the chosen "
+        "rate — ± sd where the strategy ran several seeds): generation = greedy answers, lik. = likelihood "
+        "ranking.",
+        "",
+        f"| strategy | lr | scenario | {header} |",
+        "|---|---|---|" + "---|" * (2 * len(OUTCOMES) - 1),
+    ]
+
+    def cell(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return f"{value[0]:.3f} ± {value[1]:.3f}" if value[1] else f"{value[0]:.3f}"
+        return f"{value:.3f}"
+
+    def row(name: str, lr: str, scenario: str, shares: dict) -> str:
+        gen = [cell(shares["generation"][o]) for o in OUTCOMES]
+        lik = [cell(shares["likelihood"][o]) for o in OUTCOMES if o != "other"]
+        return f"| {name} | {lr} | {scenario} | " + " | ".join(gen + lik) + " |"
+
+    before = chosen[0]["outcomes_before_by_scenario"] or {}
+    out += [row("before fine-tuning", "", scenario, shares) for scenario, shares in before.items()]
+    for line in chosen:
+        lr = "default" if line.get("lr") is None else f"{line['lr']:g}"
+        out += [row(line["variant"], lr, s, shares) for s, shares in line["outcomes_by_scenario"].items()]
+    return "\n".join(out) + "\n"
+
+
 def plot(lines: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -360,6 +425,8 @@ def compare_finetuning(config: CompareConfig) -> list[dict]:
         {"config": dataclasses.asdict(config), "runs": rows, "table": lines, "pending": pending},
     )
     text = markdown(lines)
+    if outcomes := outcome_markdown(lines):
+        text += "\n" + outcomes
     if pending:  # a partial table must say so where it is read
         text = (
             f"**Partial: the sweep is still running** ({len(pending)} runs known to be pending; the other "
