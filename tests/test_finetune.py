@@ -493,9 +493,9 @@ def test_outcome_shares_per_scenario_by_hand():
         for scenario in ("2", "4"):
             for lang, (c, w) in {"fr": (correct_fr, 0.0), "de": (0.0, wrong_de)}.items():
                 for mode in ("generation", "likelihood"):
-                    other = 1 - c - w
-                    out.append({"scenario": scenario, "lang": lang, "mode": mode, "n": 10, "correct": c,
-                                "other_language": 0.0, "wrong_expected_language": w, "other": other})  # fmt: skip
+                    shares = {"correct": c, "other_language": 0.0, "wrong_expected_language": w}
+                    shares["other"] = 1 - c - w
+                    out.append({"scenario": scenario, "lang": lang, "mode": mode, "n": 10, **shares})
         return out
 
     summaries = [
@@ -503,11 +503,22 @@ def test_outcome_shares_per_scenario_by_hand():
         {"after": {"linguamap": {"test": cells(0.2, 0.6)}}, "before": {"linguamap": {"test": cells(0, 0)}}},
     ]
     rows = [
-        {"scenario": "linguamap", "variant": "full", "lr": 1e-3, "seed": seed, "metric": "linguamap",
-         "target_before": 0.0, "target_after": 0.5, "validation_after": 0.5, "forgetting": 0.0, "share": 1.0,
-         "trainable": 10, "train_time_s": 1.0,
-         "linguamap_by_scenario": compare._by_scenario(summary, "after"),
-         "linguamap_before_by_scenario": compare._by_scenario(summary, "before")}  # fmt: skip
+        {
+            "scenario": "linguamap",
+            "variant": "full",
+            "lr": 1e-3,
+            "seed": seed,
+            "metric": "linguamap",
+            "target_before": 0.0,
+            "target_after": 0.5,
+            "validation_after": 0.5,
+            "forgetting": 0.0,
+            "share": 1.0,
+            "trainable": 10,
+            "train_time_s": 1.0,
+            "linguamap_by_scenario": compare._by_scenario(summary, "after"),
+            "linguamap_before_by_scenario": compare._by_scenario(summary, "before"),
+        }  # fmt: skip
         for seed, summary in enumerate(summaries)
     ]
     (line,) = compare.table(rows)
@@ -517,7 +528,8 @@ def test_outcome_shares_per_scenario_by_hand():
     assert generation["correct"][1] == pytest.approx(0.0707107, rel=1e-5)
     assert generation["wrong_expected_language"][0] == pytest.approx((0.1 + 0.3) / 2)
     text = compare.outcome_markdown([line])
-    assert text.index("| before fine-tuning |  | 2 | 0.000") < text.index("| full | 0.001 | 2 | 0.150 ± 0.071")
+    before, after = "| before fine-tuning |  | 2 | 0.000", "| full | 0.001 | 2 | 0.150 ± 0.071"
+    assert text.index(before) < text.index(after)
 
 
 def test_sweep_seeds_run_other_seeds_only_at_the_chosen_rate(monkeypatch, tmp_path):

@@ -348,8 +348,14 @@ def outcome_markdown(lines: list[dict]) -> str:
         return ""
     names = {"correct": "correct", "other_language": "other language", "wrong_expected_language":
              "wrong, expected language", "other": "other"}  # fmt: skip
-    header = " | ".join(f"gen. {names[o]}" for o in OUTCOMES) + " | " + " | ".join(
-        f"lik. {names[o]}" for o in OUTCOMES if o != "other"  # the ranking always picks a candidate
+    header = (
+        " | ".join(f"gen. {names[o]}" for o in OUTCOMES)
+        + " | "
+        + " | ".join(
+            f"lik. {names[o]}"
+            for o in OUTCOMES
+            if o != "other"  # the ranking always picks a candidate
+        )
     )
     out = [
         "Outcome shares per scenario (test items, mean over languages; mean over seeds at the chosen "
