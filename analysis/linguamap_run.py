@@ -259,6 +259,27 @@ def run_linguamap(config: LinguaMapConfig) -> dict:
     return result
 
 
+def scenario_means(cells: list[dict]) -> list[dict]:
+    """Per (mode, scenario, shots): each outcome share averaged over the languages' cells (equal weight
+    per language), and for generation the share of all answers that the judge calls English — in
+    scenarios 2–4 English text that is not the English term is counted "other", yet it is the
+    language drift the consistency bottleneck is about."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        if cell["n"] > 0:
+            groups.setdefault((cell["mode"], cell["scenario"], cell["shots"]), []).append(cell)
+    means = []
+    for (mode, scenario, shots), group in sorted(groups.items()):
+        line = {"mode": mode, "scenario": scenario, "shots": shots, "langs": [c["lang"] for c in group]}
+        line.update({o: sum(c[o] for c in group) / len(group) for o in lm.OUTCOMES})
+        if mode == "generation":
+            line["other_english"] = sum(c.get("other_detected", {}).get("en", 0.0) for c in group) / len(
+                group
+            )
+        means.append(line)
+    return means
+
+
 def write_report(run_dir: Path, result: dict, config: LinguaMapConfig) -> None:
     from analysis.render import Report
 
@@ -270,6 +291,20 @@ def write_report(run_dir: Path, result: dict, config: LinguaMapConfig) -> None:
         f"{counts['text_mismatch']} dropped: page text differs from the corpus); "
         f"{result['n_items_used']} used per cell."
     )
+    result["means"] = scenario_means(result["cells"])
+    for mode in config.modes:
+        english = ["other: English"] if mode == "generation" else []
+        report.table(
+            f"Means over languages ({mode}; scenario 1: English only)",
+            ["scenario", "shots", "languages", *lm.OUTCOMES, *english],
+            [
+                [m["scenario"], m["shots"], " ".join(m["langs"])]
+                + [f"{m[o]:.3f}" for o in lm.OUTCOMES]
+                + ([f"{m['other_english']:.3f}"] if english else [])
+                for m in result["means"]
+                if m["mode"] == mode
+            ],
+        )
     for mode in config.modes:
         rows = []
         for r in sorted(

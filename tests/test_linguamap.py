@@ -226,3 +226,23 @@ def test_finetuning_data_leaves_held_out_pages_out_and_the_scenario_runs(
         finetune(
             dataclasses.replace(config, linguamap_data=str(tmp_path / "none"), run_dir=str(tmp_path / "x"))
         )
+
+
+def test_scenario_means_weigh_each_language_equally_and_count_english_drift():
+    from analysis.linguamap_run import scenario_means
+
+    def cell(lang, n, correct, wrong, detected):
+        other = 1 - correct - wrong
+        shares = {"correct": correct, "other_language": 0.0, "wrong_expected_language": wrong, "other": other}
+        key = {"mode": "generation", "scenario": "4", "shots": 3, "lang": lang, "n": n}
+        return {**key, "other_detected": detected, **shares}
+
+    cells = [
+        cell("fr", 10, 0.5, 0.1, {"en": 0.4}),
+        cell("de", 30, 0.1, 0.3, {"en": 0.2, "nl": 0.4}),
+        cell("zh", 0, 0.0, 0.0, {}),  # no scored item: left out, not counted as zeros
+    ]
+    (line,) = scenario_means(cells)
+    assert line["langs"] == ["fr", "de"]
+    assert line["correct"] == pytest.approx(0.3) and line["wrong_expected_language"] == pytest.approx(0.2)
+    assert line["other"] == pytest.approx(0.5) and line["other_english"] == pytest.approx(0.3)
