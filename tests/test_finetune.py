@@ -157,6 +157,9 @@ def test_random_subsets_match_the_reference_and_avoid_it():
         assert not set(random.neurons) & set(reference.neurons)
     layers = select.random_like(model, select.last_k(model, 1), seed=0)
     assert len(layers.layers) == 1 and layers.layers != [3]
+    outer = select.outermost(model)
+    middle = select.random_like(model, outer, seed=0)  # compare's random~outermost
+    assert middle.layers == [1, 2] and select.count(model, middle) == select.count(model, outer)
     with pytest.raises(ValueError, match="cannot match"):
         select.random_like(model, select.full(model), seed=0)
 

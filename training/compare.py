@@ -35,6 +35,8 @@ VARIANTS = {
     "lora": {"strategy": "lora"},
     "random~lape": {"strategy": "random", "random_reference": "lape"},
     "random~last-k": {"strategy": "random", "random_reference": "last-k"},
+    # outermost's size-matched control: as many blocks, none of the outermost ones (the middle blocks)
+    "random~outermost": {"strategy": "random", "random_reference": "outermost"},
 }
 
 
