@@ -8,13 +8,21 @@ W_U), latent scaling (is it really absent from the before model?), and one causa
 latent's after-model decoder (× its mean activation) to the *before* model's residual at its site, on
 the focus language's text, and measure the change in loss per language against a shared latent's
 decoder scaled to the same norm.
+
+Per layer (`layer_brightening`), seed 003's "fine-tuning brightens the weak language's late features and
+strengthens middle-layer clusters" in crosscoder terms: a latent's activation is shared by both models,
+so what differs is its decoder — log2(‖W_dec^after‖ / ‖W_dec^before‖) in each model's own units at each
+layer, for the latents most specific to the focus language and for the cross-lingual latents (firing
+in every language), each against random sets of live latents of the same size (which also absorbs any
+global change of a layer's activation scale).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from clt.crosscoder import Crosscoder, classify_latents, latent_scaling
@@ -103,6 +111,8 @@ def crosscoder_diff(
         )
     alive = ever.nonzero()[:, 0]
     most_specific = alive[torch.argsort(specificity[alive], descending=True)[:20]]
+    # Cross-lingual: fires on at least 1% of every language's tokens (the "clusters" shared across them).
+    cross_lingual = alive[(frequency[:, alive] >= 0.01).all(0)]
     leaning = alive[torch.argsort(relative[alive], descending=True)[:top]]
     return {
         "langs": langs,
@@ -119,17 +129,53 @@ def crosscoder_diff(
             lang: float(frequency[k][relative > 0.9].sum()) for k, lang in enumerate(langs)
         },
         "causal": causal,
+        "layer_brightening": layer_brightening(crosscoder, layers, ever, most_specific, cross_lingual),
         "tokens": len(x),
         "focus_blocks": len(blocks_focus),
     }
 
 
+def decoder_log_ratios(crosscoder: Crosscoder) -> Float[Tensor, "site feature"]:
+    """log2(‖W_dec^after[f, site]‖ / ‖W_dec^before[f, site]‖) in each model's own units (the decoders
+    reconstruct activations multiplied by the site's scale, so a norm is divided by it)."""
+    n_models = crosscoder.config.n_models
+    norms = crosscoder.W_dec.detach().norm(dim=-1).T  # [input, feature], inputs model-major
+    norms = norms / crosscoder.output_scale[:, None]
+    per_model = rearrange(norms, "(m s) f -> m s f", m=n_models)
+    return torch.log2(per_model[1].clamp(min=1e-12) / per_model[0].clamp(min=1e-12))
+
+
+def layer_brightening(
+    crosscoder: Crosscoder,
+    layers: list[int],
+    ever: Bool[Tensor, " feature"],
+    focus_specific: Int[Tensor, " chosen"],
+    cross_lingual: Int[Tensor, " chosen"],
+) -> list[dict]:
+    """Per layer: the mean decoder log-ratio of all live latents, and of the focus language's most
+    specific and the cross-lingual latents against random live sets of their size (`leaning_test`)."""
+    ratios = decoder_log_ratios(crosscoder).cpu()
+    alive = ever.nonzero()[:, 0]
+    out = []
+    for site, layer in enumerate(layers):
+        row = ratios[site]
+        out.append(
+            {
+                "layer": layer,
+                "all_live_mean_log2": float(row[alive].mean()) if len(alive) else float("nan"),
+                "focus_specific": leaning_test(row[alive], row[focus_specific]),
+                "cross_lingual": leaning_test(row[alive], row[cross_lingual]),
+            }
+        )
+    return out
+
+
 def leaning_test(
     relative_alive: Float[Tensor, " alive"], relative_chosen: Float[Tensor, " chosen"], draws: int = 2000
 ) -> dict:
-    """Mean relative decoder norm of the chosen latents vs the same-size random sets of live latents
-    (a permutation null, seeded): the observed mean, the null's mean and 95% interval, and the share of
-    random sets with a mean at least as high (one-sided p)."""
+    """Mean of a per-latent value (relative decoder norm, decoder log-ratio) over the chosen latents vs
+    same-size random sets of live latents (a permutation null, seeded): the observed mean, the null's
+    mean and 95% interval, and the share of random sets with a mean at least as high (one-sided p)."""
     generator = torch.Generator().manual_seed(0)
     n = len(relative_chosen)
     if n == 0 or len(relative_alive) < n:

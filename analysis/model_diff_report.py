@@ -123,6 +123,7 @@ def run_crosscoder_diff(config: ModelDiffConfig, run: RunDir, started: float) ->
         "crosscoder": config.crosscoder,
         "site": meta["site"],
         "layers": meta["layers"],
+        "n_layers": before.config.n_layer,
         **crosscoder_diff(
             before, after, tokenizer, crosscoder, meta["site"], meta["layers"], blocks, config.focus_lang
         ),
@@ -164,6 +165,26 @@ def crosscoder_findings(result: dict) -> list[dict]:
                 f"{lean['null_high']:.3f}], p = {lean['p_at_least']:.3f}",
             }
         )
+    layers = result.get("layer_brightening") or []
+    depth = result.get("n_layers", 0)
+    middle = diff.middle_layers(depth) if depth else set()
+    for row in layers:
+        late = row["layer"] == depth - 1
+        if late or row["layer"] in middle:
+            kind, what = (
+                ("focus_specific", f"the {focus}-specific latents brighten")
+                if late
+                else ("cross_lingual", "the cross-lingual latents strengthen")
+            )
+            test = row[kind]
+            out.append(
+                {
+                    "claim": f"layer {row['layer']}: {what} (seed 003)",
+                    "measure": f"mean log2 ‖W_dec^after‖ / ‖W_dec^before‖ of {test['n']} latents vs random "
+                    "live sets (95% interval; one-sided p)",
+                    "verdict": _lean_text(test),
+                }
+            )
     for check in result["causal"]:
         own, control = check["delta_loss_latent"], check.get("delta_loss_control", {})
         out.append(
@@ -222,6 +243,25 @@ def write_crosscoder_report(out: Path, result: dict) -> None:
                 for d in result[kind]
             ],
         )
+    if result.get("layer_brightening"):
+        report.table(
+            "Decoder change per layer: log2 ‖W_dec^after‖ / ‖W_dec^before‖ (model units)",
+            [
+                "layer",
+                "all live latents",
+                f"{result['focus_lang']}-specific vs random live sets",
+                "cross-lingual (fire on ≥ 1% of every language) vs random live sets",
+            ],  # fmt: skip
+            [
+                [
+                    row["layer"],
+                    f"{row['all_live_mean_log2']:+.3f}",
+                    _lean_text(row["focus_specific"]),
+                    f"n = {row['cross_lingual']['n']}: " + _lean_text(row["cross_lingual"]),
+                ]
+                for row in result["layer_brightening"]
+            ],
+        )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([(i + 0.5) / 20 for i in range(20)], result["relative_norm_histogram"], width=0.05)
     ax.set_xlabel("relative decoder norm ‖W_after‖ / (‖W_before‖ + ‖W_after‖)")
@@ -231,6 +271,13 @@ def write_crosscoder_report(out: Path, result: dict) -> None:
     plt.close(fig)
     report.image("Relative decoder norms", out / "relative_norms.png")
     report.write(out, {**result, "findings": findings_rows})
+
+
+def _lean_text(test: dict) -> str:
+    return (
+        f"{test['observed']:+.3f} vs {test['null_mean']:+.3f} [{test['null_low']:+.3f}, "
+        f"{test['null_high']:+.3f}], p = {test['p_at_least']:.3f}"
+    )
 
 
 def _nu(scaling: dict | None) -> str:

@@ -57,7 +57,8 @@ class CLTTrainConfig:
         default="",
         metadata={
             "help": "warm start: continue training this CLT (native dir; its options and normalisation "
-            "scales are kept, so feature i stays feature i) on this model's activations — model diffing"
+            "scales are kept, so feature i stays feature i) on this model's activations — model diffing; "
+            "give --lambda-warmup-frac 0 to continue at full λ (a ramp from 0 lets the features densify)"
         },
     )
     batch_size: int = field(default=1024, metadata={"help": "tokens per step (per process)"})

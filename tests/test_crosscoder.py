@@ -89,6 +89,31 @@ def test_latent_scaling_by_hand():
     assert crosscoder.relative_norms()[0] == pytest.approx(1.0)
 
 
+def test_decoder_log_ratios_and_layer_brightening_by_hand():
+    """Latents 0–2 write twice as strongly into the after model at site 1; the after model's site-0
+    activations are twice as large (scale ½), which moves every latent alike and no chosen set."""
+    from analysis.crosscoder_diff import decoder_log_ratios, layer_brightening
+
+    F, d = 40, 4
+    crosscoder = Crosscoder(CrosscoderConfig(n_features=F, n_sites=2, d_model=d, activation="relu"))
+    with torch.no_grad():
+        crosscoder.W_dec.copy_(torch.randn(F, 1, d).expand(F, 4, d))  # inputs: a0 a1 b0 b1
+        crosscoder.W_dec[:3, 3] *= 2.0
+        crosscoder.output_scale.copy_(torch.tensor([1.0, 1.0, 0.5, 1.0]))
+    ratios = decoder_log_ratios(crosscoder)
+    assert torch.allclose(ratios[0], torch.ones(F), atol=1e-6)  # site 0: the scale, every latent
+    assert torch.allclose(ratios[1, :3], torch.ones(3), atol=1e-6) and ratios[1, 3:].abs().max() < 1e-6
+    ever = torch.ones(F, dtype=torch.bool)
+    ever[-1] = False  # a dead latent is outside every null
+    rows = layer_brightening(crosscoder, [2, 3], ever, torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]))
+    assert [r["layer"] for r in rows] == [2, 3]
+    assert rows[0]["all_live_mean_log2"] == pytest.approx(1.0)
+    assert rows[0]["focus_specific"]["observed"] == pytest.approx(rows[0]["focus_specific"]["null_mean"])
+    late = rows[1]["focus_specific"]
+    assert late["observed"] == pytest.approx(1.0) and late["null_high"] < 1.0 and late["p_at_least"] == 0
+    assert rows[1]["cross_lingual"]["observed"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_paired_stores_of_different_tokens_are_refused(
     tiny_model_dir, real_slice_corpus_dir, tiny_store, tmp_path
 ):

@@ -343,6 +343,8 @@ def test_model_diff_with_warm_clt_and_crosscoder(tmp_path, tiny, tiny_model_dir,
         and set(causal["delta_loss_latent"]) == {"en", "fr", "de"}
     )
     assert "relative_norms.png" in (tmp_path / "c" / "report.md").read_text()
+    (layer,) = report["layer_brightening"]  # latent 1 decodes alike into both models at layer 1
+    assert layer["layer"] == 1 and "Decoder change per layer" in (tmp_path / "c" / "report.md").read_text()
 
 
 def test_leaning_test_tells_a_tilted_set_from_a_random_one():
