@@ -99,8 +99,19 @@ def crosscoder_diff(
             "latent_scaling": scaling.get(j),
         }
 
+    alive_ids = ever.nonzero()[:, 0]
+    # Without after-only latents, the check runs on the most after-leaning latents that fire on the focus
+    # language (what fine-tuning moved most), and the report says which it used.
+    leaning_focus = [
+        int(j)
+        for j in alive_ids[torch.argsort(relative[alive_ids], descending=True)]
+        if frequency[k_focus, j] > 0
+    ][:3]
+    causal_latents, causal_basis = (
+        (after_only[:3], "after-only") if after_only else (leaning_focus, "most after-leaning")
+    )
     causal = []
-    for j in after_only[:3]:
+    for j in causal_latents:
         mean_activation = (
             float(focus_acts[:, j][focus_acts[:, j] > 0].mean()) if (focus_acts[:, j] > 0).any() else 0.0
         )
@@ -129,6 +140,7 @@ def crosscoder_diff(
             lang: float(frequency[k][relative > 0.9].sum()) for k, lang in enumerate(langs)
         },
         "causal": causal,
+        "causal_basis": causal_basis,
         "layer_brightening": layer_brightening(crosscoder, layers, ever, most_specific, cross_lingual),
         "tokens": len(x),
         "focus_blocks": len(blocks_focus),
@@ -218,17 +230,18 @@ def causal_check(
     layers: list[int],
     blocks_by_lang: dict[str, Int[Tensor, "n pos"]],
 ) -> dict:
-    """Δ loss per language (nats/token) of the before model when the latent's after-model decoder rows,
-    × its mean activation on the focus language, are added to its residual after each site's layer at
-    every position; and the same for a shared latent's rows scaled to the same norms."""
+    """Δ loss per language (nats/token) of the before model when the change of the latent's decoder rows
+    (after − before), × its mean activation on the focus language, is added to its residual after each
+    site's layer at every position; and the same for a shared latent's rows scaled to the same norms."""
     from interventions.hooks import ResidualAdd, Where
 
     S = crosscoder.config.n_sites
 
     def vectors(j: int) -> list[Float[Tensor, " d"]]:
-        return [
-            crosscoder.W_dec[j, S + s].detach().cpu() / crosscoder.output_scale[S + s].cpu() for s in range(S)
-        ]
+        # What fine-tuning changed in the latent's write, in model units: after − before decoder (for an
+        # after-only latent the before decoder is ≈ 0, so this is its after decoder).
+        dec, scale = crosscoder.W_dec[j].detach().cpu(), crosscoder.output_scale.cpu()
+        return [dec[S + s] / scale[S + s] - dec[s] / scale[s] for s in range(S)]
 
     added = [mean_activation * v for v in vectors(latent)]
     result = {"latent": latent, "mean_activation": mean_activation, "norms": [float(v.norm()) for v in added]}

@@ -189,9 +189,10 @@ def crosscoder_findings(result: dict) -> list[dict]:
         own, control = check["delta_loss_latent"], check.get("delta_loss_control", {})
         out.append(
             {
-                "claim": f"after-only latent {check['latent']} carries what fine-tuning added",
-                "measure": f"Δ loss of the before model on {focus} when its decoder is added "
-                "(control: a shared latent's, same norm)",
+                "claim": f"{result.get('causal_basis', 'after-only')} latent {check['latent']} carries "
+                "what fine-tuning added",
+                "measure": f"Δ loss of the before model on {focus} when its decoder change (after − before, "
+                "× mean activation) is added (control: a shared latent's, same norm)",
                 "verdict": f"{own.get(focus, float('nan')):+.3f} nats/token"
                 + (f" (control {control.get(focus, float('nan')):+.3f})" if control else ""),
             }
