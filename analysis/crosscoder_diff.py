@@ -5,9 +5,9 @@ are encoded together; per latent: its relative decoder norm (≈ 0 before-only, 
 after-only), its firing frequency per language, and for the after-only latents that fire most on the
 focus language: top contexts, the tokens its after-model decoder promotes directly (through ln_f and
 W_U), latent scaling (is it really absent from the before model?), and one causal check — add the
-latent's after-model decoder (× its mean activation) to the *before* model's residual at its site, on
-the focus language's text, and measure the change in loss per language against a shared latent's
-decoder scaled to the same norm.
+change of the latent's decoder (after − before, × its mean activation) to the *before* model's residual
+at its site and measure the change in loss per language against a shared latent's decoder change scaled
+to the same norm; where no latent is after-only, on the most after-leaning latents.
 
 Per layer (`layer_brightening`), seed 003's "fine-tuning brightens the weak language's late features and
 strengthens middle-layer clusters" in crosscoder terms: a latent's activation is shared by both models,
@@ -99,14 +99,11 @@ def crosscoder_diff(
             "latent_scaling": scaling.get(j),
         }
 
-    alive_ids = ever.nonzero()[:, 0]
+    alive = ever.nonzero()[:, 0]
+    by_lean = alive[torch.argsort(relative[alive], descending=True)]  # live latents, most after-leaning first
     # Without after-only latents, the check runs on the most after-leaning latents that fire on the focus
     # language (what fine-tuning moved most), and the report says which it used.
-    leaning_focus = [
-        int(j)
-        for j in alive_ids[torch.argsort(relative[alive_ids], descending=True)]
-        if frequency[k_focus, j] > 0
-    ][:3]
+    leaning_focus = [int(j) for j in by_lean if frequency[k_focus, j] > 0][:3]
     causal_latents, causal_basis = (
         (after_only[:3], "after-only") if after_only else (leaning_focus, "most after-leaning")
     )
@@ -120,11 +117,10 @@ def crosscoder_diff(
                 before, crosscoder, j, shared[0] if shared else None, mean_activation, layers, blocks_by_lang
             )
         )
-    alive = ever.nonzero()[:, 0]
     most_specific = alive[torch.argsort(specificity[alive], descending=True)[:20]]
     # Cross-lingual: fires on at least 1% of every language's tokens (the "clusters" shared across them).
     cross_lingual = alive[(frequency[:, alive] >= 0.01).all(0)]
-    leaning = alive[torch.argsort(relative[alive], descending=True)[:top]]
+    leaning = by_lean[:top]
     return {
         "langs": langs,
         "focus_lang": focus_lang,

@@ -252,7 +252,7 @@ def write_crosscoder_report(out: Path, result: dict) -> None:
                 "all live latents",
                 f"{result['focus_lang']}-specific vs random live sets",
                 "cross-lingual (fire on ≥ 1% of every language) vs random live sets",
-            ],  # fmt: skip
+            ],
             [
                 [
                     row["layer"],
