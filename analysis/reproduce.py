@@ -6,6 +6,7 @@
 Stages, each the project's ordinary entry point in its own run directory under `<run-dir>/` (a finished
 stage is reused, a changed config is refused by the stage's RunDir):
 
+0. corpus — `training.corpus.build.build_corpus` when `--corpus-dir` holds none (a fresh clone).
 1. models — `training.base_models.run_base_models`: per mixture, pretraining at a wall-clock budget, its
    CLT and `locate_language` (lens, probes, similarity, LAPE, features). At `--scale base` the run
    directory is `runs/base`, the one `scripts/train_base_models.py` fills, so trained base models are
@@ -185,6 +186,16 @@ def run_stage(run: RunDir, name: str, work) -> Stage:
         done[(name,)] = {"stage": name, "seconds": time.perf_counter() - start}
         run.log_metrics(done[(name,)])
     return Stage(name, done[(name,)]["seconds"], outputs)
+
+
+def corpus_stage(config: ReproduceConfig) -> dict:
+    """The corpus every stage reads, built from Debian's packages and the other sources when absent (an
+    empty cache: a fresh clone builds it here, ≈ 8 min, and the stage's time says so)."""
+    from training.corpus.build import CorpusConfig, build_corpus
+
+    if not Path(config.corpus_dir, "dataset_dict.json").exists():
+        build_corpus(CorpusConfig(corpus_dir=config.corpus_dir))
+    return {"corpus_dir": config.corpus_dir}
 
 
 def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
@@ -419,13 +430,14 @@ def reproduce(config: ReproduceConfig) -> dict:
     root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
     run = RunDir.open(root, config, may_change=("device", "report_dir"))
     started = time.time()
+    corpus = run_stage(run, "corpus", lambda: corpus_stage(config))
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
     overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
     steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
     linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
     tuning = run_stage(run, "finetune", lambda: finetune_stage(config, settings, root, models.outputs))
     diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
-    stages = (models, overlap, steer, linguamap, tuning, diff)
+    stages = (corpus, models, overlap, steer, linguamap, tuning, diff)
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
     results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in stages]
     results["settings"] = settings

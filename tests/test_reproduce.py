@@ -122,6 +122,7 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
     assert {s["stage"] for s in results["stages"]} == {
+        "corpus",
         "models",
         "overlap",
         "steer",
