@@ -523,8 +523,10 @@ def fmt(number: Number | None, digits: int = 3) -> str:
     return "—" if number is None else f"{number.value:.{digits}f}"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
+    """The report; `plots` maps a claim's key to its plot's path relative to the report (shown inline)."""
     found, quality = results["_objects"]["claims"], results["_objects"]["quality"]
+    plots = plots or {}
     lines = [
         f"# Results ({results['scale']} scale)",
         "",
@@ -552,7 +554,9 @@ def markdown(results: dict) -> str:
             f"Sources: {', '.join(f'`{s}`' for s in c.sources)}. Command: `{c.command}`.",
             "",
         ]
-        if c.plot:
+        if c.key in plots:
+            lines += [f"![plot of claim ({c.key})]({plots[c.key]})", "", f"Plot: `{c.plot}`", ""]
+        elif c.plot:
             lines += [f"Plot: `{c.plot}`", ""]
     names = list(dict.fromkeys(name for q in quality.values() for name in q))  # (a release may lack one)
     lines += [
@@ -600,10 +604,26 @@ def html_report(results: dict, text: str) -> str:
     return "\n".join(parts)
 
 
+def copy_plots(results: dict, out: Path, folder: str) -> dict[str, str]:
+    """Each claim's plot copied next to the report (the stage directories under runs/ are not committed),
+    as {claim key: path relative to the report}."""
+    import shutil
+
+    copied = {}
+    for c in results["_objects"]["claims"]:
+        if c.plot and Path(c.plot).exists():
+            target = out / folder / f"claim-{c.key}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(c.plot, target)
+            copied[c.key] = f"{folder}/{target.name}"
+    return copied
+
+
 def write_reports(config: ReproduceConfig, results: dict) -> None:
     name = report_name(config.scale)
     out = Path(config.report_dir)
-    text = markdown(results)
+    plots = copy_plots(results, out, f"{name.lower()}-plots")
+    text = markdown(results, plots)
     atomic_write_text(out / f"{name}.md", text)
     atomic_write_text(out / f"{name.lower()}.html", html_report(results, text))
     saved = {k: v for k, v in results.items() if k != "_objects"}

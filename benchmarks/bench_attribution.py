@@ -46,7 +46,10 @@ class BenchAttributionConfig:
     langs: list[str] = field(
         default_factory=lambda: ["en", "fr", "de"], metadata={"help": "one prompt per language"}
     )
-    repeats: int = field(default=2, metadata={"help": "timed runs after one warm-up (best is reported)"})
+    repeats: int = field(default=2, metadata={"help": "timed runs after the warm-up (best is reported)"})
+    warmup: bool = field(
+        default=True, metadata={"help": "one untimed run first (off for long prompts, where it is noise)"}
+    )
     threads: int = field(default=2, metadata={"help": "torch threads per worker"})
     batch_size: int = field(default=64, metadata={"help": "our targets per backward pass"})
     ct_batch_sizes: list[int] = field(
@@ -181,7 +184,8 @@ def worker(args) -> None:
             return graph.active_features, graph.adjacency_matrix, [p for p in phases if "completed in" in p]
 
     baseline_mb = peak_rss_mb()
-    run()  # warm-up
+    if args.warmup:
+        run()
     times = []
     for _ in range(args.repeats):
         active = adjacency = detail = None  # the last graph is freed first: peaks are one run's own
@@ -234,6 +238,8 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
         str(args.repeats),
         "--threads",
         str(args.threads),
+        "--warmup",
+        str(args.warmup).lower(),
         "--save",
         save,
     ]
@@ -241,8 +247,12 @@ def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, sa
         command += ["--max-feature-nodes", str(args.max_feature_nodes)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{impl} worker failed:\n{result.stderr[-3000:]}")
+        raise WorkerFailed(f"{impl} worker failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class WorkerFailed(RuntimeError):
+    """A measurement's subprocess died (e.g. killed for memory at a large batch size)."""
 
 
 def main(argv: list[str]) -> None:
@@ -257,18 +267,16 @@ def main(argv: list[str]) -> None:
     for length in [] if args.skip_circuit_tracer else args.lengths:
         for prompt_index in range(len(args.langs)):
             ours = measure(args, "ours", length, prompt_index, args.batch_size, str(tmp / "ours.safetensors"))
-            theirs = []
+            theirs, failed = [], []
             for batch_size in args.ct_batch_sizes:
-                theirs.append(
-                    measure(
-                        args,
-                        "circuit-tracer",
-                        length,
-                        prompt_index,
-                        batch_size,
-                        str(tmp / f"ct{batch_size}.safetensors"),
-                    )
-                )
+                save = str(tmp / f"ct{batch_size}.safetensors")
+                try:
+                    theirs.append(measure(args, "circuit-tracer", length, prompt_index, batch_size, save))
+                except WorkerFailed as error:  # a batch size that does not fit is a result, not the end
+                    failed.append({"batch_size": batch_size, "error": str(error).splitlines()[-1]})
+                    print(f"{length:4d} tokens: circuit-tracer at batch {batch_size} failed: {failed[-1]}")
+            if not theirs:
+                raise WorkerFailed(f"circuit-tracer failed at every batch size at {length} tokens: {failed}")
             a, b = (
                 load_file(str(tmp / "ours.safetensors")),
                 load_file(str(tmp / f"ct{theirs[-1]['batch_size']}.safetensors")),
@@ -282,6 +290,7 @@ def main(argv: list[str]) -> None:
                 "n_active_features": ours["n_active_features"],
                 "ours": ours,
                 "circuit_tracer": theirs,
+                "circuit_tracer_failed": failed,
                 "ct_best_time_s": best["time_s"],
                 "ct_best_batch_size": best["batch_size"],
                 "speedup_vs_best": best["time_s"] / ours["time_s"],

@@ -189,3 +189,52 @@ def test_store_at_an_fsspec_url(tiny_model_dir, real_slice_corpus_dir):
     assert store.is_complete() and store.url == url
     batches = list(StoreLoader(ActivationStore(url), batch_size=64).epoch(0))
     assert sum(len(x) for x, _ in batches) == store.n_shards * store.tokens_per_shard
+
+
+def test_one_chunk_per_shard_is_written_raw_and_reads_as_zarr_would_write_it(
+    tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path
+):
+    """The default layout (no blocks_per_chunk): plain chunks written as raw bytes by write_raw_chunk. The
+    files must be byte for byte what Zarr's own encoder writes, and hold the sharded store's values."""
+    from clt.store import write_raw_chunk
+    from training.errors import CorruptData
+
+    args = {
+        **collect_args(tiny_model_dir, tmp_path / "plain.zarr", real_slice_corpus_dir),
+        "blocks_per_chunk": None,
+    }
+    store = collect_activations(CollectConfig(**args))
+    assert [c["name"] for c in store.group["mlp_in"].metadata.to_dict()["codecs"]] == ["bytes"]
+    for shard in (0, store.n_shards - 1):  # the same tokens, the same values as the sharded layout's
+        plain, sharded = (
+            store.read_shard(shard, ("mlp_in", "token_id")),
+            tiny_store.read_shard(shard, ("mlp_in", "token_id")),
+        )
+        np.testing.assert_array_equal(plain["mlp_in"], sharded["mlp_in"])
+        np.testing.assert_array_equal(plain["token_id"], sharded["token_id"])
+
+    # Zarr's encoder and the raw write give identical chunk files, for every dtype the store holds.
+    reference = zarr.open_group(tmp_path / "reference.zarr", mode="w")
+    for name in ("mlp_in", "mlp_out", "token_id", "lang", "position"):
+        source = store.group[name]
+        values = source[: store.tokens_per_shard]
+        encoded = reference.create_array(
+            name, shape=source.shape, dtype=source.dtype, chunks=source.chunks, compressors=None
+        )
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            encoded[: store.tokens_per_shard] = values
+        key = "/".join(["c", "0"] + ["0"] * (values.ndim - 1))
+        assert (tmp_path / "plain.zarr" / name / key).read_bytes() == (
+            tmp_path / "reference.zarr" / name / key
+        ).read_bytes()
+    # Anything but one whole uncompressed chunk goes through Zarr's own write.
+    assert not write_raw_chunk(tiny_store.group["mlp_in"], 0, tiny_store.read_shard(0)["mlp_in"])  # sharded
+    assert not write_raw_chunk(
+        store.group["mlp_in"], 0, store.read_shard(0)["mlp_in"][:10]
+    )  # part of a chunk
+
+    # A truncated chunk (a full disk) is caught when read, as a damaged shard is.
+    chunk = tmp_path / "plain.zarr" / "mlp_in" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(CorruptData, match="shard 1 of"):
+        ActivationStore(tmp_path / "plain.zarr").read_shard(1)

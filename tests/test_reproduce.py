@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +146,13 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
     saved = json.loads((tmp_path / "docs" / "results-tiny.json").read_text())
     assert saved["claims"][0]["number"]["inputs"][0]["source"].endswith("overlap.json")  # parallel − null
     assert "data:image/png;base64," in (tmp_path / "docs" / "results-tiny.html").read_text()
+    # Each plot is copied next to the report and shown inline (runs/ is not committed).
+    shown_plots = re.findall(r"!\[plot of claim \((\w)\)\]\(([^)]+)\)", report)
+    assert {key for key, _ in shown_plots} == {c["key"] for c in results["claims"]}
+    for key, relative in shown_plots:
+        copied = tmp_path / "docs" / relative
+        source = next(c for c in results["_objects"]["claims"] if c.key == key).plot
+        assert copied.read_bytes() == Path(source).read_bytes()
 
     # Resumed: the stages are reused (same wall times), the answer is the same.
     again = reproduce(config)
