@@ -312,12 +312,22 @@ def _budgeted_rows(
     n_active, n_targets, n_sources = len(sources.active), len(target_weights), sources.n_sources
     n_columns = n_sources + n_targets  # node space: every active feature, errors, tokens, targets
     frozen, device, dtype = sources.frozen, sources.encoders.device, sources.encoders.dtype
+    # The rows hold |A| while features are ranked (influence needs only |A|, and taking it once per row
+    # instead of once per product and ranking is most of the selection's time); `negative` keeps the signs,
+    # a byte per edge, and they are put back when the adjacency is packed.
     rows = torch.zeros(n_targets + budget, n_columns, dtype=dtype, device=device)
+    negative = torch.zeros(n_targets + budget, n_columns, dtype=torch.bool, device=device)
     row_nodes = torch.zeros(n_targets + budget, dtype=torch.long, device=device)
+
+    def keep_absolute(filled_rows: slice) -> None:
+        torch.signbit(rows[filled_rows], out=negative[filled_rows])
+        rows[filled_rows].abs_()
+
     targets_out = rows[:n_targets, :n_sources]
     _attribute_batch(
         frozen, sources.blocks, targets_out, target_reads, frozen.n_pos, frozen.n_layers, sources.timings
     )
+    keep_absolute(slice(0, n_targets))
     row_nodes[:n_targets] = n_sources + torch.arange(n_targets, device=device)
     weights = torch.zeros(n_columns, dtype=dtype, device=device)
     weights[n_sources:] = target_weights
@@ -325,7 +335,7 @@ def _budgeted_rows(
     filled = n_targets
     with tqdm(total=budget, desc="attribution", disable=not progress, unit="feature") as bar:
         while filled - n_targets < budget:
-            scores = influence(rows[:filled], weights, row_nodes[:filled])[:n_active]
+            scores = influence(rows[:filled], weights, row_nodes[:filled], absolute=True)[:n_active]
             ranked = torch.argsort(scores, descending=True, stable=True)
             queue = ranked[~visited[ranked]][
                 : min(update_interval * batch_size, budget - (filled - n_targets))
@@ -341,6 +351,7 @@ def _budgeted_rows(
                     sources.encoders[batch],
                     sources.timings,
                 )
+                keep_absolute(slice(filled, filled + len(batch)))
                 row_nodes[filled : filled + len(batch)] = batch
                 visited[batch] = True
                 filled += len(batch)
@@ -352,7 +363,9 @@ def _budgeted_rows(
     new_index[columns] = torch.arange(len(columns), device=device)
     adjacency = torch.zeros(len(columns), len(columns), dtype=dtype, device=device)
     for block in row_blocks(*rows.shape):
-        adjacency[new_index[row_nodes[block]]] = rows[block][:, columns]
+        signed = rows[block][:, columns]  # (a copy: the columns are gathered)
+        signed[negative[block][:, columns]] *= -1
+        adjacency[new_index[row_nodes[block]]] = signed
     return adjacency, selected
 
 

@@ -5,7 +5,8 @@ a run): what is already allocated is measured (this process's resident memory, o
 bytes), and what the rest of the run allocates is counted from the shapes —
 
 - the edge rows: the adjacency over all nodes, or, with a feature budget, the rows of the expanded
-  features over every source plus the packed adjacency of the kept ones (both alive while packing);
+  features over every source (as |A|, with a byte per entry for the signs) plus the packed adjacency of
+  the kept ones (both alive while packing);
 - one batch of the transpose pass: gradients at every layer, attention transposes, contraction scores;
 - pruning: the boolean edge mask and the streaming passes' blocks (attribution.prune.BLOCK_BYTES);
 
@@ -111,7 +112,8 @@ class AttributionSize:
         s = self.itemsize
         nodes = k + self.fixed_nodes
         adjacency = nodes * nodes * s
-        rows = (k + self.n_targets) * (self.n_active + self.fixed_nodes) * s if k < self.n_active else 0
+        # (with the rows, their signs: one byte per entry while the rows hold |A|)
+        rows = (k + self.n_targets) * (self.n_active + self.fixed_nodes) * (s + 1) if k < self.n_active else 0
         backward = (
             s
             * min(self.batch_size, max(k, self.n_targets))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from einops import rearrange
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
@@ -166,12 +166,18 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
     loop_start = time.perf_counter()
     # One writer thread: shard i is written while shard i+1 is computed (Zarr I/O releases the GIL).
     # At most one write is pending, and each write sets its completion byte after its data.
+    # Two sets of shard buffers, alternating: shard i's set is being written while shard i+1 fills the
+    # other, and a set is reused only after its write has finished (at most one write is pending). Fresh
+    # buffers per shard would page-fault and zero tens of MB each time.
+    buffer_sets = [_shard_buffers(model, config) for _ in range(2 if len(mine) > 1 else len(mine))]
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for shard in tqdm(
-            mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard"
+        for i, shard in enumerate(
+            tqdm(mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard")
         ):
-            arrays = _compute_shard(model, blocks, block_langs, lang_index, shard, config, device)
+            arrays = _compute_shard(
+                model, blocks, block_langs, lang_index, shard, config, device, buffer_sets[i % 2]
+            )
             if pending is not None:
                 pending.result()  # re-raises a failed write
             pending = writer.submit(write_shard, store, shard, arrays)
@@ -191,22 +197,23 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
     return ActivationStore(config.store)
 
 
-def _compute_shard(
-    model, blocks, block_langs, lang_index, shard: int, config: CollectConfig, device
-) -> dict[str, np.ndarray]:
-    """Forward passes for one shard: the arrays to write, in store order.
+def _shard_buffers(model, config: CollectConfig) -> dict[str, Float[Tensor, "block pos layer d"]]:
+    """One shard's MLP input and output buffers, in the store's dtype."""
+    shape = (config.blocks_per_shard, config.n_ctx - 1, model.config.n_layer, model.config.n_embd)
+    return {name: torch.empty(shape, dtype=getattr(torch, config.dtype)) for name in ("mlp_in", "mlp_out")}
 
-    Hooks copy each layer's activations (BOS position dropped) straight into preallocated float16/32
+
+def _compute_shard(
+    model, blocks, block_langs, lang_index, shard: int, config: CollectConfig, device, buffers
+) -> dict[str, np.ndarray]:
+    """Forward passes for one shard: the arrays to write, in store order (the activations are views of
+    `buffers`, which must not be refilled before they are written).
+
+    Hooks copy each layer's activations (BOS position dropped) straight into the preallocated float16/32
     shard buffers: one copy per tensor instead of stack → slice → cast → concatenate."""
     first = shard * config.blocks_per_shard
     shard_blocks = blocks[first : first + config.blocks_per_shard]
     n_pos = config.n_ctx - 1
-    n_layers, d_model = model.config.n_layer, model.config.n_embd
-    dtype = getattr(torch, config.dtype)
-    buffers = {
-        name: torch.empty(len(shard_blocks), n_pos, n_layers, d_model, dtype=dtype)
-        for name in ("mlp_in", "mlp_out")
-    }
     rows = slice(0, 0)
 
     def copy_into_buffer(kind: str, layer: int, tensor: Tensor) -> None:
