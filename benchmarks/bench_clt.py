@@ -110,6 +110,7 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
     from training.mixtures import parse_mixture
 
     collect_tps, forward_tps, setup_s = [], [], []
+    breakdown: dict[str, list[float]] = {"none": [], "inline": []}
     blocks = None
     for repeat in range(args.repeats):
         collect = CollectConfig(
@@ -126,7 +127,7 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         if blocks is None:
             tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
             train = load_corpus(args.corpus_dir or default_corpus_dir())["train"]
-            blocks, _ = collection_blocks(
+            blocks, block_langs = collection_blocks(
                 tokenizer,
                 list(train["text"]),
                 list(train["lang"]),
@@ -137,6 +138,8 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
             )
             blocks = blocks[: store.n_shards * collect.blocks_per_shard]
         forward_tps.append(forward_only_throughput(args.model_dir, blocks, collect.batch_size))
+        for writes, tps in breakdown.items():
+            tps.append(collection_loop_throughput(collect, blocks, block_langs, store, writes, tmp))
     forward_with_head = forward_only_throughput(args.model_dir, blocks, collect.batch_size, with_head=True)
     # One shard's write alone (the last store's shard 0 rewritten with its own values): the part of the
     # overhead the writer thread cannot hide when the forward already uses every core.
@@ -158,6 +161,11 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         "median_forward_only_tokens_per_s": median(forward_tps),
         "forward_with_lm_head_tokens_per_s": forward_with_head,
         "zarr_overhead": median(forward_tps) / median(collect_tps) - 1,
+        # the same loop without writes (hooks + copies into the shard buffers) and with each write inline
+        "hooks_and_copies_tokens_per_s": breakdown["none"],
+        "inline_write_tokens_per_s": breakdown["inline"],
+        "hooks_and_copies_overhead": median(forward_tps) / median(breakdown["none"]) - 1,
+        "inline_write_overhead": median(forward_tps) / median(breakdown["inline"]) - 1,
         "setup_seconds": setup_s,
         "write_seconds_per_shard": median(write_s),
         "forward_seconds_per_shard": store.tokens_per_shard / median(forward_tps),
@@ -165,12 +173,38 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
     print(
         f"collection {summary['median_tokens_per_s']:,.0f} tok/s vs forward "
         f"{summary['median_forward_only_tokens_per_s']:,.0f} (median of {args.repeats}): overhead "
-        f"{summary['zarr_overhead']:+.0%}; one shard's write {summary['write_seconds_per_shard']:.3f} s vs "
+        f"{summary['zarr_overhead']:+.0%} (hooks and copies alone "
+        f"{summary['hooks_and_copies_overhead']:+.0%}, "
+        f"writes inline {summary['inline_write_overhead']:+.0%}); "
+        f"one shard's write {summary['write_seconds_per_shard']:.3f} s vs "
         f"its forward {summary['forward_seconds_per_shard']:.3f} s; setup {median(setup_s):.1f} s per "
         "collection",
         flush=True,
     )
     return summary, store
+
+
+def collection_loop_throughput(
+    collect: CollectConfig, blocks, block_langs, store, writes: str, tmp: str
+) -> float:
+    """Stored tokens/s of collection's own shard loop (`clt.activations.fill_shards`) over the blocks of
+    `store`, with `writes` "none" (forward + hooks + copies into the shard buffers) or "inline" (each
+    shard written into a fresh store before the next is computed), timed like the store's loop timer."""
+    from clt.activations import fill_shards
+    from clt.store import ActivationStore, create_store
+    from training.fingerprint import model_fingerprint
+    from training.models import load_model
+
+    model, tokenizer = load_model(collect.model_dir)
+    target = None
+    if writes != "none":
+        config = CollectConfig(**{**vars(collect), "store": str(Path(tmp) / f"loop-{writes}.zarr")})
+        create_store(config, model, tokenizer, len(blocks), store.langs, model_fingerprint(collect.model_dir))
+        target = ActivationStore(config.store, writable=True)
+    lang_index = {lang: i for i, lang in enumerate(store.langs)}
+    start = time.perf_counter()
+    fill_shards(model, blocks, block_langs, lang_index, list(range(store.n_shards)), collect, target, writes)
+    return store.n_shards * store.tokens_per_shard / (time.perf_counter() - start)
 
 
 def torchrun_collection(args, tmp: str, n_ranks: int) -> float:

@@ -117,7 +117,6 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
     if config.dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {config.dtype!r}")
     model, tokenizer = load_model(config.model_dir, config.device)
-    device = model.device
     if config.n_ctx > model.config.n_positions:
         raise UserError(f"n_ctx={config.n_ctx} exceeds the model's context {model.config.n_positions}")
     fingerprint = model_fingerprint(config.model_dir)
@@ -164,25 +163,18 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
 
     mine = [s for s in range(store.n_shards) if s % world_size == rank and s not in set(store.done_shards)]
     loop_start = time.perf_counter()
-    # One writer thread: shard i is written while shard i+1 is computed (Zarr I/O releases the GIL).
-    # At most one write is pending, and each write sets its completion byte after its data.
-    # Two sets of shard buffers, alternating: shard i's set is being written while shard i+1 fills the
-    # other, and a set is reused only after its write has finished (at most one write is pending). Fresh
-    # buffers per shard would page-fault and zero tens of MB each time.
-    buffer_sets = [_shard_buffers(model, config) for _ in range(2 if len(mine) > 1 else len(mine))]
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for i, shard in enumerate(
-            tqdm(mine, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard")
-        ):
-            arrays = _compute_shard(
-                model, blocks, block_langs, lang_index, shard, config, device, buffer_sets[i % 2]
-            )
-            if pending is not None:
-                pending.result()  # re-raises a failed write
-            pending = writer.submit(write_shard, store, shard, arrays)
-        if pending is not None:
-            pending.result()
+    fill_shards(
+        model,
+        blocks,
+        block_langs,
+        lang_index,
+        mine,
+        config,
+        store,
+        writes="thread",
+        rank=rank,
+        world_size=world_size,
+    )
     if rank == 0 and mine:
         # Forward passes + Zarr writes only (no model/corpus loading): comparable to forward_only_throughput.
         store.group.attrs["last_collection_rank0"] = {
@@ -195,6 +187,49 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
         store.group.attrs["norm_stats"] = norm_stats(store)
     world.barrier()
     return ActivationStore(config.store)
+
+
+def fill_shards(
+    model,
+    blocks,
+    block_langs,
+    lang_index,
+    shards: list[int],
+    config: CollectConfig,
+    store: ActivationStore | None,
+    writes: str = "thread",
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Compute and write `shards`. `writes` says how: "thread" (collection's way: shard i is written on
+    one writer thread while shard i+1 is computed; Zarr I/O releases the GIL), "inline" (each shard
+    written before the next is computed) or "none" (computed, not written — the benchmark's measure of
+    what the hooks and the copies into the shard buffers cost on top of the forward).
+
+    Two sets of shard buffers alternate: shard i's set is being written while shard i+1 fills the other,
+    and a set is reused only after its write has finished (at most one write is pending, and each write
+    sets its completion byte after its data). Fresh buffers per shard would page-fault and zero tens of
+    MB each time."""
+    if writes not in ("thread", "inline", "none"):
+        raise ValueError(f"writes must be thread, inline or none, got {writes!r}")
+    device = model.device
+    buffer_sets = [_shard_buffers(model, config) for _ in range(2 if len(shards) > 1 else len(shards))]
+    progress = tqdm(shards, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard")
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for i, shard in enumerate(progress):
+            arrays = _compute_shard(
+                model, blocks, block_langs, lang_index, shard, config, device, buffer_sets[i % 2]
+            )
+            if pending is not None:
+                pending.result()  # re-raises a failed write
+                pending = None
+            if writes == "thread":
+                pending = writer.submit(write_shard, store, shard, arrays)
+            elif writes == "inline":
+                write_shard(store, shard, arrays)
+        if pending is not None:
+            pending.result()
 
 
 def _shard_buffers(model, config: CollectConfig) -> dict[str, Float[Tensor, "block pos layer d"]]:

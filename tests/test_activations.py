@@ -238,3 +238,60 @@ def test_one_chunk_per_shard_is_written_raw_and_reads_as_zarr_would_write_it(
     chunk.write_bytes(chunk.read_bytes()[:100])
     with pytest.raises(CorruptData, match="shard 1 of"):
         ActivationStore(tmp_path / "plain.zarr").read_shard(1)
+
+
+def test_fill_shards_writes_inline_what_the_writer_thread_writes(
+    tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path
+):
+    # The shard loop's three modes (benchmarks/bench_clt.py times them against each other): "inline"
+    # must store exactly what collection's writer thread stored, "none" must store nothing.
+    from clt.activations import collection_blocks, fill_shards
+    from clt.store import create_store
+    from training.corpus.build import load_corpus
+    from training.fingerprint import model_fingerprint
+    from training.mixtures import parse_mixture
+    from training.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(real_slice_corpus_dir))["train"]
+    blocks, block_langs = collection_blocks(
+        tokenizer,
+        list(corpus["text"]),
+        list(corpus["lang"]),
+        parse_mixture(tiny_store.attrs["mixture"]),
+        3000,
+        16,
+        0,
+    )
+    lang_index = {lang: i for i, lang in enumerate(tiny_store.langs)}
+    shards = list(range(tiny_store.n_shards))
+    for writes in ("inline", "none"):
+        config = CollectConfig(
+            **collect_args(tiny_model_dir, tmp_path / f"{writes}.zarr", real_slice_corpus_dir)
+        )
+        create_store(
+            config, model, tokenizer, len(blocks), tiny_store.langs, model_fingerprint(str(tiny_model_dir))
+        )
+        target = ActivationStore(config.store, writable=True)
+        fill_shards(
+            model,
+            blocks,
+            block_langs,
+            lang_index,
+            shards,
+            config,
+            target if writes == "inline" else None,
+            writes,
+        )
+        written = ActivationStore(config.store)
+        if writes == "none":
+            assert written.done_shards == []
+            continue
+        assert sorted(written.done_shards) == shards
+        for shard in (0, shards[-1]):
+            fields = ("mlp_in", "mlp_out", "token_id", "lang", "position")
+            ours, theirs = written.read_shard(shard, fields), tiny_store.read_shard(shard, fields)
+            for name in fields:
+                np.testing.assert_array_equal(ours[name], theirs[name])
+    with pytest.raises(ValueError, match="thread, inline or none"):
+        fill_shards(model, blocks, block_langs, lang_index, shards, config, None, "async")
