@@ -171,7 +171,7 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
         mine,
         config,
         store,
-        writes="thread",
+        writes="inline",
         rank=rank,
         world_size=world_size,
     )
@@ -201,21 +201,27 @@ def fill_shards(
     rank: int = 0,
     world_size: int = 1,
 ) -> None:
-    """Compute and write `shards`. `writes` says how: "thread" (collection's way: shard i is written on
-    one writer thread while shard i+1 is computed; Zarr I/O releases the GIL), "inline" (each shard
-    written before the next is computed) or "none" (computed, not written — the benchmark's measure of
+    """Compute and write `shards`. `writes` says how: "inline" (collection's way: each shard written
+    before the next is computed), "thread" (shard i written on one writer thread while shard i+1 is
+    computed; Zarr I/O releases the GIL) or "none" (computed, not written — the benchmark's measure of
     what the hooks and the copies into the shard buffers cost on top of the forward).
 
-    Two sets of shard buffers alternate: shard i's set is being written while shard i+1 fills the other,
-    and a set is reused only after its write has finished (at most one write is pending, and each write
-    sets its completion byte after its data). Fresh buffers per shard would page-fault and zero tens of
-    MB each time."""
+    Why inline: on 2 cores the forward's two torch threads already occupy both, so a writer thread
+    cannot hide the write, even niced (it runs when a core is idle, and none is). Measured on the base
+    model over 400k tokens (docs/performance.md §3, benchmarks/bench_clt.py): inline +35% over the bare
+    forward, a niced writer thread +33% — the same within the spread — and the hooks with their copies
+    ≈ 0%; so the simpler loop is the default.
+
+    Two sets of shard buffers alternate: with a writer thread, shard i's set is being written while shard
+    i+1 fills the other, and a set is reused only after its write has finished (at most one write is
+    pending, and each write sets its completion byte after its data). Fresh buffers per shard would
+    page-fault and zero tens of MB each time."""
     if writes not in ("thread", "inline", "none"):
         raise ValueError(f"writes must be thread, inline or none, got {writes!r}")
     device = model.device
     buffer_sets = [_shard_buffers(model, config) for _ in range(2 if len(shards) > 1 else len(shards))]
     progress = tqdm(shards, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard")
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1, initializer=_lowest_priority) as writer:
         pending = None
         for i, shard in enumerate(progress):
             arrays = _compute_shard(
@@ -230,6 +236,18 @@ def fill_shards(
                 write_shard(store, shard, arrays)
         if pending is not None:
             pending.result()
+
+
+def _lowest_priority() -> None:
+    """Nice the calling thread (Linux: a thread is a schedulable task of its own) to 19, so that it runs
+    when the forward leaves a core idle instead of preempting one of torch's workers."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: an ordinary thread
+        pass
 
 
 def _shard_buffers(model, config: CollectConfig) -> dict[str, Float[Tensor, "block pos layer d"]]:
