@@ -240,11 +240,11 @@ def test_one_chunk_per_shard_is_written_raw_and_reads_as_zarr_would_write_it(
         ActivationStore(tmp_path / "plain.zarr").read_shard(1)
 
 
-def test_fill_shards_writes_inline_what_the_writer_thread_writes(
+def test_fill_shards_writer_thread_stores_what_inline_writes_store(
     tiny_store, tiny_model_dir, real_slice_corpus_dir, tmp_path
 ):
-    # The shard loop's three modes (benchmarks/bench_clt.py times them against each other): "inline"
-    # must store exactly what collection's writer thread stored, "none" must store nothing.
+    # The shard loop's three modes (benchmarks/bench_clt.py times them against each other): "thread" must
+    # store exactly what collection's inline writes stored, "none" must store nothing.
     from clt.activations import collection_blocks, fill_shards
     from clt.store import create_store
     from training.corpus.build import load_corpus
@@ -265,7 +265,7 @@ def test_fill_shards_writes_inline_what_the_writer_thread_writes(
     )
     lang_index = {lang: i for i, lang in enumerate(tiny_store.langs)}
     shards = list(range(tiny_store.n_shards))
-    for writes in ("inline", "none"):
+    for writes in ("thread", "none"):
         config = CollectConfig(
             **collect_args(tiny_model_dir, tmp_path / f"{writes}.zarr", real_slice_corpus_dir)
         )
@@ -280,7 +280,7 @@ def test_fill_shards_writes_inline_what_the_writer_thread_writes(
             lang_index,
             shards,
             config,
-            target if writes == "inline" else None,
+            target if writes == "thread" else None,
             writes,
         )
         written = ActivationStore(config.store)
