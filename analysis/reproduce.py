@@ -145,6 +145,13 @@ class ReproduceConfig:
     report_dir: str = field(default="docs", metadata={"help": "where RESULTS*.md/.html/.json go"})
     overrides: str = field(default="", metadata={"help": "JSON file of per-stage settings over the scale's"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES[1:]),
+        metadata={
+            "help": "stages to run (the models stage always runs, reusing its work); a subset lets two "
+            "processes share the cores — the report is written by a call that runs them all"
+        },
+    )
 
 
 @dataclass
@@ -221,7 +228,10 @@ def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
     outputs = {}
     for mixture in settings["mixtures"]:
         if mixture in released:
-            outputs[mixture] = adopt_release(config, settings, root, mixture, released[mixture])
+            # Claims (b) and (c) read the main model's lens and probes only: on the other releases these
+            # sections would cost ≈ 25 min of CPU each at the base scale and be read by nothing.
+            located = mixture == settings["roles"]["main"]
+            outputs[mixture] = adopt_release(config, settings, root, mixture, released[mixture], located)
             continue
         base = Path(runs_dir) / mixture
         outputs[mixture] = {
@@ -252,14 +262,29 @@ def released_models(settings: dict, runs_dir: str) -> dict[str, Path]:
     return found
 
 
-def adopt_release(config: ReproduceConfig, settings: dict, root: Path, mixture: str, release: Path) -> dict:
+def adopt_release(
+    config: ReproduceConfig,
+    settings: dict,
+    root: Path,
+    mixture: str,
+    release: Path,
+    with_location: bool = True,
+) -> dict:
     """A released model as the scale's model of `mixture`: its weights, CLT and located units as released
-    (the manifest is verified where they load); of the location report, only the sections the claims
-    read (lens, probes) are run on it, with the scale's location settings, in
+    (the manifest is verified where they load); with `with_location`, of the location report only the sections
+    the claims read (lens, probes) are run on it, with the scale's location settings, in
     <root>/released/<mixture>/locate — the release's located.json already holds the rest."""
     from analysis.locate import locate_language
     from training.base_models import BaseModelsConfig
 
+    adopted = {
+        "model_dir": str(release / "model"),
+        "clt_dir": str(release / "clt"),
+        "manifest": str(release / "MANIFEST.json"),
+        "located": str(release / "located.json"),
+    }
+    if not with_location:
+        return adopted
     locate_dir = root / "released" / mixture / "locate"
     locate = dataclasses.replace(
         config_from_dict(BaseModelsConfig, settings["models"]).locate,
@@ -271,14 +296,7 @@ def adopt_release(config: ReproduceConfig, settings: dict, root: Path, mixture: 
         sections=list(CLAIM_SECTIONS),
     )
     locate_language(locate)
-    return {
-        "model_dir": str(release / "model"),
-        "clt_dir": str(release / "clt"),
-        "manifest": str(release / "MANIFEST.json"),
-        "locate_report": str(locate_dir / "report.json"),
-        "locate_dir": str(locate_dir),
-        "located": str(release / "located.json"),
-    }
+    return {**adopted, "locate_report": str(locate_dir / "report.json"), "locate_dir": str(locate_dir)}
 
 
 def per_model_stage(
@@ -309,9 +327,12 @@ def per_model_values(
 
 
 def overlap_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict) -> dict:
-    """Cross-language overlap of pruned-graph features against a shuffled null, per model."""
+    """Cross-language overlap of pruned-graph features against a shuffled null, on the models claims (a)
+    and (e) read (the main model and the one without English)."""
     from attribution.overlap import OverlapConfig, run_overlap
 
+    read = {settings["roles"]["main"], settings["roles"].get("no_english")}
+    models = {mixture: paths for mixture, paths in models.items() if mixture in read}
     return per_model_stage(
         config, settings, root, models, "overlap", OverlapConfig, run_overlap,
         lambda paths: {"model_dir": paths["model_dir"], "clt": paths["clt_dir"]},
@@ -430,16 +451,29 @@ def diff_stage(config: ReproduceConfig, settings: dict, root: Path, models: dict
 def reproduce(config: ReproduceConfig) -> dict:
     settings = scale_settings(config)
     root = Path(config.run_dir or f"runs/reproduce-{config.scale}")
-    run = RunDir.open(root, config, may_change=("device", "report_dir"))
+    unknown = sorted(set(config.stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown --stages {unknown}; choose from {', '.join(STAGES)}")
+    run = RunDir.open(root, config, may_change=("device", "report_dir", "stages"))
     started = time.time()
     corpus = run_stage(run, "corpus", lambda: corpus_stage(config))
     models = run_stage(run, "models", lambda: models_stage(config, settings, root))
-    overlap = run_stage(run, "overlap", lambda: overlap_stage(config, settings, root, models.outputs))
-    steer = run_stage(run, "steer", lambda: steer_stage(config, settings, root, models.outputs))
-    linguamap = run_stage(run, "linguamap", lambda: linguamap_stage(config, settings, root, models.outputs))
-    tuning = run_stage(run, "finetune", lambda: finetune_stage(config, settings, root, models.outputs))
-    diff = run_stage(run, "diff", lambda: diff_stage(config, settings, root, models.outputs))
-    stages = (corpus, models, overlap, steer, linguamap, tuning, diff)
+    work = {
+        "overlap": overlap_stage,
+        "steer": steer_stage,
+        "linguamap": linguamap_stage,
+        "finetune": finetune_stage,
+        "diff": diff_stage,
+    }
+    stages = [corpus, models]
+    for name, stage in work.items():
+        if name in config.stages:
+            stages.append(
+                run_stage(run, name, lambda stage=stage: stage(config, settings, root, models.outputs))
+            )
+    if len(stages) < len(STAGES) + 1:
+        print(f"ran {', '.join(s.name for s in stages)}; the report is written by a call with every stage")
+        return {"stages": [{"stage": s.name, "seconds": s.seconds} for s in stages]}
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})
     results["stages"] = [{"stage": s.name, "seconds": s.seconds} for s in stages]
     results["settings"] = settings

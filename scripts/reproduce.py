@@ -13,6 +13,8 @@ from training.config import parse_config, run_main
 def main(argv: list[str]) -> None:
     config = parse_config(ReproduceConfig, argv)
     results = reproduce(config)
+    if "claims" not in results:  # (a subset of the stages: no report yet)
+        return
     for claim in results["claims"]:
         print(f"({claim['key']}) {claim['verdict']:>15}: {claim['claim']}")
     print(f"report: {config.report_dir}/{report_name(config.scale)}.md")

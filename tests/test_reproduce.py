@@ -3,8 +3,10 @@ report has its structure, and every number in it is what a stage's output file h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from analysis import claims, provenance
 from analysis.reproduce import ReproduceConfig, all_numbers, reproduce, verify_all
 from tests.helpers import micro_base_models
 from training import base_models
+from training.errors import UserError
 
 MAIN, NO_ENGLISH = "en=0.5,fr=0.25,de=0.25", "fr=0.5,de=0.5"
 
@@ -118,7 +121,18 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         overrides=str(overrides),
         device="cpu",
     )
+    # Two processes may share the cores, each running a subset of the stages; neither writes a report.
+    first = reproduce(dataclasses.replace(config, stages=["overlap", "steer"]))
+    assert [s["stage"] for s in first["stages"]] == ["corpus", "models", "overlap", "steer"]
+    reproduce(dataclasses.replace(config, stages=["linguamap", "finetune", "diff"]))
+    assert not (tmp_path / "docs").exists()
+    with pytest.raises(UserError, match="unknown --stages"):
+        reproduce(dataclasses.replace(config, stages=["steering"]))
+    # The call with every stage reuses what the two did and writes the report.
     results = reproduce(config)
+    assert [s["seconds"] for s in results["stages"][2:]] == [s["seconds"] for s in first["stages"][2:]] + [
+        s["seconds"] for s in results["stages"][4:]
+    ]
     assert [c["key"] for c in results["claims"]] == ["a", "b", "c", "d", "e", "f", "g", "h"]
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in results["claims"])
     assert set(results["quality"]) == {MAIN, NO_ENGLISH}
@@ -177,9 +191,14 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
         )
     )
     settings = scale_settings(config)
-    settings.update(mixtures=[MAIN], releases=str(tmp_path / "released" / "micro-{mixture}"))
+    # A second release (a copy) of a mixture no claim locates in: adopted without a location run.
+    shutil.copytree(tmp_path / "released" / f"micro-{MAIN}", tmp_path / "released" / "micro-other")
+    settings.update(mixtures=[MAIN, "other"], releases=str(tmp_path / "released" / "micro-{mixture}"))
     fresh = tmp_path / "fresh-clone"
-    adopted = models_stage(config, settings, fresh)[MAIN]
+    both = models_stage(config, settings, fresh)
+    adopted = both[MAIN]
+    assert both["other"]["model_dir"] == str(tmp_path / "released" / "micro-other" / "model")
+    assert "locate_report" not in both["other"] and not (fresh / "released" / "other").exists()
     assert not (fresh / "models").exists()  # nothing trained
     assert adopted["model_dir"] == str(tmp_path / "released" / f"micro-{MAIN}" / "model")
     assert adopted["located"].startswith(str(tmp_path / "released"))
@@ -285,3 +304,19 @@ def test_released_quality_reads_the_manifest_and_tolerates_an_older_release(tmp_
     metrics["clt"]["heldout_l0"] = [10.0, 30.0]
     manifest.write_text(json.dumps({"metrics": metrics}))
     assert claims.released_quality(manifest)["CLT mean L0"].value == 20.0
+
+
+def test_overlap_runs_on_the_models_its_claims_read(monkeypatch):
+    """(a) reads the main model's overlap and (e) the one without English: no other model is run."""
+    import analysis.reproduce as reproduce_module
+
+    seen = {}
+
+    def per_model_stage(config, settings, root, models, *rest):
+        seen.update(models)
+        return {}
+
+    monkeypatch.setattr(reproduce_module, "per_model_stage", per_model_stage)
+    settings = {"roles": {"main": "a", "no_english": "c"}}
+    reproduce_module.overlap_stage(None, settings, Path("unused"), {"a": {}, "b": {}, "c": {}})
+    assert sorted(seen) == ["a", "c"]
