@@ -21,7 +21,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from clt.recorder import MLPActivationRecorder
-from clt.store import ActivationStore, create_store, norm_stats, open_existing, write_shard
+from clt.store import (
+    ActivationStore,
+    create_store,
+    norm_stats,
+    open_existing,
+    page_aligned_empty,
+    write_shard,
+)
 from training import paths
 from training.errors import ModelMismatch, UserError
 from training.fingerprint import model_fingerprint
@@ -253,7 +260,8 @@ def _lowest_priority() -> None:
 def _shard_buffers(model, config: CollectConfig) -> dict[str, Float[Tensor, "block pos layer d"]]:
     """One shard's MLP input and output buffers, in the store's dtype."""
     shape = (config.blocks_per_shard, config.n_ctx - 1, model.config.n_layer, model.config.n_embd)
-    return {name: torch.empty(shape, dtype=getattr(torch, config.dtype)) for name in ("mlp_in", "mlp_out")}
+    # page-aligned: a shard's chunk then goes to disk with direct I/O, without a copy (store.write_direct)
+    return {name: page_aligned_empty(shape, getattr(torch, config.dtype)) for name in ("mlp_in", "mlp_out")}
 
 
 def _compute_shard(

@@ -295,3 +295,45 @@ def test_fill_shards_writer_thread_stores_what_inline_writes_store(
                 np.testing.assert_array_equal(ours[name], theirs[name])
     with pytest.raises(ValueError, match="thread, inline or none"):
         fill_shards(model, blocks, block_langs, lang_index, shards, config, None, "async")
+
+
+def test_direct_writes_give_zarr_s_chunk_files_and_decline_what_they_cannot_write(tmp_path, monkeypatch):
+    """A page-aligned whole chunk goes to disk with O_DIRECT (store.write_direct); its file is byte for
+    byte the one Zarr's own write gives for the same values, and the array reads it back. Unaligned or
+    partial-page data are declined with nothing written (write_raw_chunk then uses Zarr's write)."""
+    import mmap
+
+    from clt import store as store_module
+
+    direct_writes = []
+    real_write_direct = store_module.write_direct
+
+    def spy(path, data):
+        written = real_write_direct(path, data)
+        direct_writes.append(written)
+        return written
+
+    monkeypatch.setattr(store_module, "write_direct", spy)
+    aligned = store_module.page_aligned_empty((1024, 4, 8), torch.float16)  # 64 KiB: 16 whole pages
+    aligned.copy_(torch.randn(1024, 4, 8, generator=torch.Generator().manual_seed(0)))
+    values = aligned.numpy()
+    assert values.ctypes.data % mmap.PAGESIZE == 0
+    unaligned = np.empty(values.size + 1, dtype=values.dtype)[1:].reshape(values.shape)  # starts 2 bytes in
+    unaligned[...] = values
+    files = {}
+    for name, data in (("direct", values), ("zarr", unaligned)):
+        group = zarr.open_group(tmp_path / f"{name}.zarr", mode="w")
+        array = group.create_array(
+            "x", shape=(2048, 4, 8), dtype="float16", chunks=(1024, 4, 8), compressors=None
+        )
+        assert store_module.write_raw_chunk(array, 1, data)
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / f"{name}.zarr")["x"][1024:], values)
+        files[name] = sorted(p.name for p in (tmp_path / f"{name}.zarr" / "x" / "c").iterdir())
+        files[f"{name} bytes"] = (tmp_path / f"{name}.zarr" / "x" / "c" / "1" / "0" / "0").read_bytes()
+    assert direct_writes == [True, False]  # (on Linux, where O_DIRECT exists)
+    assert files["direct bytes"] == files["zarr bytes"] == values.tobytes()
+    assert files["direct"] == files["zarr"] == ["1"]  # no temporary file left behind
+    # Declined, nothing written: a start off the page boundary, a size that is not whole pages.
+    assert not real_write_direct(tmp_path / "offset", values[1:])
+    assert not real_write_direct(tmp_path / "short", values[:1000])
+    assert not (tmp_path / "offset").exists() and not (tmp_path / "short").exists()
