@@ -110,7 +110,9 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
     from training.mixtures import parse_mixture
 
     collect_tps, forward_tps, setup_s = [], [], []
-    breakdown: dict[str, list[float]] = {"none": [], "thread": []}
+    # "buffered": the inline loop with direct I/O turned off (the write before O_DIRECT), side by side
+    breakdown: dict[str, list[float]] = {"none": [], "thread": [], "buffered": []}
+    kernel_s: dict[str, list[float]] = {mode: [] for mode in breakdown}
     blocks = None
     for repeat in range(args.repeats):
         collect = CollectConfig(
@@ -139,7 +141,9 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
             blocks = blocks[: store.n_shards * collect.blocks_per_shard]
         forward_tps.append(forward_only_throughput(args.model_dir, blocks, collect.batch_size))
         for writes, tps in breakdown.items():
-            tps.append(collection_loop_throughput(collect, blocks, block_langs, store, writes, tmp))
+            rate, kernel = collection_loop_throughput(collect, blocks, block_langs, store, writes, tmp)
+            tps.append(rate)
+            kernel_s[writes].append(kernel)
     forward_with_head = forward_only_throughput(args.model_dir, blocks, collect.batch_size, with_head=True)
     # One shard's write alone (the last store's shard 0 rewritten with its own values): the part of the
     # overhead an inline write adds to the forward.
@@ -165,8 +169,13 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         # with each write on a writer thread overlapping the next shard's forward (the earlier design)
         "hooks_and_copies_tokens_per_s": breakdown["none"],
         "writer_thread_tokens_per_s": breakdown["thread"],
+        "buffered_writes_tokens_per_s": breakdown["buffered"],
         "hooks_and_copies_overhead": median(forward_tps) / median(breakdown["none"]) - 1,
         "writer_thread_overhead": median(forward_tps) / median(breakdown["thread"]) - 1,
+        "buffered_writes_overhead": median(forward_tps) / median(breakdown["buffered"]) - 1,
+        # kernel CPU seconds of the whole process during each loop (os.times): what the writes cost the
+        # cores the forward runs on
+        "loop_kernel_cpu_seconds": kernel_s,
         "setup_seconds": setup_s,
         "write_seconds_per_shard": median(write_s),
         "forward_seconds_per_shard": store.tokens_per_shard / median(forward_tps),
@@ -176,7 +185,8 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         f"{summary['median_forward_only_tokens_per_s']:,.0f} (median of {args.repeats}): overhead "
         f"{summary['zarr_overhead']:+.0%} (hooks and copies alone "
         f"{summary['hooks_and_copies_overhead']:+.0%}, "
-        f"writes on a thread {summary['writer_thread_overhead']:+.0%}); "
+        f"writes on a thread {summary['writer_thread_overhead']:+.0%}, "
+        f"buffered inline writes {summary['buffered_writes_overhead']:+.0%}); "
         f"one shard's write {summary['write_seconds_per_shard']:.3f} s vs "
         f"its forward {summary['forward_seconds_per_shard']:.3f} s; setup {median(setup_s):.1f} s per "
         "collection",
@@ -187,11 +197,17 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
 
 def collection_loop_throughput(
     collect: CollectConfig, blocks, block_langs, store, writes: str, tmp: str
-) -> float:
+) -> tuple[float, float]:
     """Stored tokens/s of collection's own shard loop (`clt.activations.fill_shards`) over the blocks of
-    `store`, with `writes` "none" (forward + hooks + copies into the shard buffers) or "thread" (each
-    shard written into a fresh store on a writer thread while the next is computed), timed like the
-    store's loop timer."""
+    `store`, and the process's kernel CPU seconds meanwhile, with `writes` "none" (forward + hooks +
+    copies into the shard buffers), "thread" (each shard written into a fresh store on a writer thread
+    while the next is computed) or "buffered" (inline, with direct I/O off: every write through the page
+    cache), timed like the store's loop timer."""
+    import contextlib
+    import os
+    from unittest import mock
+
+    from clt import store as store_module
     from clt.activations import fill_shards
     from clt.store import ActivationStore, create_store
     from training.fingerprint import model_fingerprint
@@ -204,9 +220,15 @@ def collection_loop_throughput(
         create_store(config, model, tokenizer, len(blocks), store.langs, model_fingerprint(collect.model_dir))
         target = ActivationStore(config.store, writable=True)
     lang_index = {lang: i for i, lang in enumerate(store.langs)}
-    start = time.perf_counter()
-    fill_shards(model, blocks, block_langs, lang_index, list(range(store.n_shards)), collect, target, writes)
-    return store.n_shards * store.tokens_per_shard / (time.perf_counter() - start)
+    no_direct_io = mock.patch.object(store_module, "write_direct", lambda path, data: False)
+    with no_direct_io if writes == "buffered" else contextlib.nullcontext():
+        kernel, start = os.times().system, time.perf_counter()
+        fill_shards(
+            model, blocks, block_langs, lang_index, list(range(store.n_shards)), collect, target,
+            "inline" if writes == "buffered" else writes,
+        )  # fmt: skip
+        seconds, kernel = time.perf_counter() - start, os.times().system - kernel
+    return store.n_shards * store.tokens_per_shard / seconds, kernel
 
 
 def torchrun_collection(args, tmp: str, n_ranks: int) -> float:
