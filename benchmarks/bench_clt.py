@@ -110,8 +110,9 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
     from training.mixtures import parse_mixture
 
     collect_tps, forward_tps, setup_s = [], [], []
-    # "buffered": the inline loop with direct I/O turned off (the write before O_DIRECT), side by side
-    breakdown: dict[str, list[float]] = {"none": [], "thread": [], "buffered": []}
+    # collection's loop without writes, with each write mode, and "buffered": inline with direct I/O
+    # turned off (the write before O_DIRECT), side by side
+    breakdown: dict[str, list[float]] = {"none": [], "inline": [], "thread": [], "buffered": []}
     kernel_s: dict[str, list[float]] = {mode: [] for mode in breakdown}
     blocks = None
     for repeat in range(args.repeats):
@@ -165,13 +166,15 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         "median_forward_only_tokens_per_s": median(forward_tps),
         "forward_with_lm_head_tokens_per_s": forward_with_head,
         "zarr_overhead": median(forward_tps) / median(collect_tps) - 1,
-        # collection's loop (writes inline) without writes (hooks + copies into the shard buffers), and
-        # with each write on a writer thread overlapping the next shard's forward (the earlier design)
+        # collection's loop without writes (hooks + copies into the shard buffers), with each write on
+        # the writer thread overlapping the next shard's forward (collection's default) or inline
         "hooks_and_copies_tokens_per_s": breakdown["none"],
         "writer_thread_tokens_per_s": breakdown["thread"],
+        "inline_writes_tokens_per_s": breakdown["inline"],
         "buffered_writes_tokens_per_s": breakdown["buffered"],
         "hooks_and_copies_overhead": median(forward_tps) / median(breakdown["none"]) - 1,
         "writer_thread_overhead": median(forward_tps) / median(breakdown["thread"]) - 1,
+        "inline_writes_overhead": median(forward_tps) / median(breakdown["inline"]) - 1,
         "buffered_writes_overhead": median(forward_tps) / median(breakdown["buffered"]) - 1,
         # kernel CPU seconds of the whole process during each loop (os.times): what the writes cost the
         # cores the forward runs on
@@ -186,6 +189,7 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
         f"{summary['zarr_overhead']:+.0%} (hooks and copies alone "
         f"{summary['hooks_and_copies_overhead']:+.0%}, "
         f"writes on a thread {summary['writer_thread_overhead']:+.0%}, "
+        f"inline {summary['inline_writes_overhead']:+.0%}, "
         f"buffered inline writes {summary['buffered_writes_overhead']:+.0%}); "
         f"one shard's write {summary['write_seconds_per_shard']:.3f} s vs "
         f"its forward {summary['forward_seconds_per_shard']:.3f} s; setup {median(setup_s):.1f} s per "
@@ -201,7 +205,7 @@ def collection_loop_throughput(
     """Stored tokens/s of collection's own shard loop (`clt.activations.fill_shards`) over the blocks of
     `store`, and the process's kernel CPU seconds meanwhile, with `writes` "none" (forward + hooks +
     copies into the shard buffers), "thread" (each shard written into a fresh store on a writer thread
-    while the next is computed) or "buffered" (inline, with direct I/O off: every write through the page
+    while the next is computed), "inline" (each written before the next is computed) or "buffered" (inline, with direct I/O off: every write through the page
     cache), timed like the store's loop timer."""
     import contextlib
     import os

@@ -178,7 +178,7 @@ def collect_activations(config: CollectConfig, world: Dist | None = None) -> Act
         mine,
         config,
         store,
-        writes="inline",
+        writes="thread",
         rank=rank,
         world_size=world_size,
     )
@@ -208,16 +208,18 @@ def fill_shards(
     rank: int = 0,
     world_size: int = 1,
 ) -> None:
-    """Compute and write `shards`. `writes` says how: "inline" (collection's way: each shard written
-    before the next is computed), "thread" (shard i written on one writer thread while shard i+1 is
-    computed; Zarr I/O releases the GIL) or "none" (computed, not written — the benchmark's measure of
-    what the hooks and the copies into the shard buffers cost on top of the forward).
+    """Compute and write `shards`. `writes` says how: "thread" (collection's way: shard i written on one
+    writer thread while shard i+1 is computed), "inline" (each shard written before the next is computed)
+    or "none" (computed, not written — the benchmark's measure of what the hooks and the copies into the
+    shard buffers cost on top of the forward).
 
-    Why inline: on 2 cores the forward's two torch threads already occupy both, so a writer thread
-    cannot hide the write, even niced (it runs when a core is idle, and none is). Measured on the base
-    model over 400k tokens (docs/performance.md §3, benchmarks/bench_clt.py): inline +35% over the bare
-    forward, a niced writer thread +33% — the same within the spread — and the hooks with their copies
-    ≈ 0%; so the simpler loop is the default.
+    Why a thread: the shard's chunks go to disk with direct I/O (clt/store.py:write_direct), so the
+    writer spends its time waiting on the disk, not on a core, and that wait overlaps the next shard's
+    forward. (With buffered writes it did not help: the page-cache copies and writeback cost 1–2 s of
+    kernel CPU per 800 MB, on the same 2 cores the forward's threads occupy, and a thread measured the
+    same as inline.) Measured on the base model over 400k tokens (docs/performance.md §3,
+    benchmarks/bench_clt.py): buffered inline +28% over the bare forward, direct inline +13%, direct on
+    the thread +10%; the hooks with their copies ≈ 0%.
 
     Two sets of shard buffers alternate: with a writer thread, shard i's set is being written while shard
     i+1 fills the other, and a set is reused only after its write has finished (at most one write is
