@@ -12,9 +12,10 @@ stage is reused, a changed config is refused by the stage's RunDir):
    directory is `runs/base`, the one `scripts/train_base_models.py` fills, so trained base models are
    reused as they are; a mixture this machine has not trained whose release is under models/ (the
    `releases` setting) is adopted instead — its model, CLT and located units as released, only the
-   location report re-run on it — so a fresh clone re-measures the claims without retraining.
-2. overlap — `attribution.overlap.run_overlap` per mixture: cross-language overlap of pruned-graph
-   features against a shuffled null.
+   lens and probe sections re-run on the main model (what claims (b) and (c) read) — so a fresh clone
+   re-measures the claims without retraining.
+2. overlap — `attribution.overlap.run_overlap` on the main model and the one without English (what (a)
+   and (e) read): cross-language overlap of pruned-graph features against a shuffled null.
 3. steer — `interventions.sweep.run_steering` on the main model: the steering frontier of features
    chosen by output effect vs random features of the same layers, the unsteered model and the
    diff-of-means direction, at equal fluency cost.
@@ -36,7 +37,9 @@ and the settings of each stage. `--overrides FILE` (JSON: {"mixtures": [...], "r
 "no_english": ...}, "releases": "models/base-{mixture}" or "", "models": {...}, "overlap": {...},
 "steer": {...}, "linguamap": {...}, "finetune": {"data": {...}, "compare": {...}, "claim": {...}},
 "diff": {"finetune": {...}, "crosscoder": {...}, "report": {...}}}, flat flag names of each stage's config)
-adjusts a scale, e.g. the micro settings of the end-to-end test.
+adjusts a scale, e.g. the micro settings of the end-to-end test. `--stages` runs a subset (the models
+stage always, reused), so that one-thread processes can share the cores; only a call with every stage
+writes the report.
 """
 
 from __future__ import annotations
@@ -556,7 +559,13 @@ def machine() -> dict:
 
 
 def fmt(number: Number | None, digits: int = 3) -> str:
-    return "—" if number is None else f"{number.value:.{digits}f}"
+    """A number as the report shows it: `digits` decimals, or two significant digits in scientific
+    notation for a value that many decimals would show as 0 (a learning rate of 3e-4, a p-value)."""
+    if number is None:
+        return "—"
+    if number.value != 0 and abs(number.value) < 0.5 * 10**-digits:
+        return f"{number.value:.1e}"
+    return f"{number.value:.{digits}f}"
 
 
 def markdown(results: dict, plots: dict[str, str] | None = None) -> str:

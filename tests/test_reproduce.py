@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from analysis import claims, provenance
-from analysis.reproduce import ReproduceConfig, all_numbers, reproduce, verify_all
+from analysis.reproduce import ReproduceConfig, all_numbers, fmt, reproduce, verify_all
 from tests.helpers import micro_base_models
 from training import base_models
 from training.errors import UserError
@@ -148,14 +148,14 @@ def test_reproduce_end_to_end_on_micro_settings(tmp_path, real_slice_corpus_dir,
 
     # Every number is what its source file holds, and the report shows no number that is not one of them.
     assert verify_all(results) == []
-    shown = {f"{n.value:.3f}" for n in all_numbers(results)}
+    shown = {fmt(n) for n in all_numbers(results)}
     report = (tmp_path / "docs" / "RESULTS-tiny.md").read_text()
     claim_rows = [line for line in report.splitlines() if line.startswith("| (")]
     assert len(claim_rows) == 8
     for line in report.splitlines():
         if line.startswith("|") and not line.startswith("|---") and "seconds" not in line:
             for cell in line.strip("|").split("|")[1:]:
-                for token in re.findall(r"-?\d+\.\d+", cell):
+                for token in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", cell):
                     assert token in shown, f"{token} in {line!r} is not a stage's number"
     saved = json.loads((tmp_path / "docs" / "results-tiny.json").read_text())
     assert saved["claims"][0]["number"]["inputs"][0]["source"].endswith("overlap.json")  # parallel − null
@@ -304,6 +304,15 @@ def test_released_quality_reads_the_manifest_and_tolerates_an_older_release(tmp_
     metrics["clt"]["heldout_l0"] = [10.0, 30.0]
     manifest.write_text(json.dumps({"metrics": metrics}))
     assert claims.released_quality(manifest)["CLT mean L0"].value == 20.0
+
+
+def test_report_numbers_keep_their_digits():
+    """A learning rate of 3e-4 must not read 0.000; ordinary values keep three decimals."""
+    value = lambda v: provenance.Measured(v, "test.json", "/x")  # noqa: E731
+    assert [fmt(value(v)) for v in (3e-4, -2e-5, 0.0, 0.0005, 0.433, 978.0)] == [
+        "3.0e-04", "-2.0e-05", "0.000", "0.001", "0.433", "978.000",
+    ]  # fmt: skip
+    assert fmt(None) == "—"
 
 
 def test_overlap_runs_on_the_models_its_claims_read(monkeypatch):
