@@ -205,8 +205,9 @@ def collection_loop_throughput(
     """Stored tokens/s of collection's own shard loop (`clt.activations.fill_shards`) over the blocks of
     `store`, and the process's kernel CPU seconds meanwhile, with `writes` "none" (forward + hooks +
     copies into the shard buffers), "thread" (each shard written into a fresh store on a writer thread
-    while the next is computed), "inline" (each written before the next is computed) or "buffered" (inline, with direct I/O off: every write through the page
-    cache), timed like the store's loop timer."""
+    while the next is computed), "inline" (each written before the next is computed) or "buffered"
+    (inline, with direct I/O off: every write through the page cache), timed like the store's loop
+    timer."""
     import contextlib
     import os
     from unittest import mock
