@@ -148,10 +148,14 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
     forward_with_head = forward_only_throughput(args.model_dir, blocks, collect.batch_size, with_head=True)
     # One shard's write alone (the last store's shard 0 rewritten with its own values): the part of the
     # overhead an inline write adds to the forward.
-    from clt.store import ActivationStore, write_shard
+    from clt.store import ActivationStore, page_aligned_empty, write_shard
 
     writable = ActivationStore(store.url, writable=True)
     arrays = writable.read_shard(0, fields=("mlp_in", "mlp_out", "token_id", "lang", "position"))
+    for name in ("mlp_in", "mlp_out"):  # in page-aligned buffers, as collection holds them (direct I/O)
+        aligned = page_aligned_empty(arrays[name].shape, getattr(torch, str(arrays[name].dtype))).numpy()
+        aligned[...] = arrays[name]
+        arrays[name] = aligned
     write_s = []
     for _ in range(3):
         start = time.perf_counter()
