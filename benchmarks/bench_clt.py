@@ -47,6 +47,12 @@ class BenchCLTConfig:
     )
     k: int = field(default=16, metadata={"help": "k for topk"})
     torchrun: bool = field(default=True, metadata={"help": "also time one vs two torchrun writers"})
+    blocks_per_shard: int = field(
+        default=CollectConfig.blocks_per_shard, metadata={"help": "collection's shard size (blocks)"}
+    )
+    store_dir: str | None = field(
+        default=None, metadata={"help": "where the benchmark's stores go (default: the system temp dir)"}
+    )
     repeats: int = field(
         default=3, metadata={"help": "collection and forward timings, interleaved; medians are compared"}
     )
@@ -121,6 +127,7 @@ def collection_vs_forward(args, tmp: str) -> tuple[dict, object]:
             store=str(Path(tmp) / f"bench-{repeat}.zarr"),
             corpus_dir=args.corpus_dir,
             n_tokens=args.tokens,
+            blocks_per_shard=args.blocks_per_shard,
         )
         start = time.perf_counter()
         store = collect_activations(collect)
@@ -260,6 +267,8 @@ def torchrun_collection(args, tmp: str, n_ranks: int) -> float:
         store,
         "--n-tokens",
         str(args.tokens),
+        "--blocks-per-shard",
+        str(args.blocks_per_shard),
     ]
     if args.corpus_dir:
         command += ["--corpus-dir", args.corpus_dir]
@@ -275,7 +284,7 @@ def main(argv: list[str]) -> None:
     args = parse_config(BenchCLTConfig, argv)
     run = RunDir.open(args.run_dir, args, may_change=())
     result: dict = {"threads": torch.get_num_threads(), "matmul": matmul_peak_gflops()}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.store_dir) as tmp:
         result["collection"], store = collection_vs_forward(args, tmp)
         if args.torchrun:
             one, two = torchrun_collection(args, tmp, 1), torchrun_collection(args, tmp, 2)
