@@ -233,8 +233,8 @@ def models_stage(config: ReproduceConfig, settings: dict, root: Path) -> dict:
         if mixture in released:
             # Claims (b) and (c) read the main model's lens and probes only: on the other releases these
             # sections would cost ≈ 25 min of CPU each at the base scale and be read by nothing.
-            located = mixture == settings["roles"]["main"]
-            outputs[mixture] = adopt_release(config, settings, root, mixture, released[mixture], located)
+            is_main = mixture == settings["roles"]["main"]
+            outputs[mixture] = adopt_release(config, settings, root, mixture, released[mixture], is_main)
             continue
         base = Path(runs_dir) / mixture
         outputs[mixture] = {
@@ -474,7 +474,7 @@ def reproduce(config: ReproduceConfig) -> dict:
             stages.append(
                 run_stage(run, name, lambda stage=stage: stage(config, settings, root, models.outputs))
             )
-    if len(stages) < len(STAGES) + 1:
+    if set(config.stages) != set(work):  # (a subset: another call runs the rest)
         print(f"ran {', '.join(s.name for s in stages)}; the report is written by a call with every stage")
         return {"stages": [{"stage": s.name, "seconds": s.seconds} for s in stages]}
     results = collect_claims(config, settings, {s.name: s.outputs for s in stages})

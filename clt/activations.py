@@ -218,8 +218,8 @@ def fill_shards(
     forward. (With buffered writes it did not help: the page-cache copies and writeback cost 1–2 s of
     kernel CPU per 800 MB, on the same 2 cores the forward's threads occupy, and a thread measured the
     same as inline.) Measured on the base model over 400k tokens (docs/performance.md §3,
-    benchmarks/bench_clt.py): buffered inline +28% over the bare forward, direct inline +13%, direct on
-    the thread +10%; the hooks with their copies ≈ 0%.
+    benchmarks/bench_clt.py): buffered inline +28–32% over the bare forward, direct inline +13–17%,
+    direct on the thread +10–12%; the hooks with their copies −1% to +3%.
 
     Two sets of shard buffers alternate: with a writer thread, shard i's set is being written while shard
     i+1 fills the other, and a set is reused only after its write has finished (at most one write is

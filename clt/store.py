@@ -15,6 +15,8 @@ per-layer normalisation statistics (mean L2 norm of `mlp_in` and `mlp_out`), com
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -205,9 +207,7 @@ def write_direct(path: Path, data: np.ndarray) -> bool:
     forward's time, while a direct write costs ≈ 0.08 s of CPU and waits on the disk instead
     (docs/performance.md §3). Returns False, writing nothing, where it cannot: no O_DIRECT (not Linux), a
     buffer not page-aligned (see `page_aligned_empty`), a size not a whole number of pages, or a
-    filesystem that refuses direct I/O (tmpfs)."""
-    import mmap
-
+    filesystem that refuses direct I/O (some network filesystems, tmpfs before Linux 6.6)."""
     direct = getattr(os, "O_DIRECT", 0)
     view = memoryview(data).cast("B")
     if not direct or data.ctypes.data % mmap.PAGESIZE or view.nbytes % mmap.PAGESIZE or not view.nbytes:
@@ -217,16 +217,17 @@ def write_direct(path: Path, data: np.ndarray) -> bool:
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
     except OSError:
+        partial.unlink(missing_ok=True)
         return False
     try:
         written = 0
         while written < view.nbytes:
             written += os.write(fd, view[written:])
-    except OSError:
-        os.close(fd)
+    except OSError:  # (e.g. EINVAL: the filesystem opened the file but refuses direct writes)
         partial.unlink(missing_ok=True)
         return False
-    os.close(fd)
+    finally:
+        os.close(fd)
     os.replace(partial, path)
     return True
 
@@ -234,9 +235,6 @@ def write_direct(path: Path, data: np.ndarray) -> bool:
 def page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor whose data starts on a page boundary (an anonymous mmap), so that
     `write_direct` can hand it to the disk without a copy."""
-    import math
-    import mmap
-
     count = math.prod(shape)
     block = mmap.mmap(-1, max(1, count * dtype.itemsize))  # (the tensor holds a reference to it)
     return torch.frombuffer(block, dtype=dtype, count=count).view(shape)
