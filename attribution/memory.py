@@ -5,7 +5,7 @@ a run): what is already allocated is measured (this process's resident memory, o
 bytes), and what the rest of the run allocates is counted from the shapes —
 
 - the edge rows: the adjacency over all nodes, or, with a feature budget, the rows of the expanded
-  features over every source (as |A|, with a byte per entry for the signs) plus the packed adjacency of
+  features over every source (as |A|, with a bit per entry for the signs) plus the packed adjacency of
   the kept ones (both alive while packing);
 - one batch of the transpose pass: gradients at every layer, attention transposes, contraction scores;
 - pruning: the boolean edge mask and the streaming passes' blocks (attribution.prune.BLOCK_BYTES);
@@ -82,7 +82,7 @@ class AttributionSize:
     n_targets: int
     budget: int  # features that get rows (n_active without a budget)
     batch_size: int
-    max_block_width: int  # most sources written into one (layer, position) site
+    max_group_slots: int  # most padded source slots in one group of a site's positions
     itemsize: int
 
     @classmethod
@@ -97,7 +97,7 @@ class AttributionSize:
             n_targets=n_targets,
             budget=budget,
             batch_size=batch_size,
-            max_block_width=max(b.vectors.shape[1] for b in blocks),
+            max_group_slots=max(max(b.padded_slots, default=0) for b in blocks),
             itemsize=torch.tensor([], dtype=dtype).element_size(),
         )
 
@@ -112,13 +112,15 @@ class AttributionSize:
         s = self.itemsize
         nodes = k + self.fixed_nodes
         adjacency = nodes * nodes * s
-        # (with the rows, their signs: one byte per entry while the rows hold |A|)
-        rows = (k + self.n_targets) * (self.n_active + self.fixed_nodes) * (s + 1) if k < self.n_active else 0
+        # (with the rows, their signs: a bit per entry while the rows hold |A|)
+        columns = self.n_active + self.fixed_nodes
+        rows = (k + self.n_targets) * (columns * s + -(-columns // 8)) if k < self.n_active else 0
+        # (gradients at every layer plus the transposes' temporaries; a group's gathered gradient rows,
+        # and its scores twice, as computed and as rearranged)
         backward = (
             s
             * min(self.batch_size, max(k, self.n_targets))
-            * self.n_pos
-            * (self.d_model * (self.n_layers + 6) + 2 * self.max_block_width)
+            * (self.n_pos * self.d_model * (self.n_layers + 7) + 2 * self.max_group_slots)
         )
         # the boolean edge mask, a streamed block's |A| and product (at most the matrix itself), the
         # error columns' |A| when scoring

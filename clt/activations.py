@@ -217,9 +217,12 @@ def fill_shards(
     writer spends its time waiting on the disk, not on a core, and that wait overlaps the next shard's
     forward. (With buffered writes it did not help: the page-cache copies and writeback cost 1–2 s of
     kernel CPU per 800 MB, on the same 2 cores the forward's threads occupy, and a thread measured the
-    same as inline.) Measured on the base model over 400k tokens (docs/performance.md §3,
+    same as inline.) The thread runs at normal priority: niced to 19 it was starved by torch's spinning
+    workers, so a 0.035 s write stretched over ≈ 0.32 s — the whole next shard — and its slices kept
+    interrupting the forward. Measured on the base model over 400k tokens (docs/performance.md §3,
     benchmarks/bench_clt.py): buffered inline +28–32% over the bare forward, direct inline +13–17%,
-    direct on the thread +10–12%; the hooks with their copies −1% to +3%.
+    direct on a niced thread +10–13%, on an ordinary thread +7% (medians of 3); the hooks with their
+    copies −1% to +3%.
 
     Two sets of shard buffers alternate: with a writer thread, shard i's set is being written while shard
     i+1 fills the other, and a set is reused only after its write has finished (at most one write is
@@ -230,7 +233,7 @@ def fill_shards(
     device = model.device
     buffer_sets = [_shard_buffers(model, config) for _ in range(2 if len(shards) > 1 else len(shards))]
     progress = tqdm(shards, desc=f"collect (rank {rank})", disable=rank != 0 and world_size > 1, unit="shard")
-    with ThreadPoolExecutor(max_workers=1, initializer=_lowest_priority) as writer:
+    with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for i, shard in enumerate(progress):
             arrays = _compute_shard(
@@ -245,18 +248,6 @@ def fill_shards(
                 write_shard(store, shard, arrays)
         if pending is not None:
             pending.result()
-
-
-def _lowest_priority() -> None:
-    """Nice the calling thread (Linux: a thread is a schedulable task of its own) to 19, so that it runs
-    when the forward leaves a core idle instead of preempting one of torch's workers."""
-    import os
-    import threading
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not permitted: an ordinary thread
-        pass
 
 
 def _shard_buffers(model, config: CollectConfig) -> dict[str, Float[Tensor, "block pos layer d"]]:

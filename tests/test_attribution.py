@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import subprocess
@@ -11,7 +12,15 @@ import networkx as nx
 import pytest
 import torch
 
-from attribution.attribute import attribute, replacement_state
+from attribution.attribute import (
+    SourceBlock,
+    attribute,
+    pack_bits,
+    packed_width,
+    position_groups,
+    replacement_state,
+    unpack_bits,
+)
 from attribution.frozen import FrozenGPT2
 from attribution.graph import AttributionGraph
 from attribution.prune import graph_scores, influence, prune
@@ -31,6 +40,8 @@ from clt.model import CrossLayerTranscoder
 from tests.conftest import PYTHON, REPO, script_env
 from tests.helpers import random_clt
 
+# (the module, not the function `attribute` the package exports under the same name)
+attribute_module = importlib.import_module("attribution.attribute")
 PROMPT = "Click OK to close the dialog and apply the changes to the document"
 
 
@@ -286,7 +297,7 @@ def test_memory_estimate_refuses_what_will_not_fit_and_says_what_would(setup):
         n_targets=10,
         budget=100_000,
         batch_size=64,
-        max_block_width=300,
+        max_group_slots=300 * 1024,
         itemsize=4,
     )
     now = 1 * GB
@@ -302,6 +313,55 @@ def test_memory_estimate_refuses_what_will_not_fit_and_says_what_would(setup):
     assert parse_bytes("1.5GB") == int(1.5 * GB) and parse_bytes("512MB") == 512 * 2**20
     with pytest.raises(ValueError, match="memory size"):
         parse_bytes("lots")
+
+
+def test_source_blocks_group_positions_by_width_and_contract_exactly(monkeypatch):
+    """A site whose positions hold very different numbers of sources is split into groups padded to their
+    own widths (the padding stays within a quarter of the sources or the slack), and contracting a
+    gradient — over all positions or truncated to the first few — equals the direct sum per source."""
+    generator = torch.Generator().manual_seed(0)
+    n_pos, d = 12, 8
+    counts = torch.tensor([1, 40, 3, 0, 5, 38, 2, 2, 9, 1, 0, 4])
+    positions = torch.repeat_interleave(torch.arange(n_pos), counts)
+    permutation = torch.randperm(len(positions), generator=generator)
+    positions = positions[permutation]
+    vectors = torch.randn(len(positions), d, generator=generator)
+    columns = torch.randperm(200, generator=generator)[: len(positions)]
+    monkeypatch.setattr(attribute_module, "GROUP_SLACK_BYTES", 4 * d * 4)  # 4 slots of slack
+    block = SourceBlock(vectors, positions, columns, n_pos)
+    assert len(block.groups) > 1
+    covered = sorted(p for group in block.groups for p in group.position_list)
+    assert covered == [p for p in range(n_pos) if counts[p] > 0]  # empty positions have no group
+    for group in block.groups:
+        real = int((group.columns >= 0).sum())
+        assert group.columns.numel() - real <= max(real // 4, 4)
+    assert sum(block.padded_slots) < n_pos * int(counts.max())  # less than one block at the widest
+    for reached in (n_pos, 5, 1):
+        grad = torch.randn(3, reached, d, generator=generator)
+        out = torch.zeros(3, 200)
+        block.contract(grad, out)
+        expected = torch.zeros(3, 200)
+        for vector, position, column in zip(vectors, positions.tolist(), columns.tolist()):
+            if position < reached:
+                expected[:, column] += grad[:, position] @ vector
+        torch.testing.assert_close(out, expected)
+    # with room to spare, the whole site is one group (one matmul per batch, as short prompts need)
+    assert len(position_groups(counts, slot_budget=10_000)) == 1
+
+
+def test_sign_bits_round_trip_at_every_width():
+    """The budgeted rows keep their signs a bit per edge: packing then unpacking gives the booleans back
+    for widths that are and are not whole bytes, and the bit order is the documented one."""
+    generator = torch.Generator().manual_seed(0)
+    for n_bits in (1, 7, 8, 9, 64, 1001):
+        bits = torch.rand(5, n_bits, generator=generator) < 0.5
+        packed = pack_bits(bits)
+        assert packed.dtype == torch.uint8
+        assert packed.shape == (5, packed_width(n_bits)) == (5, -(-n_bits // 8))
+        assert torch.equal(unpack_bits(packed, n_bits), bits)
+    # first boolean in the lowest bit: [1, 0, 1, 1, 0, 0, 0, 0, 1] → 0b00001101, 0b00000001
+    row = torch.tensor([[True, False, True, True, False, False, False, False, True]])
+    assert pack_bits(row).tolist() == [[13, 1]]
 
 
 def test_influence_on_a_hand_made_graph():
