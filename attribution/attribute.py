@@ -148,11 +148,13 @@ class SourceBlock:
         """Slots (sources and padding) of each group."""
         return [group.columns.numel() for group in self.groups]
 
-    def contract(self, grad: Float[Tensor, "batch pos d"], out: Float[Tensor, "batch nodes"]) -> None:
-        """out[:, column] += grad[:, pos] · vector for every source
-        (only the first grad.shape[1] positions)."""
+    def contract(self, grad: Float[Tensor, "batch pos d"], out_t: Float[Tensor, "nodes batch"]) -> None:
+        """out_t[column] += grad[:, pos] · vector for every source (only the first grad.shape[1]
+        positions). The output is source-major: each group's scores come out of its matmul as
+        [positions · slots, batch] rows and are added to their columns' rows in one index_add."""
+        grad_t = rearrange(grad, "b p d -> p d b")  # (a view: to the matmul, a transposed operand)
         for group in self.groups:
-            group.contract(grad, out)
+            group.contract(grad_t, out_t)
 
 
 # Padding a group may carry beyond a quarter of its sources: a prompt of a few dozen tokens stays one
@@ -203,18 +205,17 @@ class _PaddedGroup:
         self.vectors[filled] = vectors[source]
         self.columns = torch.full((len(positions), width), -1, dtype=torch.long, device=positions.device)
         self.columns[filled] = columns[source]
+        # Where each slot's score is added: padding slots (zero vectors, so exactly zero scores) are
+        # pointed at a real column of the group, which adding 0 leaves as it is — no mask to apply.
+        self.slot_columns = rearrange(self.columns.where(filled, self.columns[0, 0]), "p s -> (p s)")
 
-    def contract(self, grad: Float[Tensor, "batch pos d"], out: Float[Tensor, "batch nodes"]) -> None:
-        keep = bisect.bisect_left(self.position_list, grad.shape[1])  # positions the gradient reaches
+    def contract(self, grad_t: Float[Tensor, "pos d batch"], out_t: Float[Tensor, "nodes batch"]) -> None:
+        keep = bisect.bisect_left(self.position_list, grad_t.shape[0])  # positions the gradient reaches
         if keep == 0:
             return
-        rows = grad[:, :keep] if self.contiguous else grad[:, self.positions[:keep]]
-        scores = torch.bmm(
-            rearrange(rows, "b p d -> p b d"), rearrange(self.vectors[:keep], "p s d -> p d s")
-        )
-        columns = self.columns[:keep]
-        valid = columns >= 0
-        out[:, columns[valid]] += rearrange(scores, "p b s -> b p s")[:, valid]
+        rows = grad_t[:keep] if self.contiguous else grad_t[self.positions[:keep]]
+        scores = torch.bmm(self.vectors[:keep], rows)  # [positions, slots, batch]
+        out_t.index_add_(0, self.slot_columns[: scores.shape[0] * scores.shape[1]], scores.flatten(0, 1))
 
 
 def attribute(
@@ -257,7 +258,7 @@ def attribute(
     start = time.perf_counter()
     if targets is None:
         targets = salient_logit_targets(
-            frozen.logits[-1], frozen.W_U, tokenizer, max_n_logits, desired_logit_prob
+            frozen.last_logits, frozen.W_U, tokenizer, max_n_logits, desired_logit_prob
         )
     if not targets:
         raise ValueError("no attribution targets")
@@ -505,10 +506,12 @@ def _attribute_batch(
     start = time.perf_counter()
     grad_mlp_out, grad_embed = frozen.backward(reads, batch=out.shape[0], n_pos=n_pos, top_layer=top_layer)
     middle = time.perf_counter()
+    out_t = out.new_zeros(out.shape[1], out.shape[0])  # source-major, as the blocks add into it
     for k in range(
         min(top_layer, frozen.n_layers)
     ):  # MLP outputs at or above the top read layer get no gradient
-        blocks[k].contract(grad_mlp_out[k], out)
-    blocks[-1].contract(grad_embed, out)
+        blocks[k].contract(grad_mlp_out[k], out_t)
+    blocks[-1].contract(grad_embed, out_t)
+    out += out_t.T
     timings["backward_s"] = timings.get("backward_s", 0.0) + middle - start
     timings["contract_s"] = timings.get("contract_s", 0.0) + time.perf_counter() - middle

@@ -112,15 +112,15 @@ class AttributionSize:
         s = self.itemsize
         nodes = k + self.fixed_nodes
         adjacency = nodes * nodes * s
+        columns = self.n_active + self.fixed_nodes  # every source
         # (with the rows, their signs: a bit per entry while the rows hold |A|)
-        columns = self.n_active + self.fixed_nodes
         rows = (k + self.n_targets) * (columns * s + -(-columns // 8)) if k < self.n_active else 0
-        # (gradients at every layer plus the transposes' temporaries; a group's gathered gradient rows,
-        # and its scores twice, as computed and as rearranged)
+        # (gradients at every layer plus the transposes' temporaries and a block's transposed copy; a
+        # group's scores; the source-major rows the blocks add into)
         backward = (
             s
             * min(self.batch_size, max(k, self.n_targets))
-            * (self.n_pos * self.d_model * (self.n_layers + 7) + 2 * self.max_group_slots)
+            * (self.n_pos * self.d_model * (self.n_layers + 7) + self.max_group_slots + columns)
         )
         # the boolean edge mask, a streamed block's |A| and product (at most the matrix itself), the
         # error columns' |A| when scoring

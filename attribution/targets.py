@@ -36,7 +36,11 @@ def salient_logit_targets(
     probs = logits.double().softmax(-1)
     top_p, top_idx = probs.topk(min(max_n_logits, probs.numel()))
     cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=top_p.dtype))) + 1
-    return [token_target(int(i), logits, W_U, tokenizer) for i in top_idx[:cutoff].tolist()]
+    mean_unembedding = W_U.mean(dim=1)  # (once: per target it was most of a short prompt's target time)
+    return [
+        _token_target(int(i), float(probs[i]), W_U, mean_unembedding, tokenizer)
+        for i in top_idx[:cutoff].tolist()
+    ]
 
 
 def token_target(
@@ -45,8 +49,20 @@ def token_target(
     if not 0 <= token_id < W_U.shape[1]:
         raise ValueError(f"token id {token_id} is outside the vocabulary (size {W_U.shape[1]})")
     prob = float(logits.double().softmax(-1)[token_id])
+    return _token_target(token_id, prob, W_U, W_U.mean(dim=1), tokenizer)
+
+
+def _token_target(
+    token_id: int,
+    prob: float,
+    W_U: Float[Tensor, "d vocab"],
+    mean_unembedding: Float[Tensor, " d"],
+    tokenizer,
+) -> Target:
+    """The logit of `token_id` minus the mean logit (circuit-tracer's target vector), weighted by its
+    probability."""
     label = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-    return Target(label=label, vector=W_U[:, token_id] - W_U.mean(dim=1), weight=prob, vocab_idx=token_id)
+    return Target(label=label, vector=W_U[:, token_id] - mean_unembedding, weight=prob, vocab_idx=token_id)
 
 
 def direction_target(label: str, vector: Float[Tensor, " d"], weight: float = 1.0) -> Target:

@@ -82,7 +82,10 @@ def test_frozen_model_reproduces_the_real_model(setup):
     model = model.double()
     frozen = FrozenGPT2.capture(model, tokens, dtype=torch.float64)
     mlp_in, final = frozen.forward(frozen.token_embeddings, frozen.mlp_out)
-    torch.testing.assert_close(final @ frozen.W_U, frozen.logits, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        logits = model(tokens[None]).logits[0]  # the real model's, at every position
+    torch.testing.assert_close(final @ frozen.W_U, logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(frozen.last_logits, logits[-1], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(mlp_in, frozen.mlp_in, rtol=1e-10, atol=1e-10)
 
 
@@ -96,7 +99,9 @@ def test_replacement_with_error_nodes_equals_the_model(setup):
     mlp_out = state.reconstruction + state.errors
     mlp_out[:, 0] = frozen.mlp_out[:, 0]
     mlp_in, final = frozen.forward(frozen.token_embeddings, mlp_out)
-    torch.testing.assert_close(final @ frozen.W_U, frozen.logits, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        logits = model(tokens[None]).logits[0]
+    torch.testing.assert_close(final @ frozen.W_U, logits, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(mlp_in, frozen.mlp_in, rtol=1e-10, atol=1e-10)
     # and the errors are real: without them the MLP outputs differ
     assert (state.reconstruction[:, 1:] - frozen.mlp_out[:, 1:]).abs().max() > 1e-3
@@ -338,8 +343,9 @@ def test_source_blocks_group_positions_by_width_and_contract_exactly(monkeypatch
     assert sum(block.padded_slots) < n_pos * int(counts.max())  # less than one block at the widest
     for reached in (n_pos, 5, 1):
         grad = torch.randn(3, reached, d, generator=generator)
-        out = torch.zeros(3, 200)
+        out = torch.zeros(200, 3)  # source-major
         block.contract(grad, out)
+        out = out.T
         expected = torch.zeros(3, 200)
         for vector, position, column in zip(vectors, positions.tolist(), columns.tolist()):
             if position < reached:
