@@ -429,11 +429,17 @@ def _budgeted_rows(
     new_index = torch.full((n_columns,), -1, dtype=torch.long, device=device)
     new_index[columns] = torch.arange(len(columns), device=device)
     adjacency = torch.zeros(len(columns), len(columns), dtype=dtype, device=device)
-    for block in row_blocks(*rows.shape):
+    # Small blocks: the rows and the adjacency are both alive here, and a block's gathered copy, its
+    # unpacked signs and their temporaries (≈ 2× the block) come on top — at 64 MB they were a third
+    # of a 64-token prompt's memory.
+    for block in row_blocks(*rows.shape, block_bytes=PACK_BLOCK_BYTES):
         signed = rows[block][:, columns]  # (a copy: the columns are gathered)
         signed[unpack_bits(negative[block], n_columns)[:, columns]] *= -1
         adjacency[new_index[row_nodes[block]]] = signed
     return adjacency, selected
+
+
+PACK_BLOCK_BYTES = 4 * 2**20
 
 
 def packed_width(n_bits: int) -> int:

@@ -20,8 +20,8 @@ from attribution.graph import AttributionGraph
 BLOCK_BYTES = 64 * 2**20
 
 
-def row_blocks(n_rows: int, n_columns: int) -> list[slice]:
-    step = max(1, BLOCK_BYTES // (4 * max(n_columns, 1)))
+def row_blocks(n_rows: int, n_columns: int, block_bytes: int = BLOCK_BYTES) -> list[slice]:
+    step = max(1, block_bytes // (4 * max(n_columns, 1)))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
