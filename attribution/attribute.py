@@ -13,8 +13,8 @@ How it is computed, and why it is fast on a CPU: targets are sorted by (layer, p
 batches; each batch runs *one* explicit transpose of the frozen model (`FrozenGPT2.backward`), starting
 at the batch's highest layer and truncated to its last position (nothing later can affect it). Its
 gradients at every MLP output and at the embeddings are then contracted with all sources at once: the
-sources of each (layer, position) site are packed into a padded block, so the contraction is one
-batched matrix product per layer. No autograd graph, no batch of prompt copies.
+sources of each site are packed into padded blocks (positions grouped by how many sources they hold), so
+the contraction is a few batched matrix products per layer. No autograd graph, no batch of prompt copies.
 Position 0 (BOS) has no feature or error nodes — its MLP outputs are constants, as in circuit-tracer.
 """
 

@@ -84,6 +84,7 @@ class AttributionSize:
     batch_size: int
     max_group_slots: int  # most padded source slots in one group of a site's positions
     itemsize: int
+    n_heads: int  # (the transpose pass keeps a rescaled copy of the attention patterns)
 
     @classmethod
     def of(
@@ -99,6 +100,7 @@ class AttributionSize:
             batch_size=batch_size,
             max_group_slots=max(max(b.padded_slots, default=0) for b in blocks),
             itemsize=torch.tensor([], dtype=dtype).element_size(),
+            n_heads=frozen.n_heads,
         )
 
     @property
@@ -122,6 +124,7 @@ class AttributionSize:
             * min(self.batch_size, max(k, self.n_targets))
             * (self.n_pos * self.d_model * (self.n_layers + 7) + self.max_group_slots + columns)
         )
+        backward += self.n_layers * self.n_heads * self.n_pos**2 * s  # the rescaled patterns
         # the boolean edge mask, a streamed block's |A| and product (at most the matrix itself), the
         # error columns' |A| when scoring
         pruning = nodes * nodes + min(2 * BLOCK_BYTES, 2 * adjacency) + nodes * self.n_layers * self.n_pos * s

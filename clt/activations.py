@@ -220,9 +220,9 @@ def fill_shards(
     same as inline.) The thread runs at normal priority: niced to 19 it was starved by torch's spinning
     workers, so a 0.035 s write stretched over ≈ 0.32 s — the whole next shard — and its slices kept
     interrupting the forward. Measured on the base model over 400k tokens (docs/performance.md §3,
-    benchmarks/bench_clt.py): buffered inline +28–32% over the bare forward, direct inline +13–17%,
-    direct on a niced thread +10–13%, on an ordinary thread +7% (medians of 3); the hooks with their
-    copies −1% to +3%.
+    benchmarks/bench_clt.py, medians of 3): buffered inline +20–32% over the bare forward, direct inline
+    +12–17%, direct on a niced thread +10–12%, on an ordinary thread +8% (collection as a whole +7%); the
+    hooks with their copies −1% to +3%.
 
     Two sets of shard buffers alternate: with a writer thread, shard i's set is being written while shard
     i+1 fills the other, and a set is reused only after its write has finished (at most one write is

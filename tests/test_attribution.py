@@ -89,6 +89,31 @@ def test_frozen_model_reproduces_the_real_model(setup):
     torch.testing.assert_close(mlp_in, frozen.mlp_in, rtol=1e-10, atol=1e-10)
 
 
+def test_transpose_pass_equals_autograd_through_the_frozen_forward(setup):
+    """FrozenGPT2.backward — its sparse top layer and the LayerNorm folded into values and patterns
+    included — against autograd through the frozen forward: reads at mixed layers and positions, their
+    gradients at every MLP output below the top layer and at the token embeddings."""
+    model, _, _, tokens = setup
+    frozen = FrozenGPT2.capture(copy.deepcopy(model).double(), tokens, dtype=torch.float64)
+    L, n, d = frozen.n_layers, frozen.n_pos, frozen.W_U.shape[0]
+    layers = torch.tensor([L - 1, L - 1, 1, 0, L - 1])
+    positions = torch.tensor([n - 1, 2, n - 2, 3, 0])
+    vectors = torch.randn(len(layers), d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reads = [
+        (layer, (layers == layer).nonzero()[:, 0], positions[layers == layer], vectors[layers == layer])
+        for layer in layers.unique().tolist()
+    ]
+    grad_mlp_out, grad_embed = frozen.backward(reads, batch=len(layers), n_pos=n, top_layer=L - 1)
+    for row in range(len(layers)):
+        embeddings = frozen.token_embeddings.clone().requires_grad_(True)
+        mlp_out = frozen.mlp_out.clone().requires_grad_(True)
+        mlp_in, _ = frozen.forward(embeddings, mlp_out)
+        (mlp_in[layers[row], positions[row]] @ vectors[row]).backward()
+        torch.testing.assert_close(grad_embed[row], embeddings.grad, rtol=1e-9, atol=1e-12)
+        for k in range(L - 1):
+            torch.testing.assert_close(grad_mlp_out[k][row], mlp_out.grad[k], rtol=1e-9, atol=1e-12)
+
+
 def test_replacement_with_error_nodes_equals_the_model(setup):
     """Freezing is real: features' reconstruction + error nodes (+ the BOS position's constant MLP
     output) reproduce the model's logits and every MLP input exactly."""
@@ -304,6 +329,7 @@ def test_memory_estimate_refuses_what_will_not_fit_and_says_what_would(setup):
         batch_size=64,
         max_group_slots=300 * 1024,
         itemsize=4,
+        n_heads=8,
     )
     now = 1 * GB
     assert size.phases()["adjacency"] == (100_000 + 7 * 1024 + 10) ** 2 * 4
