@@ -47,6 +47,10 @@ class BenchAttributionConfig:
         default_factory=lambda: ["en", "fr", "de"], metadata={"help": "one prompt per language"}
     )
     repeats: int = field(default=2, metadata={"help": "timed runs after the warm-up (best is reported)"})
+    rounds: int = field(
+        default=1,
+        metadata={"help": "processes per measurement, ours and circuit-tracer alternating (times pooled)"},
+    )
     warmup: bool = field(
         default=True, metadata={"help": "one untimed run first (off for long prompts, where it is noise)"}
     )
@@ -216,6 +220,21 @@ def worker(args) -> None:
     )
 
 
+def pooled(rounds: list[dict]) -> dict:
+    """One measurement from its rounds (each a process of its own): every repeat's time kept, the best
+    reported, and the round with the highest peak."""
+    times = [t for r in rounds for t in r["times_s"]]
+    highest = max(rounds, key=lambda r: r["peak_rss_mb"])
+    return {
+        **rounds[0],
+        "times_s": times,
+        "time_s": min(times),
+        "round_times_s": [r["time_s"] for r in rounds],
+        "peak_rss_mb": highest["peak_rss_mb"],
+        "baseline_rss_mb": highest["baseline_rss_mb"],
+    }
+
+
 def measure(args, impl: str, length: int, prompt_index: int, batch_size: int, save: str) -> dict:
     command = [
         sys.executable,
@@ -268,15 +287,30 @@ def main(argv: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp())
     for length in [] if args.skip_circuit_tracer else args.lengths:
         for prompt_index in range(len(args.langs)):
-            ours = measure(args, "ours", length, prompt_index, args.batch_size, str(tmp / "ours.safetensors"))
-            theirs, failed = [], []
-            for batch_size in args.ct_batch_sizes:
-                save = str(tmp / f"ct{batch_size}.safetensors")
-                try:
-                    theirs.append(measure(args, "circuit-tracer", length, prompt_index, batch_size, save))
-                except WorkerFailed as error:  # a batch size that does not fit is a result, not the end
-                    failed.append({"batch_size": batch_size, "error": str(error).splitlines()[-1]})
-                    print(f"{length:4d} tokens: circuit-tracer at batch {batch_size} failed: {failed[-1]}")
+            # Rounds alternate ours and circuit-tracer (fresh processes each), so that a slow spell of the
+            # machine hits both: short prompts' times moved by up to ≈ 40% between processes.
+            ours_rounds, theirs_rounds, failures = [], {b: [] for b in args.ct_batch_sizes}, {}
+            for _ in range(args.rounds):
+                save = str(tmp / "ours.safetensors")
+                ours_rounds.append(measure(args, "ours", length, prompt_index, args.batch_size, save))
+                for batch_size in [b for b in args.ct_batch_sizes if b not in failures]:
+                    save = str(tmp / f"ct{batch_size}.safetensors")
+                    try:
+                        theirs_rounds[batch_size].append(
+                            measure(args, "circuit-tracer", length, prompt_index, batch_size, save)
+                        )
+                    except WorkerFailed as error:  # a batch size that does not fit is a result, not the end
+                        failures[batch_size] = {
+                            "batch_size": batch_size,
+                            "error": str(error).splitlines()[-1],
+                        }
+                        print(
+                            f"{length:4d} tokens: circuit-tracer at batch {batch_size} failed: "
+                            f"{failures[batch_size]}"
+                        )
+            ours = pooled(ours_rounds)
+            theirs = [pooled(rounds) for rounds in theirs_rounds.values() if rounds]
+            failed = list(failures.values())
             if not theirs:
                 raise WorkerFailed(f"circuit-tracer failed at every batch size at {length} tokens: {failed}")
             # Edges are compared with circuit-tracer at our batch size where it ran: under a feature budget
