@@ -133,13 +133,13 @@ class SourceBlock:
         columns: Int[Tensor, " n"],
         n_pos: int,
     ):
+        # (only the order is sorted: each group gathers its sources from the unsorted vectors, one copy)
         order = torch.argsort(positions, stable=True)
-        vectors, positions, columns = vectors[order], positions[order], columns[order]
         counts = torch.bincount(positions, minlength=n_pos)
-        first = counts.cumsum(0) - counts  # each position's first source in the sorted order
+        first = counts.cumsum(0) - counts  # each position's first source in `order`
         slot_budget = max(1, GROUP_SLACK_BYTES // (vectors.shape[1] * vectors.element_size()))
         self.groups = [
-            _PaddedGroup(vectors, columns, counts, first, group)
+            _PaddedGroup(vectors, columns, order, counts, first, group)
             for group in position_groups(counts, slot_budget)
         ]
 
@@ -189,6 +189,7 @@ class _PaddedGroup:
         self,
         vectors: Float[Tensor, "n d"],
         columns: Int[Tensor, " n"],
+        order: Int[Tensor, " n"],
         counts: Int[Tensor, " pos"],
         first: Int[Tensor, " pos"],
         positions: Int[Tensor, " group"],
@@ -197,7 +198,7 @@ class _PaddedGroup:
         width = int(group_counts.max())
         slot = torch.arange(width, device=positions.device)
         filled = slot[None, :] < group_counts[:, None]  # [group, slots]
-        source = (first[positions, None] + slot[None, :])[filled]
+        source = order[(first[positions, None] + slot[None, :])[filled]]
         self.positions = positions
         self.position_list = positions.tolist()  # (for truncation without a device sync)
         self.contiguous = self.position_list == list(range(len(positions)))
